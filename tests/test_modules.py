@@ -1,0 +1,148 @@
+"""RoPE, KV caches and the Llama-style LM against independent references."""
+
+import pytest
+import torch
+
+from modules.generation import filter_logits, generate
+from modules.lm import CausalLM
+from modules.mha import MultiHeadAttention
+from modules.rope import RotaryEmbedding
+from modules.transformer import Transformer
+
+
+def tiny_lm(**kw):
+    args = dict(vocab_size=61, embed_dim=32, depth=2, num_heads=4, num_kv_heads=2,
+                max_seq_len=64)
+    return CausalLM(**(args | kw)).eval()
+
+
+def test_rope_dot_product_depends_only_on_offset():
+    rope = RotaryEmbedding(head_dim=16)
+    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16,
+                                                                        dtype=torch.float64)
+    dots = []
+    for start in (0, 5, 37):
+        qa, _ = rope(q, q, start + 3)
+        _, kb = rope(k, k, start)
+        dots.append((qa * kb).sum())
+    torch.testing.assert_close(dots[0], dots[1])
+    torch.testing.assert_close(dots[0], dots[2])
+    qa, _ = rope(q, q, 4)
+    _, kb = rope(k, k, 0)
+    assert not torch.allclose(dots[0], (qa * kb).sum())  # a different offset differs
+
+
+def test_rope_matches_transformers_llama():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=50000.0,
+                      max_position_embeddings=128)
+    hf = LlamaRotaryEmbedding(cfg)
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 2, 10, 16)
+    pos = torch.arange(7, 17)[None].expand(2, -1)
+    cos, sin = hf(q, pos)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    ours = RotaryEmbedding(head_dim=16, theta=50000.0)
+    got_q, got_k = ours(q, k, 7)
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+    got_q, got_k = ours(q, k, pos)  # per-sequence positions give the same
+    torch.testing.assert_close(got_q, want_q)
+
+
+def test_cached_decoding_equals_full_forward_token_by_token():
+    model = tiny_lm()
+    tokens = torch.randint(0, 61, (3, 12))
+    full = model(tokens)
+    caches = model.new_caches(3, 12)
+    steps = [model(tokens[:, :5], caches=caches)]            # a prefill chunk
+    steps += [model(tokens[:, i:i + 1], caches=caches) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_kv_computed_once_and_reused():
+    dec = Transformer(embed_dim=32, depth=2, num_heads=4, num_kv_heads=1, mlp_hidden_dim=64,
+                      causal=True, context_dim=24, rope_theta=10000.0).eval()
+    x, ctx = torch.randn(2, 6, 32), torch.randn(2, 9, 24)
+    ctx_mask = torch.ones(2, 9, dtype=torch.bool)
+    ctx_mask[1, 5:] = False
+    full = dec(x, context=ctx, context_mask=ctx_mask)
+    caches = dec.new_caches(2, 6)
+    calls = []
+    hook = dec.blocks[0].cross_attn.kv_proj.register_forward_hook(lambda *a: calls.append(1))
+    outs = [dec(x[:, i:i + 1], context=ctx if i == 0 else None, context_mask=ctx_mask,
+                caches=caches) for i in range(6)]
+    hook.remove()
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+    # the padded context positions do not matter
+    ctx2 = ctx.clone()
+    ctx2[1, 5:] = 100.0
+    torch.testing.assert_close(dec(x, context=ctx2, context_mask=ctx_mask), full)
+
+
+def test_mha_construction_errors():
+    with pytest.raises(ValueError, match=r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"):
+        MultiHeadAttention(embed_dim=48, num_heads=6, num_kv_heads=4)
+    with pytest.raises(ValueError, match="cross-attention takes neither"):
+        MultiHeadAttention(embed_dim=32, num_heads=4, context_dim=8, causal=True)
+    with pytest.raises(ValueError, match="unknown norm 'batchnorm'"):
+        Transformer(embed_dim=32, depth=1, num_heads=4, mlp_hidden_dim=8, norm="batchnorm")
+
+
+def test_generation_with_cache_equals_without():
+    model = tiny_lm()
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    a = generate(model, prompts, max_new_tokens=10, use_cache=True)
+    b = generate(model, prompts, max_new_tokens=10, use_cache=False)
+    assert a == b and all(len(s) == 10 for s in a)
+
+
+def test_batched_prompts_equal_each_alone():
+    model = tiny_lm()
+    prompts = [[7, 8, 9, 10, 11, 12], [3], [40, 41, 42]]
+    batched = generate(model, prompts, max_new_tokens=8)
+    alone = [generate(model, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == alone
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1 = generate(model, prompts[:1], max_new_tokens=8, temperature=1.0, top_k=5, generator=g1)
+    s2 = generate(model, prompts[:1], max_new_tokens=8, temperature=1.0, top_k=5, generator=g2,
+                  use_cache=False)
+    assert s1 == s2
+
+
+def test_generation_stops_at_eos():
+    model = tiny_lm()
+    greedy = generate(model, [[1, 2]], max_new_tokens=6)[0]
+    eos = greedy[2]
+    out = generate(model, [[1, 2], [1, 2]], max_new_tokens=6, eos_id=eos)
+    assert out[0] == greedy[:greedy.index(eos) + 1]
+
+
+def test_top_k_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits[:, [3, 1, 0, 2]], top_k=2))
+    assert kept.tolist() == [[False, True, True, False]]
+
+
+def test_hf_llama_import_matches_transformers_logits(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modules.converters import load_hf_llama
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, rope_theta=20000.0,
+                      rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # make the norms non-trivial so their import is tested too
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_hf_llama(tmp_path).eval()
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = ours(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
