@@ -93,3 +93,32 @@ def load_hf_llama(path: str | Path, **overrides) -> CausalLM:
     sd = llama_state_dict_from_hf(hf, kwargs["depth"], kwargs["tie_embeddings"])
     model.load_state_dict(sd, strict=True)
     return model
+
+
+# --------------------------------------------------------------------------- timm ViT
+def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """Rename a timm ``VisionTransformer`` state dict into ``modules.vit`` keys.
+
+    timm's fused ``qkv`` is laid out (q, k, v) like our ``qkv_proj``; ``fc_norm`` (used by
+    timm with mean pooling) is not supported, timm's final ``norm`` maps to ours.
+    """
+    sd = dict(sd)
+    out = {"patch_embed.proj.weight": sd.pop("patch_embed.proj.weight"),
+           "patch_embed.proj.bias": sd.pop("patch_embed.proj.bias"),
+           "encoder.norm.weight": sd.pop("norm.weight"), "encoder.norm.bias": sd.pop("norm.bias"),
+           "head.weight": sd.pop("head.weight"), "head.bias": sd.pop("head.bias")}
+    for name in ("cls_token", "pos_embed"):
+        if name in sd:
+            out[name] = sd.pop(name)
+    names = {"norm1": "norm1", "attn.qkv": "attn.qkv_proj", "attn.proj": "attn.out_proj",
+             "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for i in range(depth):
+        for src, dst in names.items():
+            for p in ("weight", "bias"):
+                key = f"blocks.{i}.{src}.{p}"
+                if key in sd:
+                    out[f"encoder.blocks.{i}.{dst}.{p}"] = sd.pop(key)
+    leftover = list(sd)
+    if leftover:
+        raise ValueError(f"unsupported keys in the timm checkpoint: {leftover[:5]}")
+    return out

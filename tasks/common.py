@@ -105,8 +105,10 @@ class History(Callback):
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             self._grab(trainer, "train/")
 
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
+    def on_validation_end(self, trainer, pl_module):
+        # After the module's epoch-end hook, so this validation's metrics are the ones read;
+        # only during fit (the closing trainer.validate/test would add a duplicate point).
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._grab(trainer, "val/")
 
     def state_dict(self):

@@ -1,0 +1,144 @@
+"""Vision Transformer (Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words").
+
+Patch embedding (a strided convolution, optionally after a small convolutional stem as in
+Xiao et al., 2021, "Early Convolutions Help Transformers See Better"), a class token or
+mean pooling, learned or fixed 2-D sin-cos position embeddings (MAE, He et al., 2022),
+the shared bidirectional encoder, and a linear head.
+
+Shape legend: B batch, C channels, HxW image, N patches, E embed_dim, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .transformer import Transformer
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> Tensor:
+    """Fixed 2-D sin-cos position embeddings ``(grid_h * grid_w, dim)``."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embeddings need embed_dim % 4 == 0, got {dim}")
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                          torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    parts = []
+    for pos in (y.flatten(), x.flatten()):
+        out = pos[:, None] * omega[None]
+        parts += [out.sin(), out.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class PatchEmbed(nn.Module):
+    """Image ``(B, C, H, W)`` -> patch tokens ``(B, N, E)``.
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim: sizes; ``img_size % patch_size == 0``.
+        stem_channels: widths of 3x3 conv + BN + GELU layers (stride 1) before the patchify
+            convolution; empty for the plain ViT.
+    """
+
+    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
+                 stem_channels: tuple[int, ...] = ()):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size "
+                             f"({patch_size})")
+        layers, c = [], in_chans
+        for width in stem_channels:
+            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.GELU()]
+            c = width
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c, embed_dim, patch_size, stride=patch_size)
+        self.grid = img_size // patch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier.
+
+    Args:
+        img_size, patch_size, in_chans, num_classes: data sizes.
+        embed_dim, depth, num_heads, mlp_ratio: encoder sizes.
+        stem_channels: optional convolutional stem (see ``PatchEmbed``).
+        pool: ``"token"`` (class token) or ``"mean"`` (mean of patch tokens).
+        pos_embed: ``"learned"`` or ``"sincos"``.
+        qkv_bias: bias on the q/k/v projection.
+        drop, attn_drop, drop_path_rate: regularisation.
+        backend: attention kernel.
+    """
+
+    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
+                 num_heads: int = 3, mlp_ratio: float = 4.0,
+                 stem_channels: tuple[int, ...] | list[int] = (), pool: str = "token",
+                 pos_embed: str = "learned", qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
+                 backend: str = "auto"):
+        super().__init__()
+        if pool not in ("token", "mean"):
+            raise ValueError(f"pool must be 'token' or 'mean', got {pool!r}")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        self.img_size, self.pool, self.num_classes = img_size, pool, num_classes
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size,
+                                      in_chans=in_chans, embed_dim=embed_dim,
+                                      stem_channels=tuple(stem_channels))
+        n = self.patch_embed.grid ** 2 + (pool == "token")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "token" else None
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim) * 0.02)
+        else:
+            table = sincos_2d(self.patch_embed.grid, self.patch_embed.grid, embed_dim)
+            if pool == "token":
+                table = torch.cat([torch.zeros(1, embed_dim), table])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        self.pos_drop = nn.Dropout(drop)
+        self.encoder = Transformer(
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_hidden_dim=int(embed_dim * mlp_ratio), norm="layernorm", mlp="gelu",
+            norm_eps=norm_eps, qkv_bias=qkv_bias, proj_bias=True, mlp_bias=True,
+            attn_drop=attn_drop, drop=drop, drop_path_rate=drop_path_rate, backend=backend)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.apply(self._init)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Encoded tokens ``(B, N [+1], E)``."""
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.encoder(self.pos_drop(x + self.pos_embed))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` -> logits ``(B, K)``."""
+        h = self.features(x)
+        return self.head(h[:, 0] if self.pool == "token" else h.mean(1))
+
+
+def resize_pos_embed(pos: Tensor, new_grid: int, num_prefix: int) -> Tensor:
+    """Bicubically interpolate ``(1, prefix + g*g, E)`` position embeddings to a new grid."""
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    old = math.isqrt(grid.shape[1])
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embeddings of {grid.shape[1]} patches are not a square grid")
+    if old == new_grid:
+        return pos
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)

