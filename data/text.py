@@ -123,8 +123,10 @@ class Tokenizer:
                 user_defined_symbols=["<nl>"], input_sentence_size=max_lines,
                 shuffle_input_sentence=True, num_threads=2, minloglevel=2)
         except RuntimeError as exc:
-            raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on "
-                            f"this corpus ({exc}); lower data.vocab_size") from None
+            hint = "raise" if "smaller than required" in str(exc) else "lower"
+            raise DataError(f"data.vocab_size={vocab_size} does not fit this corpus "
+                            f"(sentencepiece: {str(exc).split('] ')[-1][:160]}); {hint} "
+                            f"data.vocab_size") from None
         return cls(out.getvalue())
 
     def save(self, path: Path) -> None:

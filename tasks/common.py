@@ -157,7 +157,8 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
     bar = RichProgressBar(leave=True) if interactive else TQDMProgressBar(refresh_rate=50)
     callbacks = [ckpt, history, bar, LearningRateMonitor("step")] + (extra_callbacks or [])
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    logger = L.pytorch.loggers.CSVLogger(save_dir=str(out), name="", version="")
+    # logs/version_N/metrics.csv: a resumed run adds a version instead of overwriting one.
+    logger = L.pytorch.loggers.CSVLogger(save_dir=str(out), name="logs")
     trainer = L.Trainer(default_root_dir=str(out), callbacks=callbacks, logger=logger,
                         enable_model_summary=True, **tcfg)
     return trainer, history
@@ -196,9 +197,9 @@ def init_weights_from(module: torch.nn.Module, state: dict, *, strict: bool, sou
     if wrong:
         raise UserError(f"init_from {source} does not fit this model: {len(wrong)} tensors "
                         f"differ in shape (checkpoint vs model), e.g. {wrong[0]}")
-    missing = sorted(k for k in own if k not in state and not skip(k))
+    missing = sorted(k for k in own if k not in state)  # skipped keys keep their init
     unexpected = sorted(k for k in state if k not in own)
-    if strict and (missing or unexpected):
+    if strict and ([k for k in missing if not skip(k)] or unexpected):
         raise UserError(f"init_from {source}: {len(missing)} missing keys {missing[:3]} and "
                         f"{len(unexpected)} unexpected keys {unexpected[:3]}; set "
                         f"init_strict=false to load the rest")

@@ -34,7 +34,7 @@ def make_cfg(run_dir, *overrides):
 
 def test_tokenizer_round_trips_text_exactly():
     text = CORPUS.read_text()
-    tok = Tokenizer.train(text, 300)
+    tok = Tokenizer.train(text, 400)
     sample = text[:2000] + "\n  indented line, digits 1234 and ünïcödé ✓\n\n"
     assert tok.decode(tok.encode(sample)) == sample
     assert tok.encode("a\nb").count(Tokenizer.NL) == 1
@@ -46,7 +46,7 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
     assert saved["steps"] == 8 and saved["val_bpc"] == pytest.approx(res["val_bpc"])
     assert 0 < saved["val_bpc"] < 10
     for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "loss_curves.png",
-                 "val_bpc.png", "tokenizer.model", "metrics.csv"):
+                 "val_bpc.png", "tokenizer.model", "logs/version_0/metrics.csv"):
         assert (tmp_path / name).is_file(), name
     # bits per char = nats per token / chars per token / ln 2
     ckpt = torch.load(tmp_path / "checkpoints/best.ckpt", weights_only=False)
@@ -153,10 +153,11 @@ def test_empty_truncated_and_foreign_inputs(tmp_path):
 
 def test_gpu_preset_instantiates_on_cpu(tmp_path):
     from hydra.utils import instantiate
-    cfg = make_cfg(tmp_path, "experiment=lm_gpu")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("lm", overrides=["experiment=lm_gpu"])
     model = instantiate(lm_task.model_config(cfg, 8192))
     assert cfg.trainer.precision == "bf16-mixed" and cfg.model.max_seq_len == 1024
-    assert 80e6 < model.num_params() < 200e6
+    assert 60e6 < model.num_params(exclude_embeddings=False) < 200e6
 
 
 @pytest.mark.slow
