@@ -1,0 +1,110 @@
+"""ViT speed: our VisionTransformer vs timm's VisionTransformer of identical shape, training
+and inference images/s measured side by side in one process (see the README's table).
+
+    python scripts/bench_vit.py                                 # CPU fp32, ViT-Ti/16 at 224
+    python scripts/bench_vit.py --img-size 28 --patch 4 --in-chans 1 --embed-dim 128 --depth 4
+    python scripts/bench_vit.py --device cuda --dtype bfloat16 --batch 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from modules.vit import VisionTransformer  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--patch", type=int, default=16)
+    p.add_argument("--in-chans", type=int, default=3)
+    p.add_argument("--embed-dim", type=int, default=192)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--mlp-ratio", type=float, default=4.0)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import timm
+
+    shape = dict(img_size=args.img_size, patch_size=args.patch, in_chans=args.in_chans,
+                 num_classes=args.classes, embed_dim=args.embed_dim, depth=args.depth,
+                 num_heads=args.heads, mlp_ratio=args.mlp_ratio)
+    models = {"attnkit": VisionTransformer(pool="token", **shape),
+              "timm": timm.models.vision_transformer.VisionTransformer(global_pool="token",
+                                                                       **shape)}
+    dt = getattr(torch, args.dtype)
+    dev = args.device
+    x = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, device=dev)
+    y = torch.randint(0, args.classes, (args.batch,), device=dev)
+    ac = dict(device_type="cuda" if dev == "cuda" else "cpu", dtype=dt,
+              enabled=dt != torch.float32)
+
+    def train_fn(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def step():
+            with torch.autocast(**ac):
+                loss = F.cross_entropy(m(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    def infer_fn(m):
+        @torch.no_grad()
+        def step():
+            with torch.autocast(**ac):
+                m(x)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    name = torch.cuda.get_device_name() if dev == "cuda" else \
+        f"CPU {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
+    n_params = sum(p.numel() for p in models["attnkit"].parameters())
+    print(f"# torch {torch.__version__}; {name}; {args.dtype}; img {args.img_size}, patch "
+          f"{args.patch}, d{args.embed_dim} x {args.depth}, heads {args.heads}, batch "
+          f"{args.batch}; {n_params / 1e6:.2f}M params")
+    print(f"{'pass':10} {'model':8} {'ms':>8} {'spread':>7} {'images/s':>9} {'vs timm':>8}")
+    for label, make, train in (("train", train_fn, True), ("inference", infer_fn, False)):
+        steps = {}
+        for n, m in models.items():
+            m.to(dev).train(train)
+            steps[n] = make(m)
+            for _ in range(args.warmup):
+                steps[n]()
+        times = {n: [] for n in steps}
+        for _ in range(args.repeats):
+            for n, s in steps.items():
+                t0 = time.perf_counter()
+                s()
+                times[n].append(time.perf_counter() - t0)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        for n in steps:
+            spread = (max(times[n]) - min(times[n])) / med[n]
+            print(f"{label:10} {n:8} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
+                  f"{args.batch / med[n]:9.1f} {med['timm'] / med[n]:7.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
