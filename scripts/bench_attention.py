@@ -125,6 +125,16 @@ def time_case(case, L, args, backward):
     return rows
 
 
+def peak_rss() -> int:
+    """Peak resident set of this process in bytes. VmHWM belongs to the address space made
+    at exec, unlike ru_maxrss, which a child started by a large parent inherits."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_child(args):
     """Runs in a fresh process: one variant, one case, fwd+bwd; prints peak bytes."""
     dtype = getattr(torch, args.dtype)
@@ -138,7 +148,7 @@ def memory_child(args):
     if args.device == "cuda":
         print(torch.cuda.max_memory_allocated() - base)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(peak_rss())
 
 
 def peak_memory(variant, case, L, args) -> float:
@@ -150,10 +160,7 @@ def peak_memory(variant, case, L, args) -> float:
         return float("nan")
     peak = float(out.stdout.strip().splitlines()[-1])
     if args.device == "cpu":
-        idle = subprocess.run(cmd[:1] + ["-c", "import resource, torch, modules.attention;"
-                                         "print(resource.getrusage(resource.RUSAGE_SELF)"
-                                         ".ru_maxrss*1024)"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+        idle = subprocess.run(cmd + ["--child-idle"], capture_output=True, text=True)
         peak -= float(idle.stdout.strip())
     return peak / 2**20
 
@@ -188,8 +195,11 @@ def main():
     p.add_argument("--child-variant")
     p.add_argument("--child-case")
     p.add_argument("--child-len", type=int)
+    p.add_argument("--child-idle", action="store_true", help="measure an idle process")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.child_idle:
+        return print(peak_rss())
     if args.child_variant:
         return memory_child(args)
 
