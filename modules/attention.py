@@ -131,17 +131,26 @@ def attend_sdpa(q, k, v, *, mask=None, causal=False, dropout_p=0.0, scale=None) 
 
 
 @functools.lru_cache(maxsize=1)
-def _flash_module() -> tuple[Callable, Callable, bool]:
-    """(flash_attn_func, flash_attn_varlen_func, supports_dropout) from the flash-attn
-    package: FlashAttention-2 first, then FlashAttention-4 (``flash_attn.cute``)."""
+def _load_flash() -> tuple[Callable, Callable, bool] | str:
+    """The flash-attn kernels, or why they cannot be imported. Cached either way: a failed
+    import is not remembered by Python, and retrying it on every call costs milliseconds."""
     errors = []
     for name, dropout in (("flash_attn", True), ("flash_attn.cute", False)):
         try:
             mod = importlib.import_module(name)
             return mod.flash_attn_func, mod.flash_attn_varlen_func, dropout
         except Exception as exc:  # ImportError, or a CUDA library that fails to load
-            errors.append(f"{name}: {exc}")
-    raise ImportError("; ".join(errors))
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+    return "; ".join(errors)
+
+
+def _flash_module() -> tuple[Callable, Callable, bool]:
+    """(flash_attn_func, flash_attn_varlen_func, supports_dropout) from the flash-attn
+    package: FlashAttention-2 first, then FlashAttention-4 (``flash_attn.cute``)."""
+    loaded = _load_flash()
+    if isinstance(loaded, str):
+        raise ImportError(loaded)
+    return loaded
 
 
 def flash_available() -> bool:

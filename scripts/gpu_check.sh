@@ -47,6 +47,14 @@ from modules.attention import flash_available, _flash_module
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
 ok = flash_available()
 print("flash-attn usable:", ok)
+if not ok:
+    from modules.attention import _load_flash
+    print("flash-attn import errors:", _load_flash())
+    import traceback
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:
+        traceback.print_exc()
 if ok:
     f, _, drop = _flash_module()
     print("flash module:", f.__module__, "dropout support:", drop)
