@@ -240,7 +240,9 @@ def resolve_backend(backend: str, q: Tensor, mask: Tensor | None = None, causal:
     """The concrete kernel ('math', 'sdpa' or 'flash') a call with these inputs uses."""
     if backend != "auto":
         return backend
-    if q.is_cuda and flash_unsupported_reason(q, mask, causal, dropout_p) is None:
+    # The cached import outcome is checked first: this runs on every call.
+    if q.is_cuda and not isinstance(_load_flash(), str) and \
+            flash_unsupported_reason(q, mask, causal, dropout_p) is None:
         return "flash"
     return "sdpa"
 
