@@ -1,0 +1,208 @@
+"""Parallel corpora for translation: preparation into a plain TSV (source TAB target), fixed
+seeded dev/test splits, and token-count batching.
+
+Defaults, prepared once:
+- ``bible.en-es.tsv``: the King James Version (Debian ``sword-text-kjv``) aligned verse by
+  verse with the Reina-Valera 1909 (``sword-text-sparv``), both public domain, read with
+  ``pysword``; both modules use KJV versification, so verse keys align 1:1.
+- ``ding.de-en.tsv``: sentence-like German-English example pairs from Ding's dictionary
+  (Debian ``trans-de-en``, GPL-2+).
+
+A user's data is a TSV (``source<TAB>target`` per line) or two line-aligned text files.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .cache import DataError, atomic_write_text, cache_dir
+
+_CAPS_START = re.compile(r"^([A-ZÁÉÍÓÚÑÜ])([A-ZÁÉÍÓÚÑÜ]+)(?=\s+[a-záéíóúñü])")
+
+
+def apt_extract(packages: list[str], dest: Path) -> Path:
+    """``apt-get download`` Debian packages and unpack them (no root, no install)."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise DataError(f"apt-get and dpkg-deb are needed once to fetch {packages}; on a "
+                        f"non-Debian system give data.train_file with your own TSV")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True,
+                              text=True)
+        debs = list(Path(tmp).glob("*.deb"))
+        if proc.returncode != 0 or len(debs) < len(packages):
+            raise DataError(f"apt-get download {' '.join(packages)} failed "
+                            f"({proc.stderr.strip().splitlines()[-1:] or 'no output'}); run "
+                            f"'apt-get update' first or give your own TSV")
+        for deb in debs:
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
+    return dest
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"<[GH]\d+>", "", text).replace("¶", " ")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def prepare_bible(root: Path | None = None) -> Path:
+    """English (KJV) - Spanish (RV 1909) verse pairs as ``bible.en-es.tsv``."""
+    root = (root or cache_dir()) / "bible"
+    tsv = root / "bible.en-es.tsv"
+    if tsv.is_file():
+        return tsv
+    try:
+        from pysword.modules import SwordModules
+    except ImportError:
+        raise DataError("the pysword package is needed to read the Bible modules; "
+                        "pip install pysword") from None
+    sword = apt_extract(["sword-text-kjv", "sword-text-sparv"], root / "deb") / "usr/share/sword"
+    mods = SwordModules(str(sword))
+    mods.parse_modules()
+    texts = {}
+    for name in ("engKJV2006eb", "spaRV1909eb"):
+        bible = mods.get_bible_from_module(name)
+        books = bible.get_structure().get_books()
+        verses = {}
+        for testament in ("ot", "nt"):
+            for book in books[testament]:
+                for c in range(1, book.num_chapters + 1):
+                    for v, text in enumerate(bible.get_iter(books=[book.osis_name],
+                                                            chapters=[c]), 1):
+                        verses[(book.osis_name, c, v)] = _clean(text)
+        texts[name] = verses
+    en, es = texts["engKJV2006eb"], texts["spaRV1909eb"]
+    lines = []
+    for key in en:  # canonical order
+        src, tgt = en[key], es.get(key, "")
+        if src and tgt:
+            # RV 1909 capitalises a chapter's first word ("EN el principio").
+            tgt = _CAPS_START.sub(lambda m: m[1] + m[2].lower(), tgt)
+            lines.append(f"{src}\t{tgt}")
+    atomic_write_text(tsv, "\n".join(lines) + "\n")
+    shutil.rmtree(root / "deb", ignore_errors=True)
+    return tsv
+
+
+_ANNOT = re.compile(r"\{[^}]*\}|\[[^\]]*\]|\([^)]*\)")
+
+
+def prepare_ding(root: Path | None = None) -> Path:
+    """German-English sentence-like example pairs (>= 5 English words, ending in .?!)."""
+    root = (root or cache_dir()) / "ding"
+    tsv = root / "ding.de-en.tsv"
+    if tsv.is_file():
+        return tsv
+    src = apt_extract(["trans-de-en"], root / "deb") / "usr/share/trans/de-en"
+    lines, seen = [], set()
+    for line in src.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("#") or " :: " not in line:
+            continue
+        de_all, en_all = line.split(" :: ", 1)
+        for de, en in zip(de_all.split(" | "), en_all.split(" | ")):
+            de = re.sub(r"\s+", " ", _ANNOT.sub("", de)).strip(" ;,")
+            en = re.sub(r"\s+", " ", _ANNOT.sub("", en)).strip(" ;,")
+            if len(en.split()) >= 5 and en[-1:] in ".?!" and de and (de, en) not in seen:
+                seen.add((de, en))
+                lines.append(f"{de}\t{en}")
+    atomic_write_text(tsv, "\n".join(lines) + "\n")
+    shutil.rmtree(root / "deb", ignore_errors=True)
+    return tsv
+
+
+def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = None,
+               target: str | Path | None = None) -> list[tuple[str, str]]:
+    """Sentence pairs from a TSV or two aligned files; blank pairs are dropped."""
+    if tsv is not None:
+        path = Path(tsv).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.train_file={str(path)!r} does not exist; expected a TSV of "
+                            f"source<TAB>target lines")
+        pairs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise DataError(f"{path} line {n} has no TAB; expected source<TAB>target")
+            s, t = line.split("\t", 1)
+            pairs.append((s.strip(), t.strip()))
+    else:
+        if source is None or target is None:
+            raise DataError("give data.train_file (TSV) or both data.source_file and "
+                            "data.target_file")
+        paths = [Path(source).expanduser(), Path(target).expanduser()]
+        for p in paths:
+            if not p.is_file():
+                raise DataError(f"{p} does not exist; expected a text file, one sentence a line")
+        src, tgt = (p.read_text(encoding="utf-8").splitlines() for p in paths)
+        if len(src) != len(tgt):
+            raise DataError(f"{paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; "
+                            f"the two files must be line-aligned")
+        pairs = list(zip((s.strip() for s in src), (t.strip() for t in tgt)))
+    pairs = [(s, t) for s, t in pairs if s and t]
+    if len(pairs) < 3:
+        raise DataError(f"only {len(pairs)} non-empty sentence pairs; a corpus needs more")
+    return pairs
+
+
+def split_pairs(pairs, *, dev: int, test: int, seed: int) -> dict[str, list]:
+    """Seeded dev / test / train split."""
+    if dev + test >= len(pairs):
+        raise DataError(f"data.dev_size + data.test_size = {dev + test} leaves no training "
+                        f"pairs out of {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    return {"dev": [pairs[i] for i in order[:dev]],
+            "test": [pairs[i] for i in order[dev:dev + test]],
+            "train": [pairs[i] for i in order[dev + test:]]}
+
+
+def write_tsv(pairs, path: Path) -> None:
+    atomic_write_text(path, "".join(f"{s}\t{t}\n" for s, t in pairs))
+
+
+# --------------------------------------------------------------------------- batching
+def token_batches(lengths: list[int], max_tokens: int, *, seed: int | None = None) -> list:
+    """Index batches of similar lengths, each with at most ``max_tokens`` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if seed is not None:  # shuffle within buckets of equal length for variety
+        rng = random.Random(seed)
+        order = sorted(order, key=lambda i: (lengths[i] // 4, rng.random()))
+    batches, cur, longest = [], [], 0
+    for i in order:
+        longest_new = max(longest, lengths[i])
+        if cur and longest_new * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, longest_new = [], lengths[i]
+        cur.append(i)
+        longest = longest_new
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class PairBatches(torch.utils.data.Dataset):
+    """Item i is a whole padded batch: (src, tgt) id tensors, 0 = padding."""
+
+    def __init__(self, src: list[list[int]], tgt: list[list[int]], batches: list[list[int]]):
+        self.src, self.tgt, self.batches = src, tgt, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        idx = self.batches[i]
+        return pad([self.src[j] for j in idx]), pad([self.tgt[j] for j in idx])
+
+
+def pad(seqs: list[list[int]], value: int = 0) -> torch.Tensor:
+    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out

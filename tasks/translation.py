@@ -1,0 +1,262 @@
+"""Translation: ``python -m tasks.translation`` trains an encoder-decoder transformer, then
+scores beam-search output on the test split with sacreBLEU; ``mode=translate`` translates
+a file (or stdin) line by line.
+
+    python -m tasks.translation                                  # KJV -> Reina-Valera, en-es
+    python -m tasks.translation data=ding                        # German -> English
+    python -m tasks.translation data.train_file=my.tsv data.src_lang=fr data.tgt_lang=en
+    python -m tasks.translation mode=translate ckpt=outputs/translation/X/checkpoints/best.ckpt input=in.txt
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from data.cache import cache_dir
+from data.parallel import (PairBatches, prepare_bible, prepare_ding, read_pairs, split_pairs,
+                           token_batches, write_tsv)
+from data.sampling import ResumableLoader, SeededBatchSampler
+from data.text import Tokenizer, digest
+
+from . import common
+from .common import CKPT_KEY, UserError
+
+TASK = "translation"
+DEFAULTS = {"bible": prepare_bible, "ding": prepare_ding}
+
+
+def load_corpus(cfg: DictConfig, out: Path):
+    """Pairs -> fixed splits (saved) -> joint tokenizer -> id lists."""
+    d = cfg.data
+    if d.train_file is None and d.source_file is None:
+        if d.name not in DEFAULTS:
+            raise UserError(f"data.name={d.name!r} has no default corpus; expected one of "
+                            f"{sorted(DEFAULTS)} or data.train_file")
+        pairs = read_pairs(tsv=DEFAULTS[d.name]())
+        source = f"{d.name} ({d.src_lang}-{d.tgt_lang})"
+    else:
+        pairs = read_pairs(tsv=d.train_file, source=d.source_file, target=d.target_file)
+        source = str(d.train_file or f"{d.source_file} + {d.target_file}")
+    if d.max_pairs:
+        pairs = pairs[:d.max_pairs]
+    split = split_pairs(pairs, dev=d.dev_size, test=d.test_size, seed=d.split_seed)
+    for name, part in split.items():
+        if common.is_rank_zero():
+            write_tsv(part, out / f"{name}.tsv")
+    cache = cache_dir() / "tokenized"
+    if d.tokenizer is not None:
+        tok = Tokenizer.load(d.tokenizer)
+    else:
+        text = "\n".join(s for pair in split["train"] for s in pair)
+        path = cache / f"spm-{digest(text, d.vocab_size)}.model"
+        if path.is_file():
+            tok = Tokenizer.load(path)
+        else:
+            tok = Tokenizer.train(text, d.vocab_size)
+            cache.mkdir(parents=True, exist_ok=True)
+            tok.save(path)
+    return split, tok, source
+
+
+def encode_pairs(tok: Tokenizer, pairs, max_len: int):
+    src = [tok.encode(s)[:max_len - 1] + [tok.EOS] for s, _ in pairs]
+    tgt = [[tok.BOS] + tok.encode(t)[:max_len - 2] + [tok.EOS] for _, t in pairs]
+    return src, tgt
+
+
+def make_loader(src, tgt, max_tokens: int, *, seed: int, train: bool, num_workers: int = 0):
+    lengths = [max(len(s), len(t)) for s, t in zip(src, tgt)]
+    batches = token_batches(lengths, max_tokens, seed=seed if train else None)
+    ds = PairBatches(src, tgt, batches)
+    sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=False)
+    return ResumableLoader(ds, sampler, collate_fn=lambda items: items[0],
+                           num_workers=num_workers)
+
+
+class TranslationModule(L.LightningModule):
+    """Label-smoothed cross entropy on a ``Seq2SeqTransformer``."""
+
+    def __init__(self, *, model_cfg: dict, tokenizer_proto: bytes = b"", langs=("src", "tgt"),
+                 optimizer_cfg=None, scheduler_cfg=None, total_steps: int = 1,
+                 label_smoothing: float = 0.1):
+        super().__init__()
+        self.model_cfg, self.tokenizer_proto, self.langs = model_cfg, tokenizer_proto, langs
+        self.model = instantiate(model_cfg)
+        self.optimizer_cfg, self.scheduler_cfg = optimizer_cfg, scheduler_cfg
+        self.total_steps, self.label_smoothing = total_steps, label_smoothing
+        self.val_nll = torchmetrics.SumMetric()
+        self.val_tokens = torchmetrics.SumMetric()
+
+    def _loss(self, batch, smoothing: float, reduction: str = "mean"):
+        src, tgt = batch
+        logits = self.model(src, tgt[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten(),
+                               ignore_index=self.model.pad_id, label_smoothing=smoothing,
+                               reduction=reduction), (tgt[:, 1:] != self.model.pad_id).sum()
+
+    def training_step(self, batch, batch_idx):
+        loss, n = self._loss(batch, self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/tokens", n.float(), reduce_fx="sum")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        nll, n = self._loss(batch, 0.0, reduction="sum")
+        self.val_nll.update(nll)
+        self.val_tokens.update(n)
+
+    def on_validation_epoch_end(self):
+        loss = self.val_nll.compute() / self.val_tokens.compute().clamp(min=1)
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True)
+        self.val_nll.reset()
+        self.val_tokens.reset()
+
+    def configure_optimizers(self):
+        return common.configure_optimization(self.model, self.optimizer_cfg, self.scheduler_cfg,
+                                             self.total_steps)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint[CKPT_KEY] = {"task": TASK, "model": self.model_cfg,
+                                "tokenizer": self.tokenizer_proto, "langs": list(self.langs)}
+
+
+def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) -> list[str]:
+    """Beam search over lines, batched by length; detokenized output in input order."""
+    d = cfg.decode
+    model.eval()
+    ids = [tok.encode(s)[:model.max_seq_len - 1] + [tok.EOS] for s in lines]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [""] * len(ids)
+    from data.parallel import pad
+    for start in range(0, len(order), d.batch_size):
+        chunk = order[start:start + d.batch_size]
+        src = pad([ids[i] for i in chunk])
+        if d.beam_size == 1:
+            hyps = model.greedy(src, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
+                                use_cache=d.use_cache)
+        else:
+            hyps = model.beam_search(src, beam_size=d.beam_size,
+                                     length_penalty=d.length_penalty, max_len_a=d.max_len_a,
+                                     max_len_b=d.max_len_b, use_cache=d.use_cache)
+        for i, h in zip(chunk, hyps):
+            out[i] = tok.decode(h)
+    return out
+
+
+def score(hyps: list[str], refs: list[str]) -> dict:
+    import sacrebleu
+    bleu = sacrebleu.metrics.BLEU()
+    chrf = sacrebleu.metrics.CHRF()
+    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
+    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature())}
+
+
+def run(cfg: DictConfig) -> dict:
+    if cfg.mode == "translate":
+        return run_translate(cfg)
+    if cfg.mode != "train":
+        raise UserError(f"mode={cfg.mode!r} is not a mode of the translation task; expected "
+                        f"train or translate")
+    t0 = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    out = common.run_dir(cfg)
+    split, tok, source = load_corpus(cfg, out)
+    d = cfg.data
+    train = encode_pairs(tok, split["train"], cfg.model.max_seq_len)
+    dev = encode_pairs(tok, split["dev"], cfg.model.max_seq_len)
+    if common.is_rank_zero():
+        tok.save(out / "tokenizer.model")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.update(vocab_size=tok.vocab_size, pad_id=tok.PAD, bos_id=tok.BOS, eos_id=tok.EOS)
+    module = TranslationModule(model_cfg=model_cfg, tokenizer_proto=tok.proto,
+                               langs=(d.src_lang, d.tgt_lang), optimizer_cfg=cfg.optimizer,
+                               scheduler_cfg=cfg.scheduler, total_steps=cfg.trainer.max_steps,
+                               label_smoothing=cfg.label_smoothing)
+    init_report = None
+    if cfg.init_from:
+        state = common.load_checkpoint(cfg.init_from, TASK)["state_dict"]
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        init_report = common.init_weights_from(module.model, state, strict=cfg.init_strict,
+                                               source=str(cfg.init_from))
+    trainer, history = common.build_trainer(cfg, out, monitor="val/loss")
+    trainer.fit(module, make_loader(*train, d.max_tokens, seed=cfg.seed, train=True,
+                                    num_workers=d.num_workers),
+                make_loader(*dev, d.max_tokens, seed=cfg.seed, train=False),
+                ckpt_path=common.resume_path(cfg, out))
+    if not trainer.is_global_zero:
+        return {}
+    best = trainer.checkpoint_callback.best_model_path
+    if best:
+        module.load_state_dict(common.load_checkpoint(best, TASK)["state_dict"])
+    module.to("cpu")
+    t_dec = time.time()
+    test_src = [s for s, _ in split["test"]]
+    refs = [t for _, t in split["test"]]
+    hyps = translate_lines(module.model, tok, test_src, cfg)
+    decode_seconds = time.time() - t_dec
+    (out / "test.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    (out / "test.ref").write_text("\n".join(refs) + "\n", encoding="utf-8")
+    scores = score(hyps, refs)
+    print(f"\n{scores['bleu_signature']}\nBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}")
+    for s, h, r in list(zip(test_src, hyps, refs))[:cfg.show_examples]:
+        print(f"\nsrc: {s}\nhyp: {h}\nref: {r}")
+    plots = [common.plot_curves(history, ["train/loss", "val/loss"], out / "loss_curves.png",
+                                "translation: loss (nats/token)")]
+    results = {
+        "task": TASK, "data": source, "pairs": {k: len(v) for k, v in split.items()},
+        "vocab_size": tok.vocab_size, "params": sum(p.numel() for p in module.model.parameters()),
+        "steps": trainer.global_step,
+        "val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
+        **scores, "beam_size": cfg.decode.beam_size,
+        "test_sentences_per_second": len(hyps) / max(decode_seconds, 1e-9),
+        "total_seconds": common.seconds_since(t0), "best_checkpoint": best,
+        "examples": [{"src": s, "hyp": h, "ref": r}
+                     for s, h, r in list(zip(test_src, hyps, refs))[:cfg.show_examples]],
+        "init_from": init_report, "plots": [str(p) for p in plots if p], "run_dir": str(out),
+    }
+    return common.finish(out, results, f"translation: {out}")
+
+
+def run_translate(cfg: DictConfig) -> dict:
+    if not cfg.ckpt:
+        raise UserError("mode=translate needs ckpt=PATH, a checkpoint of the translation task")
+    if not cfg.input:
+        raise UserError("mode=translate needs input=FILE (or input=- for stdin)")
+    ckpt = common.load_checkpoint(cfg.ckpt, TASK)
+    meta = ckpt[CKPT_KEY]
+    module = TranslationModule(model_cfg=meta["model"], tokenizer_proto=meta["tokenizer"])
+    module.load_state_dict(ckpt["state_dict"])
+    tok = Tokenizer(meta["tokenizer"])
+    if cfg.input == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        path = Path(str(cfg.input)).expanduser()
+        if not path.is_file():
+            raise UserError(f"input={str(path)!r} does not exist; expected a text file, one "
+                            f"sentence a line (or - for stdin)")
+        lines = path.read_text(encoding="utf-8").splitlines()
+    hyps = translate_lines(module.model, tok, lines, cfg)
+    for h in hyps:
+        print(h)
+    return {"translations": hyps, "langs": meta["langs"]}
+
+
+@hydra.main(config_path="../conf", config_name="translation", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    common.main_guard(lambda: (common.check_override_types(cfg, "translation"), run(cfg)))
+
+
+if __name__ == "__main__":
+    main()

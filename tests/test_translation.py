@@ -1,0 +1,146 @@
+"""Encoder-decoder decoding against independent references (greedy, uncached recompute,
+padding invariance) and the translation task end to end on a Genesis fixture."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data.parallel import read_pairs, token_batches
+from modules.seq2seq import Seq2SeqTransformer
+from tasks import common
+from tasks import translation as tr_task
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "genesis.en-es.tsv"
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    m = Seq2SeqTransformer(vocab_size=50, embed_dim=32, encoder_depth=2, decoder_depth=2,
+                           num_heads=4, num_kv_heads=2, mlp_hidden_dim=64, drop=0.0,
+                           max_seq_len=64, **kw).eval()
+    with torch.no_grad():  # a peaked output distribution so decodes are long and varied
+        m.lm_head.weight.mul_(8.0)
+    return m
+
+
+def sources():
+    src = torch.randint(4, 50, (5, 9))
+    src[1, 6:] = 0
+    src[3, 3:] = 0
+    src[:, -1] = torch.where(src[:, -1] == 0, 0, 3)
+    return src
+
+
+def test_beam_one_equals_greedy():
+    m, src = tiny_model(), sources()
+    greedy = m.greedy(src, max_len_a=1.0, max_len_b=5)
+    assert greedy == m.beam_search(src, beam_size=1, length_penalty=0.0, max_len_a=1.0,
+                                   max_len_b=5)
+    assert max(len(g) for g in greedy) > 3
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_cached_decoding_equals_uncached(beam):
+    m, src = tiny_model(), sources()
+    kw = dict(beam_size=beam, max_len_a=1.0, max_len_b=5)
+    assert m.beam_search(src, use_cache=True, **kw) == m.beam_search(src, use_cache=False, **kw)
+    assert m.greedy(src, use_cache=True) == m.greedy(src, use_cache=False)
+
+
+def test_padded_source_content_changes_nothing():
+    m, src = tiny_model(), sources()
+    a = m.beam_search(src, beam_size=3)
+    with torch.no_grad():
+        mem, mask = m.encode(src)
+    # Padded positions are id 0; give them different content through the pad embedding.
+    m.embed.weight.data[0] = torch.randn(32) * 10
+    assert m.beam_search(src, beam_size=3) == a
+    with torch.no_grad():
+        mem2, _ = m.encode(src)
+    assert not torch.allclose(mem2[~mask], mem[~mask])  # the pads' own states did change
+    torch.testing.assert_close(mem2[mask], mem[mask])
+
+
+def test_beam_search_scores_at_least_greedy():
+    m, src = tiny_model(), sources()
+    with torch.no_grad():
+        def logp(hyps):
+            tgt = [[m.bos_id] + h + [m.eos_id] for h in hyps]
+            L = max(map(len, tgt))
+            t = torch.tensor([x + [0] * (L - len(x)) for x in tgt])
+            lp = torch.log_softmax(m(src, t[:, :-1]), -1).gather(-1, t[:, 1:, None])[..., 0]
+            return (lp * (t[:, 1:] != 0)).sum(-1)
+        g = m.greedy(src, max_len_a=1.0, max_len_b=5)
+        b = m.beam_search(src, beam_size=6, length_penalty=0.0, max_len_a=1.0, max_len_b=5)
+        ended = [i for i in range(5) if len(g[i]) < 14 and len(b[i]) < 14]
+        assert (logp(b)[ended] >= logp(g)[ended] - 1e-4).all()
+
+
+def test_token_batches_respect_budget():
+    lengths = [5, 30, 7, 12, 30, 2, 19] * 20
+    batches = token_batches(lengths, 64, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(max(lengths[i] for i in b) * len(b) <= 64 for b in batches)
+
+
+def test_misaligned_files_name_both_counts(tmp_path):
+    (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
+    (tmp_path / "b.txt").write_text("uno\ndos\n")
+    with pytest.raises(common.DataError, match=r"a.txt has 3 lines but .*b.txt has 2"):
+        read_pairs(source=tmp_path / "a.txt", target=tmp_path / "b.txt")
+
+
+def make_cfg(run_dir, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("translation", overrides=[
+            "model=seq2seq_tiny", f"data.train_file={FIXTURE}", "data.vocab_size=400",
+            "data.dev_size=20", "data.test_size=20", "data.max_tokens=512",
+            "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.log_every_n_steps=2",
+            "scheduler.warmup_steps=2", "decode.batch_size=8", f"run_dir={run_dir}", *overrides])
+
+
+def test_train_scores_and_translates(tmp_path):
+    out = tmp_path / "run"
+    res = tr_task.run(make_cfg(out))
+    for name in ("results.json", "loss_curves.png", "test.hyp", "test.ref", "dev.tsv",
+                 "test.tsv", "checkpoints/best.ckpt"):
+        assert (out / name).is_file(), name
+    assert res["pairs"] == {"dev": 20, "test": 20, "train": 166}
+    assert "nrefs:1" in res["bleu_signature"]
+    # our BLEU equals sacrebleu's own command line on the same files
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(out / "test.ref"), "-i",
+                          str(out / "test.hyp"), "-m", "bleu", "chrf", "-b", "-w", "4"],
+                         capture_output=True, text=True, check=True)
+    bleu, chrf = json.loads(cli.stdout)
+    assert bleu == pytest.approx(res["bleu"], abs=1e-4)
+    assert chrf == pytest.approx(res["chrf"], abs=1e-4)
+    # the same split every run
+    again = tmp_path / "again"
+    tr_task.run(make_cfg(again, "trainer.max_steps=2"))
+    assert (again / "test.tsv").read_text() == (out / "test.tsv").read_text()
+    # translate mode, from a file
+    inp = tmp_path / "in.txt"
+    inp.write_text("In the beginning God created the heaven and the earth.\nAnd God said.\n")
+    tl = tr_task.run(make_cfg(out, "mode=translate", f"ckpt={out}/checkpoints/best.ckpt",
+                              f"input={inp}"))
+    assert len(tl["translations"]) == 2 and tl["langs"] == ["en", "es"]
+
+
+def test_translate_from_stdin_cli(tmp_path):
+    out = tmp_path / "run"
+    tr_task.run(make_cfg(out, "trainer.max_steps=2"))
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.translation", "mode=translate",
+         f"ckpt={out}/checkpoints/best.ckpt", "input=-", "decode.beam_size=2"],
+        input="God saw the light.\nAnd the evening\n", capture_output=True, text=True,
+        cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip().splitlines()) >= 2
