@@ -4,7 +4,7 @@ softmax(QK^T)V, measured side by side in one process (see the README's table).
     python scripts/bench_attention.py                       # CPU, fp32
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --lengths 1024 4096 16384
 
-Variants are interleaved (A B C A B C ...), medians over --repeats after warm-up, and
+Variants are interleaved (A B C, B C A, C A B, ...), medians over --repeats after warm-up, and
 ratios are taken within the run. Peak memory: each (variant, case) in a fresh subprocess
 (CPU: peak RSS above an idle process; CUDA: max allocated).
 """
@@ -102,8 +102,9 @@ def time_case(case, L, args, backward):
         for _ in range(args.warmup):
             run_once(VARIANTS[n], inputs, backward)
     times = {n: [] for n in names}
-    for _ in range(args.repeats):
-        for n in names:
+    for rep in range(args.repeats):
+        # Rotate the order each round so no variant always runs right after another.
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
             t0 = time.perf_counter()
             run_once(VARIANTS[n], inputs, backward)
             times[n].append(time.perf_counter() - t0)
