@@ -103,7 +103,8 @@ def make_cfg(run_dir, *overrides):
             "model=seq2seq_tiny", f"data.train_file={FIXTURE}", "data.vocab_size=400",
             "data.dev_size=20", "data.test_size=20", "data.max_tokens=512",
             "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.log_every_n_steps=2",
-            "scheduler.warmup_steps=2", "decode.batch_size=8", f"run_dir={run_dir}", *overrides])
+            "scheduler.warmup_steps=2", "decode.batch_size=8", "decode.max_len_a=1.0",
+            "decode.max_len_b=5", f"run_dir={run_dir}", *overrides])
 
 
 def test_train_scores_and_translates(tmp_path):
@@ -135,7 +136,7 @@ def test_train_scores_and_translates(tmp_path):
 
 def test_translate_from_stdin_cli(tmp_path):
     out = tmp_path / "run"
-    tr_task.run(make_cfg(out, "trainer.max_steps=2"))
+    tr_task.run(make_cfg(out, "trainer.max_steps=2", "trainer.val_check_interval=2"))
     env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, "-m", "tasks.translation", "mode=translate",
