@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
+	$(PY) -m ruff check modules tasks data scripts tests
 	$(PY) -m pytest
 
 test-all: setup

@@ -14,8 +14,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelCheckpoint,
-                                         RichProgressBar, TQDMProgressBar)
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+    TQDMProgressBar,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from data.cache import DataError
@@ -42,8 +47,8 @@ def check_override_types(cfg: DictConfig, config_name: str) -> None:
     """An override whose type differs from the default's (``trainer.max_steps=abc``) is an
     error naming the key, the value and the type expected."""
     try:
-        from hydra.core.hydra_config import HydraConfig
         from hydra import compose
+        from hydra.core.hydra_config import HydraConfig
         overrides = list(HydraConfig.get().overrides.task)
     except Exception:  # not under @hydra.main (tests call run(cfg) directly)
         return

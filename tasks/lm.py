@@ -26,8 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.cache import cache_dir
 from data.sampling import ResumableLoader, SeededBatchSampler
-from data.text import (TokenWindows, Tokenizer, digest, encode_cached, expand_files,
-                       prepare_shakespeare, read_text)
+from data.text import (
+    Tokenizer,
+    TokenWindows,
+    digest,
+    encode_cached,
+    expand_files,
+    prepare_shakespeare,
+    read_text,
+)
 from modules.generation import generate
 
 from . import common
@@ -172,10 +179,11 @@ def apply_init_from(module: LMModule, cfg: DictConfig) -> dict | None:
         return None
     src = Path(str(cfg.init_from)).expanduser()
     if src.is_dir():
+        import json
+
         from safetensors.torch import load_file
 
         from modules.converters import llama_kwargs_from_hf, llama_state_dict_from_hf
-        import json
         if not (src / "config.json").is_file():
             raise UserError(f"init_from={src} is a directory without config.json; expected an "
                             f"attnkit checkpoint file or a Hugging Face Llama directory")
@@ -214,13 +222,13 @@ def run(cfg: DictConfig) -> dict:
     init_report = apply_init_from(module, cfg)
     trainer, history = common.build_trainer(cfg, out, monitor="val/bpc")
     trainer.fit(module, train_loader, val_loader, ckpt_path=common.resume_path(cfg, out))
-    if not trainer.is_global_zero:
-        return {}
-
+    # Every rank takes part in the closing validation (it is a collective under DDP).
     best = trainer.checkpoint_callback.best_model_path
     if best:
         module.load_state_dict(common.load_checkpoint(best, TASK)["state_dict"])
     final = trainer.validate(module, val_loader, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return {}
     module.to("cpu")
     sample = sample_text(module.model, data.tokenizer, cfg.prompt, cfg)
     print(f"\n--- sample (prompt {cfg.prompt!r}) ---\n{cfg.prompt}{sample}\n---")

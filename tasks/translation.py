@@ -10,22 +10,27 @@ a file (or stdin) line by line.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 import torch.nn.functional as F
 import torchmetrics
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from data.cache import cache_dir
-from data.parallel import (PairBatches, prepare_bible, prepare_ding, read_pairs, split_pairs,
-                           token_batches, write_tsv)
+from data.parallel import (
+    PairBatches,
+    prepare_bible,
+    prepare_ding,
+    read_pairs,
+    split_pairs,
+    token_batches,
+    write_tsv,
+)
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import Tokenizer, digest
 

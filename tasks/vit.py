@@ -21,8 +21,16 @@ import torchmetrics
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from data.images import (ImageDataset, MixCollate, build_transforms, load_image, prepare_mnist,
-                         scan_folder, split_indices)
+from data.images import (
+    ImageDataset,
+    MixCollate,
+    build_transforms,
+    load_image,
+    prepare_mnist,
+    scan_folder,
+    split_indices,
+)
+from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import expand_files
 from modules.vit import resize_pos_embed
 
@@ -154,11 +162,11 @@ def make_loaders(cfg: DictConfig, out: Path):
                           build_transforms(d.augment, mean, std, d.img_size, train))
         collate = MixCollate(k, d.augment.mixup_alpha, d.augment.cutmix_alpha,
                              d.augment.mix_prob) if train else None
-        gen = torch.Generator().manual_seed(cfg.seed)
-        loaders[name] = torch.utils.data.DataLoader(
-            ds, batch_size=d.batch_size, shuffle=train, drop_last=train, generator=gen,
-            num_workers=d.num_workers, collate_fn=collate,
-            persistent_workers=d.num_workers > 0)
+        # Seeded, resumable and split across DDP ranks (see data.sampling).
+        sampler = SeededBatchSampler(ds, d.batch_size, seed=cfg.seed, shuffle=train,
+                                     drop_last=train)
+        loaders[name] = ResumableLoader(ds, sampler, num_workers=d.num_workers,
+                                        collate_fn=collate, persistent_workers=d.num_workers > 0)
     return data, split, loaders, mean, std
 
 
@@ -180,12 +188,13 @@ def run(cfg: DictConfig) -> dict:
     trainer, history = common.build_trainer(cfg, out, monitor="val/acc", mode="max")
     trainer.fit(module, loaders["train"], loaders["val"],
                 ckpt_path=common.resume_path(cfg, out))
-    if not trainer.is_global_zero:
-        return {}
+    # Every rank takes part in testing (metric syncs are collectives under DDP).
     best = trainer.checkpoint_callback.best_model_path
     if best:
         module.load_state_dict(common.load_checkpoint(best, TASK)["state_dict"])
     test = trainer.test(module, loaders["test"], verbose=False)[0]
+    if not trainer.is_global_zero:
+        return {}
     plots = [common.plot_curves(history, ["train/loss", "val/loss"], out / "loss_curves.png",
                                 "ViT: loss"),
              common.plot_curves(history, ["val/acc"], out / "val_acc.png", "validation accuracy"),

@@ -5,8 +5,14 @@ import itertools
 import pytest
 import torch
 
-from modules.attention import (attend, attend_math, causal_mask, check_backend,
-                               flash_available, resolve_backend)
+from modules.attention import (
+    attend,
+    attend_math,
+    causal_mask,
+    check_backend,
+    flash_available,
+    resolve_backend,
+)
 
 # (q_len, kv_len, causal): self, cross, causal self, a chunk of queries against a longer
 # cache, and more queries than keys (the first rows then see nothing).
