@@ -216,6 +216,12 @@ def init_weights_from(module: torch.nn.Module, state: dict, *, strict: bool, sou
     return report
 
 
+def model_state(path: str | os.PathLike, task: str) -> dict:
+    """The ``model.*`` weights of a ``task`` checkpoint, with the prefix removed."""
+    state = load_checkpoint(path, task)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
     """``resume=PATH``, or ``resume=auto``: the run directory's last checkpoint if any."""
     if not cfg.get("resume"):
@@ -225,6 +231,33 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
         return str(last) if last.is_file() else None
     load_checkpoint(cfg.resume, cfg.task)  # fail early with a clear message
     return str(cfg.resume)
+
+
+# --------------------------------------------------------------------------- run skeleton
+def select_mode(cfg: DictConfig, task: str, modes: dict[str, Callable]) -> Callable:
+    """The entry point for ``cfg.mode``; an unknown mode is a one-line error."""
+    if cfg.mode not in modes:
+        raise UserError(f"mode={cfg.mode!r} is not a mode of the {task} task; expected one of "
+                        f"{sorted(modes)}")
+    return modes[cfg.mode]
+
+
+def begin(cfg: DictConfig) -> tuple[float, Path]:
+    """Start a training run: the clock, the seeds, the run directory."""
+    t0 = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return t0, run_dir(cfg)
+
+
+def fit_and_restore_best(trainer: L.Trainer, module: L.LightningModule, train_loader,
+                         val_loader, cfg: DictConfig, out: Path, task: str) -> str:
+    """Fit (resuming if asked), then load the best checkpoint's weights on every rank, so a
+    closing validation or test (collectives under DDP) runs on all of them."""
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume_path(cfg, out))
+    best = trainer.checkpoint_callback.best_model_path
+    if best:
+        module.load_state_dict(load_checkpoint(best, task)["state_dict"])
+    return best
 
 
 # --------------------------------------------------------------------------- results

@@ -193,22 +193,18 @@ def apply_init_from(module: LMModule, cfg: DictConfig) -> dict | None:
             hf.update(load_file(str(f)))
         state = llama_state_dict_from_hf(hf, hf_cfg["depth"], hf_cfg["tie_embeddings"])
     else:
-        state = common.load_checkpoint(src, TASK)["state_dict"]
-        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        state = common.model_state(src, TASK)
     return common.init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src))
 
 
 # --------------------------------------------------------------------------- entry points
 def run(cfg: DictConfig) -> dict:
     """Train (or, with ``mode=generate``, sample) and return the results dict."""
-    if cfg.mode == "generate":
-        return run_generate(cfg)
-    if cfg.mode != "train":
-        raise UserError(f"mode={cfg.mode!r} is not a mode of the lm task; expected train or "
-                        f"generate")
-    t0 = time.time()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    out = common.run_dir(cfg)
+    return common.select_mode(cfg, TASK, {"train": train, "generate": run_generate})(cfg)
+
+
+def train(cfg: DictConfig) -> dict:
+    t0, out = common.begin(cfg)
     data = prepare_data(cfg)
     t_data = common.seconds_since(t0)
     if common.is_rank_zero():
@@ -221,11 +217,8 @@ def run(cfg: DictConfig) -> dict:
                       chars_per_token=chars_per_token, compile=cfg.compile)
     init_report = apply_init_from(module, cfg)
     trainer, history = common.build_trainer(cfg, out, monitor="val/bpc")
-    trainer.fit(module, train_loader, val_loader, ckpt_path=common.resume_path(cfg, out))
-    # Every rank takes part in the closing validation (it is a collective under DDP).
-    best = trainer.checkpoint_callback.best_model_path
-    if best:
-        module.load_state_dict(common.load_checkpoint(best, TASK)["state_dict"])
+    best = common.fit_and_restore_best(trainer, module, train_loader, val_loader, cfg, out,
+                                       TASK)
     final = trainer.validate(module, val_loader, verbose=False)[0]
     if not trainer.is_global_zero:
         return {}

@@ -169,14 +169,12 @@ def score(hyps: list[str], refs: list[str]) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    if cfg.mode == "translate":
-        return run_translate(cfg)
-    if cfg.mode != "train":
-        raise UserError(f"mode={cfg.mode!r} is not a mode of the translation task; expected "
-                        f"train or translate")
-    t0 = time.time()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    out = common.run_dir(cfg)
+    """Train (or, with ``mode=translate``, translate a file) and return the results dict."""
+    return common.select_mode(cfg, TASK, {"train": train, "translate": run_translate})(cfg)
+
+
+def train(cfg: DictConfig) -> dict:
+    t0, out = common.begin(cfg)
     split, tok, source = load_corpus(cfg, out)
     d = cfg.data
     train = encode_pairs(tok, split["train"], cfg.model.max_seq_len)
@@ -191,20 +189,15 @@ def run(cfg: DictConfig) -> dict:
                                label_smoothing=cfg.label_smoothing)
     init_report = None
     if cfg.init_from:
-        state = common.load_checkpoint(cfg.init_from, TASK)["state_dict"]
-        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        init_report = common.init_weights_from(module.model, state, strict=cfg.init_strict,
-                                               source=str(cfg.init_from))
+        init_report = common.init_weights_from(module.model, common.model_state(
+            cfg.init_from, TASK), strict=cfg.init_strict, source=str(cfg.init_from))
     trainer, history = common.build_trainer(cfg, out, monitor="val/loss")
-    trainer.fit(module, make_loader(*train, d.max_tokens, seed=cfg.seed, train=True,
-                                    num_workers=d.num_workers),
-                make_loader(*dev, d.max_tokens, seed=cfg.seed, train=False),
-                ckpt_path=common.resume_path(cfg, out))
+    best = common.fit_and_restore_best(
+        trainer, module, make_loader(*train, d.max_tokens, seed=cfg.seed, train=True,
+                                     num_workers=d.num_workers),
+        make_loader(*dev, d.max_tokens, seed=cfg.seed, train=False), cfg, out, TASK)
     if not trainer.is_global_zero:
         return {}
-    best = trainer.checkpoint_callback.best_model_path
-    if best:
-        module.load_state_dict(common.load_checkpoint(best, TASK)["state_dict"])
     module.to("cpu")
     t_dec = time.time()
     test_src = [s for s, _ in split["test"]]

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import hydra
@@ -122,8 +121,7 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         raise UserError(f"init_from={src} does not exist")
     obj = _timm_or_raw_state(src)
     if isinstance(obj, dict) and CKPT_KEY in obj:
-        state = common.load_checkpoint(src, TASK)["state_dict"]
-        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        state = common.model_state(src, TASK)
     elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:
         depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
         state = vit_state_dict_from_timm(obj, depth)
@@ -171,14 +169,12 @@ def make_loaders(cfg: DictConfig, out: Path):
 
 
 def run(cfg: DictConfig) -> dict:
-    if cfg.mode == "predict":
-        return run_predict(cfg)
-    if cfg.mode != "train":
-        raise UserError(f"mode={cfg.mode!r} is not a mode of the vit task; expected train or "
-                        f"predict")
-    t0 = time.time()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    out = common.run_dir(cfg)
+    """Train (or, with ``mode=predict``, classify images) and return the results dict."""
+    return common.select_mode(cfg, TASK, {"train": train, "predict": run_predict})(cfg)
+
+
+def train(cfg: DictConfig) -> dict:
+    t0, out = common.begin(cfg)
     data, split, loaders, mean, std = make_loaders(cfg, out)
     module = ViTModule(model_cfg=model_config(cfg, len(data.classes)), classes=data.classes,
                        mean=mean, std=std, optimizer_cfg=cfg.optimizer,
@@ -186,12 +182,8 @@ def run(cfg: DictConfig) -> dict:
                        label_smoothing=cfg.label_smoothing)
     init_report = apply_init_from(module, cfg)
     trainer, history = common.build_trainer(cfg, out, monitor="val/acc", mode="max")
-    trainer.fit(module, loaders["train"], loaders["val"],
-                ckpt_path=common.resume_path(cfg, out))
-    # Every rank takes part in testing (metric syncs are collectives under DDP).
-    best = trainer.checkpoint_callback.best_model_path
-    if best:
-        module.load_state_dict(common.load_checkpoint(best, TASK)["state_dict"])
+    best = common.fit_and_restore_best(trainer, module, loaders["train"], loaders["val"], cfg,
+                                       out, TASK)
     test = trainer.test(module, loaders["test"], verbose=False)[0]
     if not trainer.is_global_zero:
         return {}

@@ -116,6 +116,7 @@ def cli(tmp_path, *args):
     (["data.train_files=/nonexistent/*.txt"], "data.train_files='/nonexistent/*.txt' matches no file"),
     (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int"),
     (["ckpt=/nonexistent.ckpt", "mode=generate"], "checkpoint /nonexistent.ckpt does not exist"),
+    (["mode=sample"], "mode='sample' is not a mode of the lm task; expected one of"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expect):
     proc = cli(tmp_path, *args)
