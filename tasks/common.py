@@ -297,10 +297,6 @@ def main_guard(fn: Callable[[], object]) -> None:
         sys.exit(2)
 
 
-def finite(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
-
-
 # --------------------------------------------------------------------------- optimisation
 def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
                   min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
