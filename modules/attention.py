@@ -80,7 +80,7 @@ def combine_masks(
 ) -> Tensor | None:
     """One boolean mask (broadcastable 4-D) from a user mask and the causal flag."""
     out = None if mask is None else _as_4d(mask, batch, heads, q_len, kv_len)
-    if causal:
+    if causal and not (q_len == 1 and kv_len >= 1):  # one bottom-right query sees every key
         c = causal_mask(q_len, kv_len, device)
         out = c if out is None else out & c
     return out

@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 class KVCache:
     """Preallocated keys/values for one self-attention layer.
 
+    Two ways to fill it:
+
+    - growing (default): ``append`` writes after the ``length`` cached tokens and returns
+      views of the filled part, so attention sees exactly the tokens so far;
+    - static: with ``slot`` set to a 1-element long tensor, ``append`` writes one step at
+      that index and returns the whole buffer. Shapes never change from step to step, which
+      is what a compiled decoding step needs; the caller masks keys past the slot.
+
     Args:
         batch, num_kv_heads, max_len, head_dim: buffer shape ``(B, Hk, max_len, D)``.
     """
@@ -33,13 +41,19 @@ class KVCache:
         self.k = torch.zeros(batch, num_kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.slot: Tensor | None = None
 
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
 
     def append(self, k_BHLD: Tensor, v_BHLD: Tensor) -> tuple[Tensor, Tensor]:
-        """Write new keys/values after the cached ones; return views of all of them."""
+        """Write new keys/values after the cached ones (or at ``slot``); return the keys and
+        values attention should see."""
+        if self.slot is not None:
+            self.k.index_copy_(2, self.slot, k_BHLD)
+            self.v.index_copy_(2, self.slot, v_BHLD)
+            return self.k, self.v
         end = self.length + k_BHLD.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}; "
@@ -163,7 +177,7 @@ class MultiHeadAttention(nn.Module):
                 q, k = self.rope(q, k, positions)
             if cache is not None:
                 k, v = cache.append(k, v)
-        if not self._logged:
+        if not self._logged and not torch.compiler.is_compiling():
             chosen = resolve_backend(self.backend, q, mask, self.causal)
             log.debug("attention backend %s -> %s", self.backend, chosen)
             self._logged = True

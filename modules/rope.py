@@ -54,7 +54,10 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, length: int, positions: int | Tensor, device, dtype):
         """cos and sin broadcastable to (B, H, L, D)."""
         if isinstance(positions, Tensor):
-            cos, sin = self._table(int(positions.max()) + 1, device, dtype)
+            # A compiled graph cannot read tensor values into Python: it indexes the table
+            # built up front (max_seq_len rows); eager calls grow the table as needed.
+            need = self.max_seq_len if torch.compiler.is_compiling() else int(positions.max()) + 1
+            cos, sin = self._table(need, device, dtype)
             return cos[positions][:, None], sin[positions][:, None]  # (B, 1, L, D)
         cos, sin = self._table(positions + length, device, dtype)
         return cos[positions:positions + length], sin[positions:positions + length]

@@ -7,7 +7,10 @@ measured side by side in one process (see the README's table).
 
 Training: tokens/s and MFU (6N + 12 L H D T FLOPs per token, against the fp32/bf16 matmul
 peak measured in the same run), both models with the same AdamW, steps interleaved.
-Generation: new tokens/s with the KV cache at batch 1 and 8 vs ``generate()``.
+Generation: new tokens/s with the KV cache at batch 1 and 8 vs ``generate()``: eager, and
+compiled on both sides (ours: ``generate(compile=True)``, a compiled step over a static
+cache; transformers: ``cache_implementation="static"`` with a compiled forward). First
+calls, which compile, are timed separately and excluded.
 """
 
 from __future__ import annotations
@@ -93,26 +96,46 @@ def bench_train(args, ours, hf, dt):
 
 
 def bench_generate(args, ours, hf, batch):
+    """New tokens/s of greedy decoding; each variant decodes the same prompts."""
     prompt_len, new = 16, args.new_tokens
     prompts = torch.randint(3, args.vocab, (batch, prompt_len), device=args.device)
     ours.eval()
     hf.eval()
-    dt = getattr(torch, args.dtype)
+    dt = getattr(torch, args.gen_dtype or args.dtype)
     ours_c, hf_c = ours.to(dt), hf.to(dt)
 
-    def run_ours():
-        generate(ours_c, prompts.tolist(), max_new_tokens=new)
+    def run_ours(compile=False):
+        return generate(ours_c, prompts.tolist(), max_new_tokens=new, compile=compile)
 
-    def run_hf():
+    def run_hf(**kw):
         with torch.no_grad():
             hf_c.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                          max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+                          max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **kw)
+
+    def run_hf_compiled():
+        # transformers' own fast path: a static cache and a compiled forward.
+        hf_c.forward = hf_forward_compiled
+        try:
+            run_hf(cache_implementation="static")
+        finally:
+            del hf_c.forward
 
     fns = {"attnkit": run_ours, "transformers": run_hf}
-    for f in fns.values():
+    if args.compile_generate:
+        hf_forward_compiled = torch.compile(hf_c.forward, fullgraph=True)
+        fns["attnkit compile=True"] = lambda: run_ours(compile=True)
+        fns["transformers static+compile"] = run_hf_compiled
+    for n, f in fns.items():
+        t0 = time.perf_counter()
         f()
+        if "compile" in n:  # first calls compile
+            print(f"  {n} batch {batch}: first call (compiles) {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+    if args.compile_generate:
+        assert run_ours(compile=True) == run_ours() or dt != torch.float32, \
+            "compiled decoding differs from eager"
     times = {n: [] for n in fns}
-    for _ in range(max(3, args.repeats // 3)):
+    for _ in range(max(3, args.repeats // 2)):
         for n, f in fns.items():
             t0 = time.perf_counter()
             f()
@@ -139,8 +162,12 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd training")
+    p.add_argument("--no-compile-generate", dest="compile_generate", action="store_false",
+                   help="skip the compiled generation variants (a minute or two of compiling)")
+    p.add_argument("--gen-dtype", default=None, help="dtype for generation (default --dtype)")
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -152,20 +179,23 @@ def main():
     print(f"# torch {torch.__version__}; {dev}; {args.dtype}; d{args.embed_dim} x {args.depth} "
           f"layers, heads {args.heads}:{args.kv_heads}, mlp {args.mlp}, vocab {args.vocab}, "
           f"seq {args.seq}, batch {args.batch}; matmul peak {peak:.3f} TFLOP/s")
-    res = bench_train(args, ours, hf, dt)
-    base = res["transformers"]["tok_s"]
-    print(f"\n{'training':22} {'ms/step':>9} {'spread':>7} {'tokens/s':>10} {'MFU':>6} "
-          f"{'vs transformers':>16}")
-    for n, r in res.items():
-        print(f"{n:22} {r['ms']:9.1f} {100 * r['spread']:6.0f}% {r['tok_s']:10.0f} "
-              f"{100 * r['tflops'] / peak:5.0f}% {r['tok_s'] / base:15.2f}x")
+    if not args.skip_train:
+        res = bench_train(args, ours, hf, dt)
+        base = res["transformers"]["tok_s"]
+        print(f"\n{'training':28} {'ms/step':>9} {'spread':>7} {'tokens/s':>10} {'MFU':>6} "
+              f"{'vs transformers':>16}")
+        for n, r in res.items():
+            print(f"{n:28} {r['ms']:9.1f} {100 * r['spread']:6.0f}% {r['tok_s']:10.0f} "
+                  f"{100 * r['tflops'] / peak:5.0f}% {r['tok_s'] / base:15.2f}x")
     if args.skip_generate:
         return
-    print(f"\n{'generation (greedy)':22} {'batch':>5} {'tokens/s':>10} {'vs transformers':>16}")
+    print(f"\n{'generation (greedy)':28} {'batch':>5} {'tokens/s':>10} {'vs transformers':>16}"
+          f"   ({args.gen_dtype or args.dtype}, {args.new_tokens} new tokens after 16)")
     for batch in (1, 8):
         g = bench_generate(args, ours, hf, batch)
         for n, v in g.items():
-            print(f"{n:22} {batch:5d} {v:10.0f} {v / g['transformers']:15.2f}x", flush=True)
+            print(f"{n:28} {batch:5d} {v:10.0f} {v / g['transformers']:15.2f}x", flush=True)
+        print(flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ samples from a checkpoint.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -252,10 +253,15 @@ def sample_text(model, tok: Tokenizer, prompt: str, cfg: DictConfig,
     if room < 1:
         raise UserError(f"the prompt is {max(len(e) for e in encoded)} tokens; the model's "
                         f"context is {model.max_seq_len}")
+    if g.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"generate.dtype must be float32 or bfloat16, got {g.dtype!r}")
     gen = torch.Generator().manual_seed(g.seed)
+    dtype = getattr(torch, g.dtype)
+    if dtype != next(model.parameters()).dtype:  # a copy: the trained weights stay as they are
+        model = copy.deepcopy(model).to(dtype)
     outs = generate(model, encoded, max_new_tokens=min(g.max_new_tokens, room),
                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, eos_id=tok.EOS,
-                    pad_id=tok.PAD, use_cache=g.use_cache, generator=gen)
+                    pad_id=tok.PAD, use_cache=g.use_cache, compile=g.compile, generator=gen)
     texts = [tok.decode(o) for o in outs]
     return texts if prompts is not None else texts[0]
 

@@ -62,6 +62,13 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
                                  f"ckpt={tmp_path}/checkpoints/best.ckpt",
                                  "generate.temperature=0"))
     assert alone["completions"][0] == out["completions"][1]
+    half = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompt=Thy",
+                                f"ckpt={tmp_path}/checkpoints/best.ckpt",
+                                "generate.temperature=0", "generate.dtype=bfloat16"))
+    assert len(half["completions"]) == 1 and half["completions"][0]
+    with pytest.raises(common.UserError, match="generate.dtype must be float32 or bfloat16, got 'fp8'"):
+        lm_task.run(make_cfg(tmp_path, "mode=generate", f"ckpt={tmp_path}/checkpoints/best.ckpt",
+                             "generate.dtype=fp8"))
 
 
 def _weights(path):
@@ -107,7 +114,8 @@ def test_init_from_loads_weights_and_refuses_other_shapes(tmp_path):
 def cli(tmp_path, *args):
     env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
     base = ["model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
-            "trainer.max_steps=2", f"run_dir={tmp_path / 'run'}"]
+            "trainer.max_steps=2", f"run_dir={tmp_path / 'run'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
     return subprocess.run([sys.executable, "-m", "tasks.lm", *base, *args], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=300)
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from modules.generation import filter_logits, generate
+from modules.generation import StaticDecoder, filter_logits, generate
 from modules.lm import CausalLM
-from modules.mha import MultiHeadAttention
+from modules.mha import KVCache, MultiHeadAttention
 from modules.rope import RotaryEmbedding
 from modules.transformer import Transformer
 
@@ -109,6 +109,40 @@ def test_batched_prompts_equal_each_alone():
     s2 = generate(model, prompts[:1], max_new_tokens=8, temperature=1.0, top_k=5, generator=g2,
                   use_cache=False)
     assert s1 == s2
+
+
+def test_compiled_static_decoding_equals_eager():
+    """The compiled step over a static cache gives the eager tokens (padded batch, sampling),
+    and follows the weights when they change after compiling."""
+    model = tiny_lm()
+    prompts = [[7, 8, 9, 10, 11, 12], [3], [40, 41, 42]]
+    eager = generate(model, prompts, max_new_tokens=9)
+    assert generate(model, prompts, max_new_tokens=9, compile=True) == eager
+    (decoder,) = StaticDecoder._built[model].values()
+    assert decoder.cache_len == 64 and all(c.slot is not None for c, _ in decoder.caches)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    kw = dict(max_new_tokens=9, temperature=1.0, top_p=0.9)
+    assert generate(model, prompts, compile=True, generator=g1, **kw) == \
+        generate(model, prompts, generator=g2, **kw)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # frozen weights are now stale
+    flipped = generate(model, prompts, max_new_tokens=9)
+    assert flipped != eager
+    assert generate(model, prompts, max_new_tokens=9, compile=True) == flipped
+    assert StaticDecoder._built[model][(3, 64, "cpu", torch.float32)] is not decoder
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        generate(model, prompts, max_new_tokens=2, compile=True, use_cache=False)
+
+
+def test_static_kv_cache_writes_at_slot():
+    cache = KVCache(1, 2, 8, 4)
+    k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+    cache.slot = torch.tensor([5])
+    full_k, full_v = cache.append(k, v)
+    assert full_k.shape == (1, 2, 8, 4) and cache.length == 0
+    torch.testing.assert_close(full_k[:, :, 5:6], k)
+    torch.testing.assert_close(full_v[:, :, 5:6], v)
+    assert full_k[:, :, :5].abs().sum() == 0 and full_k[:, :, 6:].abs().sum() == 0
 
 
 def test_generation_stops_at_eos():

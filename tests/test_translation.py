@@ -140,7 +140,8 @@ def test_translate_from_stdin_cli(tmp_path):
     env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
     proc = subprocess.run(
         [sys.executable, "-m", "tasks.translation", "mode=translate",
-         f"ckpt={out}/checkpoints/best.ckpt", "input=-", "decode.beam_size=2"],
+         f"ckpt={out}/checkpoints/best.ckpt", "input=-", "decode.beam_size=2",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
         input="God saw the light.\nAnd the evening\n", capture_output=True, text=True,
         cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
