@@ -85,7 +85,8 @@ def main():
     print(f"# torch {torch.__version__}; {name}; {args.dtype}; img {args.img_size}, patch "
           f"{args.patch}, d{args.embed_dim} x {args.depth}, heads {args.heads}, batch "
           f"{args.batch}; {n_params / 1e6:.2f}M params")
-    print(f"{'pass':10} {'model':8} {'ms':>8} {'spread':>7} {'images/s':>9} {'vs timm':>8}")
+    print(f"{'pass':10} {'model':8} {'ms':>8} {'spread':>7} {'images/s':>9} {'vs timm':>8}"
+          f"  {'paired ratio: median [25%, 75%]':>32}")
     for label, make, train in (("train", train_fn, True), ("inference", infer_fn, False)):
         steps = {}
         for n, m in models.items():
@@ -94,16 +95,23 @@ def main():
             for _ in range(args.warmup):
                 steps[n]()
         times = {n: [] for n in steps}
-        for _ in range(args.repeats):
-            for n, s in steps.items():
+        order = list(steps)
+        for i in range(args.repeats):
+            # Alternate which model goes first, so neither always runs on a warmer cache.
+            for n in order if i % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
-                s()
+                steps[n]()
                 times[n].append(time.perf_counter() - t0)
         med = {n: statistics.median(t) for n, t in times.items()}
         for n in steps:
             spread = (max(times[n]) - min(times[n])) / med[n]
+            # Ratio of the two steps run back to back, per repeat: drift of the machine
+            # between repeats cancels out.
+            pairs = sorted(a / b for a, b in zip(times["timm"], times[n]))
+            q1, q2, q3 = statistics.quantiles(pairs, n=4)
             print(f"{label:10} {n:8} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
-                  f"{args.batch / med[n]:9.1f} {med['timm'] / med[n]:7.2f}x", flush=True)
+                  f"{args.batch / med[n]:9.1f} {med['timm'] / med[n]:7.2f}x"
+                  f"  {q2:18.3f}x [{q1:.3f}, {q3:.3f}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ timeout 300 $PY scripts/bench_attention.py --device cuda --dtype bfloat16 \
 log "LM benchmark, bf16 autocast, d1024 x 12 layers, GQA 16:4, seq 1024"
 timeout 240 $PY scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 1024 --depth 12 \
   --heads 16 --kv-heads 4 --mlp 2816 --seq 1024 --batch 8 --vocab 32000 --repeats 15 \
-  --new-tokens 128 2>&1 | tee "$OUT/bench_lm.txt" | tail -n 20
+  --new-tokens 128 --no-compile-generate 2>&1 | tee "$OUT/bench_lm.txt" | tail -n 20
 
 log "lm task on the GPU preset (bf16-mixed, attention auto), 300 steps"
 timeout 300 $PY -m tasks.lm experiment=lm_gpu trainer.max_steps=300 \

@@ -134,6 +134,14 @@ def test_compiled_static_decoding_equals_eager():
         generate(model, prompts, max_new_tokens=2, compile=True, use_cache=False)
 
 
+@pytest.mark.gpu
+def test_compiled_static_decoding_equals_eager_on_cuda():
+    model = tiny_lm().cuda()
+    prompts = [[7, 8, 9, 10, 11, 12], [3], [40, 41, 42]]
+    eager = generate(model, prompts, max_new_tokens=9)
+    assert generate(model, prompts, max_new_tokens=9, compile=True) == eager
+
+
 def test_static_kv_cache_writes_at_slot():
     cache = KVCache(1, 2, 8, 4)
     k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
