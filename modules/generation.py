@@ -15,6 +15,7 @@ generation; the output equals eager decoding.
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 
 import torch
@@ -106,7 +107,9 @@ class StaticDecoder:
         # Fresh contiguous inputs: slices of the token buffer would change strides (guards).
         tokens = tokens.clone(memory_format=torch.contiguous_format)
         positions = positions.clone(memory_format=torch.contiguous_format)
-        with torch._inductor.config.patch(self._inductor_options):
+        with torch._inductor.config.patch(self._inductor_options), warnings.catch_warnings():
+            # Inductor's generated code touches TypedStorage while compiling; not ours to fix.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
             return self._step(tokens, positions, mask)
 
 
