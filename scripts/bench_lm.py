@@ -79,10 +79,12 @@ def bench_train(args, ours, hf, dt):
             steps[name]()
         print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     times = {n: [] for n in steps}
-    for _ in range(args.repeats):
-        for n, s in steps.items():
+    order = list(steps)
+    for i in range(args.repeats):
+        # Alternate the order, so no variant always runs right after the same other one.
+        for n in order if i % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            s()
+            steps[n]()
             times[n].append(time.perf_counter() - t0)
     n_params = sum(p.numel() for p in ours.parameters()) - ours.embed.weight.numel()
     head_dim = args.embed_dim // args.heads
@@ -90,6 +92,8 @@ def bench_train(args, ours, hf, dt):
     tokens = args.batch * args.seq
     return {n: dict(ms=statistics.median(t) * 1e3,
                     spread=(max(t) - min(t)) / statistics.median(t),
+                    # ratio of back-to-back steps, per repeat: machine drift cancels out
+                    paired=statistics.median(a / b for a, b in zip(times["transformers"], t)),
                     tok_s=tokens / statistics.median(t),
                     tflops=flops_tok * tokens / statistics.median(t) / 1e12)
             for n, t in times.items()}
@@ -135,10 +139,11 @@ def bench_generate(args, ours, hf, batch):
         assert run_ours(compile=True) == run_ours() or dt != torch.float32, \
             "compiled decoding differs from eager"
     times = {n: [] for n in fns}
-    for _ in range(max(3, args.repeats // 2)):
-        for n, f in fns.items():
+    order = list(fns)
+    for i in range(max(4, args.repeats // 2)):
+        for n in order if i % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            f()
+            fns[n]()
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[n].append(time.perf_counter() - t0)
@@ -183,10 +188,11 @@ def main():
         res = bench_train(args, ours, hf, dt)
         base = res["transformers"]["tok_s"]
         print(f"\n{'training':28} {'ms/step':>9} {'spread':>7} {'tokens/s':>10} {'MFU':>6} "
-              f"{'vs transformers':>16}")
+              f"{'vs transformers':>16} {'paired':>7}")
         for n, r in res.items():
             print(f"{n:28} {r['ms']:9.1f} {100 * r['spread']:6.0f}% {r['tok_s']:10.0f} "
-                  f"{100 * r['tflops'] / peak:5.0f}% {r['tok_s'] / base:15.2f}x")
+                  f"{100 * r['tflops'] / peak:5.0f}% {r['tok_s'] / base:15.2f}x "
+                  f"{r['paired']:6.2f}x")
     if args.skip_generate:
         return
     print(f"\n{'generation (greedy)':28} {'batch':>5} {'tokens/s':>10} {'vs transformers':>16}"
