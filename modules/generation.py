@@ -59,7 +59,9 @@ class StaticDecoder:
     _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, model, batch: int, cache_len: int, device, dtype):
-        self.model, self.cache_len = model, cache_len
+        # A weak reference: decoders are kept per model in a WeakKeyDictionary, and a strong
+        # one would keep every model that ever decoded with compile=True alive.
+        self._model, self.cache_len = weakref.ref(model), cache_len
         self.caches = model.new_caches(batch, cache_len, device=device, dtype=dtype)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.versions = _param_versions(model)
@@ -79,7 +81,7 @@ class StaticDecoder:
         self._step = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False)
 
     def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        return self.model(tokens, mask=mask, caches=self.caches, positions=positions)[:, -1]
+        return self._model()(tokens, mask=mask, caches=self.caches, positions=positions)[:, -1]
 
     @classmethod
     def for_model(cls, model, batch: int, total: int, device) -> StaticDecoder:

@@ -1,5 +1,8 @@
 """RoPE, KV caches and the Llama-style LM against independent references."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -132,6 +135,11 @@ def test_compiled_static_decoding_equals_eager():
     assert StaticDecoder._built[model][(3, 64, "cpu", torch.float32)] is not decoder
     with pytest.raises(ValueError, match="needs use_cache=True"):
         generate(model, prompts, max_new_tokens=2, compile=True, use_cache=False)
+    # Decoders are kept per model, weakly: the model can still be freed.
+    ref = weakref.ref(model)
+    del model, decoder
+    gc.collect()
+    assert ref() is None
 
 
 @pytest.mark.gpu
