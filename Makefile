@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m ruff check modules tasks data scripts tests
 	$(PY) -m pytest
+	$(PY) -m pytest -m slow
 
 test-all: setup
 	$(PY) -m pytest -m "not gpu" --timeout=1800

@@ -126,14 +126,20 @@ def split_indices(n: int, fractions, seed: int) -> dict[str, list[int]]:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+    """(image, label) pairs, or (image, label, index) with ``with_index`` (evaluation: the
+    index says which image a prediction belongs to, whichever rank made it)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform,
+                 with_index: bool = False):
         self.images, self.labels, self.transform = images, labels, transform
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i):
-        return self.transform(self.images[i]), self.labels[i]
+        item = (self.transform(self.images[i]), self.labels[i])
+        return item + (i,) if self.with_index else item
 
 
 def build_transforms(aug, mean: list[float], std: list[float], img_size: int, train: bool):

@@ -2,8 +2,14 @@
 
 Lightning saves the state of a DataLoader that has ``state_dict``/``load_state_dict``; we
 keep the epoch and the number of batches already consumed, so a resumed run continues at
-the exact next batch. Under DDP every rank draws the same seeded permutation and takes its
-own slice of each global batch, so no DistributedSampler is needed.
+the exact next batch. Under DDP every rank draws the same seeded permutation, so no
+DistributedSampler is needed:
+
+- training (``drop_last=True``): each rank takes its slice of every global batch of
+  ``batch_size * world`` items, so all ranks run the same number of steps;
+- evaluation (``drop_last=False``): each rank takes every world-th item (``order[rank::world]``)
+  in batches, so every item is seen exactly once, no rank is left without a batch (given at
+  least ``world`` items), and ranks differ by at most one batch.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class SeededBatchSampler(Sampler[list[int]]):
         batch_size: per-rank batch size.
         seed: base seed.
         shuffle: False gives the dataset order (validation).
+        drop_last: True for training (equal steps on every rank, a partial last global
+            batch dropped); False for evaluation (every item once).
     """
 
     def __init__(self, dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
@@ -47,20 +55,25 @@ class SeededBatchSampler(Sampler[list[int]]):
         return torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
 
     def __len__(self) -> int:
-        _, world = _rank_world()
-        per_step = self.batch_size * world
+        rank, world = _rank_world()
         n = len(self.dataset)
-        return n // per_step if self.drop_last else -(-n // per_step)
+        if self.drop_last:
+            return n // (self.batch_size * world)
+        shard = len(range(rank, n, world))
+        return -(-shard // self.batch_size)
 
     def __iter__(self):
         rank, world = _rank_world()
         order = self._order().tolist()
-        per_step = self.batch_size * world
-        for b in range(self.skip, len(self)):
-            global_batch = order[b * per_step:(b + 1) * per_step]
-            mine = global_batch[rank * self.batch_size:(rank + 1) * self.batch_size]
-            if mine:
-                yield mine
+        if self.drop_last:
+            per_step = self.batch_size * world
+            for b in range(self.skip, len(self)):
+                start = b * per_step + rank * self.batch_size
+                yield order[start:start + self.batch_size]
+        else:
+            shard = order[rank::world]
+            for b in range(self.skip, len(self)):
+                yield shard[b * self.batch_size:(b + 1) * self.batch_size]
         self.skip = 0
 
 

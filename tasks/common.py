@@ -267,6 +267,15 @@ def _fmt(v):
     return str(v)
 
 
+def gather_to_all(items: list) -> list:
+    """Concatenate a list held by every DDP rank (the list itself when not distributed)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
 def finish(out: Path, results: dict, title: str) -> dict:
     """Write results.json and print a short summary (rank zero only)."""
     if not is_rank_zero():

@@ -84,7 +84,8 @@ def make_loader(src, tgt, max_tokens: int, *, seed: int, train: bool, num_worker
     lengths = [max(len(s), len(t)) for s, t in zip(src, tgt)]
     batches = token_batches(lengths, max_tokens, seed=seed if train else None)
     ds = PairBatches(src, tgt, batches)
-    sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=False)
+    # drop_last only matters under DDP: ranks then take equal numbers of training batches.
+    sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=train)
     return ResumableLoader(ds, sampler, collate_fn=lambda items: items[0],
                            num_workers=num_workers)
 

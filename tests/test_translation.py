@@ -146,3 +146,23 @@ def test_translate_from_stdin_cli(tmp_path):
         cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(proc.stdout.strip().splitlines()) >= 2
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_and_score_once(tmp_path):
+    """Two CPU processes take equal numbers of training batches (no rank waits on another)
+    and write one run directory, scored once on the whole test split."""
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.translation", "trainer=ddp", "model=seq2seq_tiny",
+         f"data.train_file={FIXTURE}", "data.vocab_size=400", "data.dev_size=20",
+         "data.test_size=20", "data.max_tokens=512", "trainer.max_steps=8",
+         "trainer.val_check_interval=4", "scheduler.warmup_steps=2", "decode.batch_size=8",
+         "decode.max_len_a=1.0", "decode.max_len_b=5", f"run_dir={out}",
+         f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 8
+    assert len((out / "test.hyp").read_text().splitlines()) == 20

@@ -121,3 +121,27 @@ def test_timm_state_dict_as_init_from(tmp_path, image_folder):
     res = vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={tmp_path}/timm.pth",
                                 "trainer.max_steps=2"))
     assert res["init_from"]["missing"] == ["head.bias", "head.weight"]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_test_every_image_once(tmp_path, image_folder):
+    """Two CPU processes: one run directory, and the test metrics cover the whole test split
+    (each rank tests a share; the confusion matrix and mistakes are combined)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.vit", "trainer=ddp", "model=vit_tiny", "model.patch_size=4",
+         f"data.root={image_folder}", "data.img_size=16", "data.batch_size=16",
+         "trainer.max_steps=2", "trainer.val_check_interval=2", "scheduler.warmup_steps=1",
+         f"run_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    cm = torch.tensor(res["test_confusion"])
+    assert cm.sum() == res["test"] == len(json.loads((out / "split.json").read_text())["test"])
+    assert res["test_acc"] == pytest.approx(float(cm.trace() / cm.sum()), abs=1e-6)
+    assert res["steps"] == 2 and (out / "confusion.png").is_file()
+    assert (out / "misclassified.png").is_file() == bool(cm.sum() > cm.trace())
