@@ -6,7 +6,8 @@ measured side by side in one process (see the README's table).
     python scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 1024 --depth 16
 
 Training: tokens/s and MFU (6N + 12 L H D T FLOPs per token, against the fp32/bf16 matmul
-peak measured in the same run), both models with the same AdamW, steps interleaved.
+peak measured in the same run), both models with the same fused AdamW (the tasks' default),
+steps interleaved; --compile adds both with forward + loss compiled.
 Generation: new tokens/s with the KV cache at batch 1 and 8 vs ``generate()``: eager, and
 compiled on both sides (ours: ``generate(compile=True)``, a compiled step over a static
 cache; transformers: ``cache_implementation="static"`` with a compiled forward). First
@@ -16,6 +17,7 @@ calls, which compile, are timed separately and excluded.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -48,12 +50,18 @@ def build(args):
     return ours.to(args.device), hf.to(args.device), dt
 
 
-def train_step_fn(model, opt, x, y, is_hf, autocast_dtype, device):
+def train_step_fn(model, opt, x, y, is_hf, autocast_dtype, device, compile=False):
+    def forward_loss(x, y):
+        logits = model(x).logits if is_hf else model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    # As the lm task's compile=true does: forward and loss in one compiled graph.
+    loss_fn = torch.compile(forward_loss) if compile else forward_loss
+
     def step():
         with torch.autocast(device_type="cuda" if device == "cuda" else "cpu",
                             dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            logits = model(x).logits if is_hf else model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            loss = loss_fn(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -65,15 +73,18 @@ def train_step_fn(model, opt, x, y, is_hf, autocast_dtype, device):
 def bench_train(args, ours, hf, dt):
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     x, y = x[:, :-1], x[:, 1:]
-    variants = {"attnkit": (ours, False), "transformers": (hf, True)}
+    variants = {"attnkit": (ours, False, False), "transformers": (hf, True, False)}
     if args.compile:
-        variants["attnkit+compile"] = (torch.compile(ours), False)
-        variants["transformers+compile"] = (torch.compile(hf), True)
+        variants["attnkit+compile"] = (ours, False, True)
+        variants["transformers+compile"] = (hf, True, True)
     steps = {}
-    for name, (m, is_hf) in variants.items():
-        base = m._orig_mod if hasattr(m, "_orig_mod") else m
-        opt = torch.optim.AdamW(base.parameters(), lr=1e-4, weight_decay=0.1)
-        steps[name] = train_step_fn(m, opt, x, y, is_hf, dt, args.device)
+    for name, (m, is_hf, compile) in variants.items():
+        if compile:  # its own copy of the weights and optimizer state
+            m = copy.deepcopy(m)
+        # The optimizer the tasks use (conf/optimizer/adamw.yaml), the same for both.
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1,
+                                fused=not args.no_fused)
+        steps[name] = train_step_fn(m, opt, x, y, is_hf, dt, args.device, compile)
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             steps[name]()
@@ -167,7 +178,9 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="add torch.compile'd training")
+    p.add_argument("--compile", action="store_true",
+                   help="add training with forward + loss compiled, on both sides")
+    p.add_argument("--no-fused", action="store_true", help="AdamW without fused=True")
     p.add_argument("--no-compile-generate", dest="compile_generate", action="store_false",
                    help="skip the compiled generation variants (a minute or two of compiling)")
     p.add_argument("--gen-dtype", default=None, help="dtype for generation (default --dtype)")

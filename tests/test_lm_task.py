@@ -183,3 +183,24 @@ def test_ddp_two_processes_share_one_run_dir(tmp_path):
     res = json.loads((out / "run" / "results.json").read_text())
     assert res["steps"] == 6
     assert "world_size=2" in proc.stdout + proc.stderr or "GLOBAL_RANK: 1" in proc.stdout + proc.stderr
+
+
+def test_compiled_forward_and_loss_match_eager(tmp_path):
+    """compile=true compiles forward + cross entropy as one graph: same loss and gradients."""
+    cfg = make_cfg(tmp_path)
+    model_cfg = lm_task.model_config(cfg, 97)
+    eager = lm_task.LMModule(model_cfg=model_cfg)
+    compiled = lm_task.LMModule(model_cfg=model_cfg, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    batch = torch.randint(0, 97, (3, 17))
+    batch[0, -4:] = -1  # padding targets are ignored
+    losses = []
+    for m in (eager, compiled):
+        loss, count = m._loss(batch)
+        loss.backward()
+        losses.append((loss, count, m.model.embed.weight.grad))
+        total, _ = m._loss(batch, reduction="sum")
+        torch.testing.assert_close(total / count, loss.detach())
+    torch.testing.assert_close(losses[1][0], losses[0][0])
+    assert losses[1][1] == losses[0][1] == 3 * 16 - 4
+    torch.testing.assert_close(losses[1][2], losses[0][2], rtol=1e-4, atol=1e-6)
