@@ -12,6 +12,7 @@ ratios are taken within the run. Peak memory: each (variant, case) in a fresh su
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from modules.attention import attend, attention_flops, resolve_backend  # noqa: E402
+from scripts.timing import interleaved  # noqa: E402
 
 CASES = {  # name: (causal, key padding, kv heads divisor)
     "plain": (False, False, 1),
@@ -101,13 +103,8 @@ def time_case(case, L, args, backward):
     for n in names:
         for _ in range(args.warmup):
             run_once(VARIANTS[n], inputs, backward)
-    times = {n: [] for n in names}
-    for rep in range(args.repeats):
-        # Rotate the order each round so no variant always runs right after another.
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
-            t0 = time.perf_counter()
-            run_once(VARIANTS[n], inputs, backward)
-            times[n].append(time.perf_counter() - t0)
+    times = interleaved({n: functools.partial(run_once, VARIANTS[n], inputs, backward)
+                         for n in names}, args.repeats)
     causal, _, div = CASES[case]
     flops = attention_flops(batch, args.heads, L, L, args.head_dim, causal=causal,
                             backward=backward)

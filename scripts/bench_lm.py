@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from modules.generation import generate  # noqa: E402
 from modules.lm import CausalLM  # noqa: E402
 from scripts.bench_attention import matmul_peak  # noqa: E402
+from scripts.timing import interleaved  # noqa: E402
 
 
 def build(args):
@@ -89,14 +90,7 @@ def bench_train(args, ours, hf, dt):
         for _ in range(args.warmup):
             steps[name]()
         print(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    times = {n: [] for n in steps}
-    order = list(steps)
-    for i in range(args.repeats):
-        # Alternate the order, so no variant always runs right after the same other one.
-        for n in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t0)
+    times = interleaved(steps, args.repeats)
     n_params = sum(p.numel() for p in ours.parameters()) - ours.embed.weight.numel()
     head_dim = args.embed_dim // args.heads
     flops_tok = 6 * n_params + 12 * args.depth * args.heads * head_dim * args.seq
@@ -149,15 +143,14 @@ def bench_generate(args, ours, hf, batch):
     if args.compile_generate:
         assert run_ours(compile=True) == run_ours() or dt != torch.float32, \
             "compiled decoding differs from eager"
-    times = {n: [] for n in fns}
-    order = list(fns)
-    for i in range(max(4, args.repeats // 2)):
-        for n in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fns[n]()
+    def synced(f):
+        def run():
+            f()
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            times[n].append(time.perf_counter() - t0)
+        return run
+
+    times = interleaved({n: synced(f) for n, f in fns.items()}, max(4, args.repeats // 2))
     ours.to(torch.float32)
     hf.to(torch.float32)
     return {n: batch * new / statistics.median(t) for n, t in times.items()}

@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from modules.seq2seq import Seq2SeqTransformer  # noqa: E402
+from scripts.timing import interleaved  # noqa: E402
 
 
 class TorchSeq2Seq(nn.Module):
@@ -102,13 +102,7 @@ def main():
     for s in steps.values():
         for _ in range(args.warmup):
             s()
-    times = {n: [] for n in steps}
-    names = list(steps)
-    for rep in range(args.repeats):
-        for n in names[rep % 2:] + names[:rep % 2]:
-            t0 = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t0)
+    times = interleaved(steps, args.repeats)
     tokens = int((src != 0).sum() + args.batch * args.tgt_len)
     name = torch.cuda.get_device_name() if dev == "cuda" else \
         f"CPU {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
@@ -126,19 +120,19 @@ def main():
 
     ours.eval()
     dsrc = src[:args.decode_batch]
-    res = {}
-    for cached in (True, False):
-        def fn(cached=cached):
-            return ours.beam_search(dsrc, beam_size=args.beam, max_len_a=1.0, max_len_b=4,
-                                    use_cache=cached)
-        fn()
-        t = []
-        for _ in range(max(3, args.repeats // 3)):
-            t0 = time.perf_counter()
+
+    def decode(cached):
+        def run():
             with torch.autocast(**ac):
-                fn()
-            t.append(time.perf_counter() - t0)
-        res[cached] = len(dsrc) / statistics.median(t)
+                ours.beam_search(dsrc, beam_size=args.beam, max_len_a=1.0, max_len_b=4,
+                                 use_cache=cached)
+        return run
+
+    fns = {cached: decode(cached) for cached in (True, False)}
+    for f in fns.values():
+        f()
+    times = interleaved(fns, max(3, args.repeats // 3))
+    res = {cached: len(dsrc) / statistics.median(t) for cached, t in times.items()}
     print(f"\nbeam search (beam {args.beam}, {len(dsrc)} sentences, up to src_len + 4 tokens)")
     print(f"  with caches:    {res[True]:8.1f} sentences/s ({res[True] / res[False]:.2f}x)")
     print(f"  recompute:      {res[False]:8.1f} sentences/s")

@@ -12,7 +12,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from modules.vit import VisionTransformer  # noqa: E402
+from scripts.timing import interleaved  # noqa: E402
 
 
 def main():
@@ -94,14 +94,7 @@ def main():
             steps[n] = make(m)
             for _ in range(args.warmup):
                 steps[n]()
-        times = {n: [] for n in steps}
-        order = list(steps)
-        for i in range(args.repeats):
-            # Alternate which model goes first, so neither always runs on a warmer cache.
-            for n in order if i % 2 == 0 else order[::-1]:
-                t0 = time.perf_counter()
-                steps[n]()
-                times[n].append(time.perf_counter() - t0)
+        times = interleaved(steps, args.repeats)
         med = {n: statistics.median(t) for n, t in times.items()}
         for n in steps:
             spread = (max(times[n]) - min(times[n])) / med[n]
