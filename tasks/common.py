@@ -327,12 +327,26 @@ def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
+def _clipping_under_mixed_precision(trainer) -> bool:
+    """Lightning's mixed-precision plugin refuses to clip gradients for an optimizer that
+    unscales them itself (a fused one), even in bf16, where nothing is scaled."""
+    if trainer is None or not trainer.gradient_clip_val:
+        return False
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    return isinstance(trainer.precision_plugin, MixedPrecision)
+
+
 def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg,
-                           total_steps: int):
-    """Optimizer and per-step scheduler from ``_partial_`` Hydra configs."""
+                           total_steps: int, trainer=None):
+    """Optimizer and per-step scheduler from ``_partial_`` Hydra configs. ``fused: true`` turns
+    into ``foreach`` (multi-tensor) where the trainer clips gradients under mixed precision."""
     from hydra.utils import instantiate
     opt_cfg = OmegaConf.to_container(optimizer_cfg, resolve=True)
     wd = opt_cfg.pop("weight_decay", 0.0)
+    if opt_cfg.get("fused") and _clipping_under_mixed_precision(trainer):
+        opt_cfg["fused"], opt_cfg["foreach"] = None, True
+        log.info("optimizer: foreach instead of fused (gradient clipping under %s)",
+                 trainer.precision)
     if opt_cfg.get("fused") is None:
         opt_cfg.pop("fused", None)
     optimizer = instantiate(opt_cfg)(decay_groups(module, wd))

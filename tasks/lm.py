@@ -165,7 +165,7 @@ class LMModule(L.LightningModule):
 
     def configure_optimizers(self):
         return common.configure_optimization(self.model, self.optimizer_cfg, self.scheduler_cfg,
-                                             self.total_steps)
+                                             self.total_steps, trainer=self.trainer)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint[CKPT_KEY] = {"task": TASK, "model": self.model_cfg,

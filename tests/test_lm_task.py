@@ -2,6 +2,7 @@
 init-from, exact resume, and the one-line errors for bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,6 +70,14 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
     with pytest.raises(common.UserError, match="generate.dtype must be float32 or bfloat16, got 'fp8'"):
         lm_task.run(make_cfg(tmp_path, "mode=generate", f"ckpt={tmp_path}/checkpoints/best.ckpt",
                              "generate.dtype=fp8"))
+
+
+def test_mixed_precision_with_clipping_and_fused_adamw_trains(tmp_path):
+    # Lightning refuses to clip gradients of a fused optimizer under its mixed-precision
+    # plugin; the GPU preset (bf16-mixed, clipping, fused AdamW) must still train.
+    res = lm_task.run(make_cfg(tmp_path, "trainer.precision=bf16-mixed", "trainer.max_steps=2",
+                               "trainer.val_check_interval=2", "generate.max_new_tokens=2"))
+    assert res["steps"] == 2 and math.isfinite(res["val_loss"])
 
 
 def _weights(path):
