@@ -10,7 +10,10 @@ for cached decoding, boolean masks, and three interchangeable kernels:
   fused flash / memory-efficient / cuDNN kernels on GPU and a flash kernel on CPU.
 - ``flash``: the flash-attn package (FlashAttention-2 ``flash_attn`` or FlashAttention-4
   ``flash_attn.cute``), imported lazily; CUDA with fp16/bf16 only.
-- ``auto``:  ``flash`` where the call can run on it, else ``sdpa``.
+- ``auto``:  ``flash`` where the call can run on it and the installed kernels are
+  FlashAttention-2, else ``sdpa``. FlashAttention-4 (``flash_attn.cute``, a beta) runs only
+  when asked for by name: on an H200 it measured slower than torch's SDPA for most shapes
+  (its per-call launch cost is high), so choosing it silently would make ``auto`` slower.
 
 Shape legend used throughout:
     B batch, H query heads, Hk key/value heads (H % Hk == 0), Lq query length,
@@ -130,23 +133,33 @@ def attend_sdpa(q, k, v, *, mask=None, causal=False, dropout_p=0.0, scale=None) 
     return out * has_any
 
 
-@functools.lru_cache(maxsize=1)
-def _load_flash() -> tuple[Callable, Callable, bool] | str:
-    """The flash-attn kernels, or why they cannot be imported. Cached either way: a failed
-    import is not remembered by Python, and retrying it on every call costs milliseconds."""
-    errors = []
-    for name, dropout in (("flash_attn", True), ("flash_attn.cute", False)):
-        try:
-            mod = importlib.import_module(name)
-            return mod.flash_attn_func, mod.flash_attn_varlen_func, dropout
-        except Exception as exc:  # ImportError, or a CUDA library that fails to load
-            errors.append(f"{name}: {type(exc).__name__}: {exc}")
-    return "; ".join(errors)
+# (flash_attn_func, flash_attn_varlen_func, supports dropout, used by auto), or why the
+# import failed.
+_FLASH: tuple[Callable, Callable, bool, bool] | str | None = None
 
 
-def _flash_module() -> tuple[Callable, Callable, bool]:
-    """(flash_attn_func, flash_attn_varlen_func, supports_dropout) from the flash-attn
-    package: FlashAttention-2 first, then FlashAttention-4 (``flash_attn.cute``)."""
+def _load_flash() -> tuple[Callable, Callable, bool, bool] | str:
+    """The flash-attn kernels, or why they cannot be imported. Kept in a module global either
+    way: a failed import is not remembered by Python, and retrying it on every call costs
+    milliseconds. (A global, not functools.lru_cache: torch.compile reads a global as a
+    constant but traces through an lru_cache wrapper into the import machinery.)"""
+    global _FLASH
+    if _FLASH is None:
+        errors = []
+        for name, fa2 in (("flash_attn", True), ("flash_attn.cute", False)):
+            try:
+                mod = importlib.import_module(name)
+                _FLASH = mod.flash_attn_func, mod.flash_attn_varlen_func, fa2, fa2
+                return _FLASH
+            except Exception as exc:  # ImportError, or a CUDA library that fails to load
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        _FLASH = "; ".join(errors)
+    return _FLASH
+
+
+def _flash_module() -> tuple[Callable, Callable, bool, bool]:
+    """(flash_attn_func, flash_attn_varlen_func, supports_dropout, used_by_auto) from the
+    flash-attn package: FlashAttention-2 first, then FlashAttention-4 (``flash_attn.cute``)."""
     loaded = _load_flash()
     if isinstance(loaded, str):
         raise ImportError(loaded)
@@ -163,6 +176,25 @@ def flash_available() -> bool:
     return True
 
 
+# FlashAttention-4 (flash_attn.cute 4.0 beta, CuTe DSL 4.4) on an H200 (sm90), checked with
+# scripts/flash_check.py: head_dim 64, 96 and 128 match the float64 reference in outputs and
+# gradients; 80 returns wrong q/k/v gradients (relative error ~1) and 48 fails to compile its
+# backward. Only the checked sizes are let through.
+FA4_HEAD_DIMS = (64, 96, 128)
+
+
+def flash_head_dim_reason(head_dim: int, fa2: bool) -> str | None:
+    """Why the installed flash kernels cannot take this head dim, or None."""
+    if fa2:
+        if head_dim % 8 or head_dim > 256:
+            return f"flash attention needs head_dim a multiple of 8 and <= 256, got {head_dim}"
+    elif head_dim not in FA4_HEAD_DIMS:
+        return (f"FlashAttention-4 (flash_attn.cute) is used here only for head_dim in "
+                f"{FA4_HEAD_DIMS}, the sizes whose gradients were verified; got {head_dim} "
+                f"(use backend=sdpa, or install FlashAttention-2)")
+    return None
+
+
 def flash_unsupported_reason(q: Tensor, mask: Tensor | None, causal: bool,
                              dropout_p: float) -> str | None:
     """Why the flash backend cannot run this call, or None if it can."""
@@ -170,27 +202,29 @@ def flash_unsupported_reason(q: Tensor, mask: Tensor | None, causal: bool,
         return f"flash attention needs CUDA tensors, got device {q.device}"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"flash attention needs float16 or bfloat16, got {q.dtype}"
-    if q.shape[-1] % 8 or q.shape[-1] > 256:
-        return f"flash attention needs head_dim a multiple of 8 and <= 256, got {q.shape[-1]}"
     if mask is not None and mask.dim() != 2:
         return "flash attention takes only a (batch, kv_len) key padding mask, not a full mask"
     if mask is not None and causal:
         return "flash attention cannot combine a key padding mask with causal masking exactly"
     try:
-        _, _, dropout_ok = _flash_module()
+        _, _, dropout_ok, fa2 = _flash_module()
     except ImportError as exc:
         return f"the flash-attn package is not importable ({exc}); pip install 'attnkit[gpu]'"
+    reason = flash_head_dim_reason(q.shape[-1], fa2)
+    if reason is not None:
+        return reason
     if dropout_p > 0.0 and not dropout_ok:
         return "FlashAttention-4 has no attention dropout; set attn_drop=0 or use backend=sdpa"
     return None
 
 
+@torch.compiler.disable  # flash-attn's kernels are opaque to torch.compile: run them eagerly
 def attend_flash(q, k, v, *, mask=None, causal=False, dropout_p=0.0, scale=None) -> Tensor:
     """flash-attn kernels; flash-attn's layout is (B, L, H, D), so we pass transposed views."""
     reason = flash_unsupported_reason(q, mask, causal, dropout_p)
     if reason is not None:
         raise ValueError(reason)
-    func, varlen_func, dropout_ok = _flash_module()
+    func, varlen_func, dropout_ok, _ = _flash_module()
     extra = {"dropout_p": dropout_p} if dropout_ok else {}
     q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
     if mask is None:
@@ -212,7 +246,9 @@ def attend_flash(q, k, v, *, mask=None, causal=False, dropout_p=0.0, scale=None)
     )
     out = out[0] if isinstance(out, tuple) else out
     out = out.reshape(B, Lq, H, D).transpose(1, 2)
-    return out * (seqlens_k > 0).to(out.dtype)[:, None, None, None]
+    # A sequence with no keys: the kernel's rows are undefined (possibly NaN); masked_fill
+    # (not a multiply, which keeps NaN) makes them zeros and stops their gradient.
+    return out.masked_fill((seqlens_k == 0)[:, None, None, None], 0.0)
 
 
 _KERNELS = {"math": attend_math, "sdpa": attend_sdpa, "flash": attend_flash}
@@ -223,6 +259,8 @@ def check_backend(backend: str) -> str:
     """Validate a backend name at construction; 'flash' must be usable on this machine."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and torch.cuda.is_available():
+        _load_flash()  # settle the import now, outside any compiled region
     if backend == "flash":
         if not torch.cuda.is_available():
             raise ValueError("attention backend 'flash' needs a CUDA GPU; none is visible "
@@ -241,9 +279,11 @@ def resolve_backend(backend: str, q: Tensor, mask: Tensor | None = None, causal:
     if backend != "auto":
         return backend
     # The cached import outcome is checked first: this runs on every call.
-    if q.is_cuda and not isinstance(_load_flash(), str) and \
-            flash_unsupported_reason(q, mask, causal, dropout_p) is None:
-        return "flash"
+    if q.is_cuda:
+        loaded = _load_flash()
+        if not isinstance(loaded, str) and loaded[3] and \
+                flash_unsupported_reason(q, mask, causal, dropout_p) is None:
+            return "flash"
     return "sdpa"
 
 
@@ -297,5 +337,6 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
 
 
 __all__ = ["attend", "attend_math", "attend_sdpa", "attend_flash", "check_backend",
+           "flash_head_dim_reason",
            "resolve_backend", "flash_available", "causal_mask", "combine_masks",
            "attention_flops", "BACKENDS"]
