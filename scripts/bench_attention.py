@@ -5,7 +5,10 @@ softmax(QK^T)V, measured side by side in one process (see the README's table).
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --lengths 1024 4096 16384
 
 Variants are interleaved (A B C, B C A, C A B, ...), medians over --repeats after warm-up, and
-ratios are taken within the run. Peak memory: each (variant, case) in a fresh subprocess
+ratios are taken within the run. On a GPU a sample is enough back-to-back calls for about
+20 ms with one synchronisation at the end (launches overlap kernels, as in training); on the
+CPU a sample is one call. Where the flash-attn package is installed, the explicit backend that
+auto did not pick is timed too ("attend[flash]" or "attend[sdpa]"). Peak memory: each (variant, case) in a fresh subprocess
 (CPU: peak RSS above an idle process; CUDA: max allocated).
 """
 
@@ -27,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from modules.attention import attend, attention_flops, resolve_backend  # noqa: E402
+from modules.attention import (  # noqa: E402
+    attend,
+    attention_flops,
+    flash_unsupported_reason,
+    resolve_backend,
+)
 from scripts.timing import interleaved  # noqa: E402
 
 CASES = {  # name: (causal, key padding, kv heads divisor)
@@ -61,7 +69,16 @@ def ours(q, k, v, mask, causal):
     return attend(q, k, v, mask=mask, causal=causal, backend="auto")
 
 
-VARIANTS = {"attend": ours, "sdpa": direct_sdpa, "naive": naive}
+def ours_sdpa(q, k, v, mask, causal):
+    return attend(q, k, v, mask=mask, causal=causal, backend="sdpa")
+
+
+def ours_flash(q, k, v, mask, causal):
+    return attend(q, k, v, mask=mask, causal=causal, backend="flash")
+
+
+VARIANTS = {"attend": ours, "attend[sdpa]": ours_sdpa, "attend[flash]": ours_flash,
+            "sdpa": direct_sdpa, "naive": naive}
 
 
 def make_inputs(case, L, batch, heads, head_dim, device, dtype, grad):
@@ -77,15 +94,27 @@ def make_inputs(case, L, batch, heads, head_dim, device, dtype, grad):
     return q, k, v, mask, causal
 
 
-def run_once(fn, inputs, backward):
+def run_once(fn, inputs, backward, n=1):
+    """n calls back to back, then one GPU synchronisation: on a GPU the launches of the next
+    call overlap the kernels of the last, as in training, so a sample measures throughput."""
     q, k, v, mask, causal = inputs
-    out = fn(q, k, v, mask, causal)
-    if backward:
-        out.backward(torch.ones_like(out))
-        for t in (q, k, v):
-            t.grad = None
+    for _ in range(n):
+        out = fn(q, k, v, mask, causal)
+        if backward:
+            out.backward(torch.ones_like(out))
+            for t in (q, k, v):
+                t.grad = None
     if q.is_cuda:
         torch.cuda.synchronize()
+
+
+def calls_per_sample(fn, inputs, backward) -> int:
+    """1 on the CPU; on a GPU enough calls for a sample of about 20 ms."""
+    if not inputs[0].is_cuda:
+        return 1
+    t0 = time.perf_counter()
+    run_once(fn, inputs, backward, 3)
+    return max(1, min(500, round(0.02 / ((time.perf_counter() - t0) / 3))))
 
 
 def naive_fits(L, batch, heads, device) -> bool:
@@ -100,11 +129,20 @@ def time_case(case, L, args, backward):
     inputs = make_inputs(case, L, batch, args.heads, args.head_dim, args.device,
                          getattr(torch, args.dtype), backward)
     names = [n for n in VARIANTS if n != "naive" or naive_fits(L, batch, args.heads, args.device)]
+    auto = resolve_backend("auto", inputs[0], inputs[3], inputs[4])
+    # The explicit variant that auto did not pick, where it can run: the wrapper alone over
+    # SDPA when auto picks flash, the flash kernels when auto keeps SDPA.
+    if auto == "sdpa":
+        names.remove("attend[sdpa]")
+    if auto == "flash" or flash_unsupported_reason(inputs[0], inputs[3], inputs[4], 0.0):
+        names.remove("attend[flash]")
     for n in names:
         for _ in range(args.warmup):
             run_once(VARIANTS[n], inputs, backward)
-    times = interleaved({n: functools.partial(run_once, VARIANTS[n], inputs, backward)
+    n_calls = calls_per_sample(VARIANTS["sdpa"], inputs, backward)
+    times = interleaved({n: functools.partial(run_once, VARIANTS[n], inputs, backward, n_calls)
                          for n in names}, args.repeats)
+    times = {n: [t / n_calls for t in ts] for n, ts in times.items()}
     causal, _, div = CASES[case]
     flops = attention_flops(batch, args.heads, L, L, args.head_dim, causal=causal,
                             backward=backward)
@@ -163,7 +201,8 @@ def peak_memory(variant, case, L, args) -> float:
     return peak / 2**20
 
 
-def matmul_peak(device, dtype, n=2048, reps=20) -> float:
+def matmul_peak(device, dtype, n=None, reps=20) -> float:
+    n = n or (8192 if device == "cuda" else 2048)  # a GPU needs a large product to fill
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
@@ -207,7 +246,7 @@ def main():
     print(f"# torch {torch.__version__}; {dev}; {args.dtype}; heads {args.heads}, head_dim "
           f"{args.head_dim}; matmul peak {peak:.0f} GFLOP/s")
     rows = []
-    print(f"{'case':8} {'pass':8} {'L':>6} {'B':>3} {'variant':8} {'kernel':7} {'ms':>9} "
+    print(f"{'case':8} {'pass':8} {'L':>6} {'B':>3} {'variant':12} {'kernel':7} {'ms':>9} "
           f"{'spread':>6} {'GFLOP/s':>8} {'%peak':>6} {'vs sdpa':>8} {'vs naive':>8}")
     for backward in (False, True):
         for case in args.cases:
@@ -216,19 +255,25 @@ def main():
                     r["pct_peak"] = 100 * r["gflops"] / peak
                     rows.append(r)
                     print(f"{r['case']:8} {r['pass_']:8} {r['L']:6d} {r['batch']:3d} "
-                          f"{r['variant']:8} {r['kernel']:7} {r['ms']:9.2f} "
+                          f"{r['variant']:12} {r['kernel']:7} {r['ms']:9.2f} "
                           f"{100 * r['spread']:5.0f}% {r['gflops']:8.1f} {r['pct_peak']:5.1f}% "
                           f"{r['vs_sdpa']:7.2f}x {r['vs_naive']:7.2f}x", flush=True)
     print("\n# peak memory, fwd+bwd, batch 1 (MiB above an idle process)")
-    print(f"{'case':8} {'L':>6} " + " ".join(f"{n:>9}" for n in VARIANTS))
+    probe = make_inputs("plain", 128, 1, args.heads, args.head_dim, args.device,
+                        getattr(torch, args.dtype), False)
+    variants = ["attend", "sdpa", "naive"]
+    if not flash_unsupported_reason(probe[0], None, False, 0.0):
+        variants.insert(1, "attend[flash]" if resolve_backend("auto", probe[0]) == "sdpa"
+                        else "attend[sdpa]")
+    print(f"{'case':8} {'L':>6} " + " ".join(f"{n:>12}" for n in variants))
     mem = []
-    for case in ("plain", "padding"):
+    for case in [c for c in ("plain", "padding") if c in args.cases] or ["plain"]:
         for L in args.memory_lengths:
             vals = {n: (peak_memory(n, case, L, args)
                         if n != "naive" or naive_fits(L, 1, args.heads, args.device)
-                        else float("nan")) for n in VARIANTS}
+                        else float("nan")) for n in variants}
             mem.append(dict(case=case, L=L, **vals))
-            print(f"{case:8} {L:6d} " + " ".join(f"{vals[n]:9.0f}" for n in VARIANTS),
+            print(f"{case:8} {L:6d} " + " ".join(f"{vals[n]:12.0f}" for n in variants),
                   flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": dev, "matmul_gflops": peak, "timing": rows,

@@ -39,7 +39,7 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
     kw = dict(vocab_size=args.vocab, embed_dim=args.embed_dim, depth=args.depth,
               num_heads=args.heads, num_kv_heads=args.kv_heads, mlp_hidden_dim=args.mlp,
-              max_seq_len=max(args.seq, 512))
+              max_seq_len=max(args.seq, 512), backend=args.attention)
     ours = CausalLM(**kw)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.embed_dim,
                       intermediate_size=args.mlp, num_hidden_layers=args.depth,
@@ -171,6 +171,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "math"],
+                   help="attnkit's attention backend (transformers uses SDPA)")
     p.add_argument("--compile", action="store_true",
                    help="add training with forward + loss compiled, on both sides")
     p.add_argument("--no-fused", action="store_true", help="AdamW without fused=True")
@@ -189,7 +191,8 @@ def main():
     ours, hf, dt = build(args)
     print(f"# torch {torch.__version__}; {dev}; {args.dtype}; d{args.embed_dim} x {args.depth} "
           f"layers, heads {args.heads}:{args.kv_heads}, mlp {args.mlp}, vocab {args.vocab}, "
-          f"seq {args.seq}, batch {args.batch}; matmul peak {peak:.3f} TFLOP/s")
+          f"seq {args.seq}, batch {args.batch}; attnkit attention {args.attention}; "
+          f"matmul peak {peak:.3f} TFLOP/s")
     if not args.skip_train:
         res = bench_train(args, ours, hf, dt)
         base = res["transformers"]["tok_s"]
