@@ -4,6 +4,11 @@ and inference images/s measured side by side in one process (see the README's ta
     python scripts/bench_vit.py                                 # CPU fp32, ViT-Ti/16 at 224
     python scripts/bench_vit.py --img-size 28 --patch 4 --in-chans 1 --embed-dim 128 --depth 4
     python scripts/bench_vit.py --device cuda --dtype bfloat16 --batch 256
+    python scripts/bench_vit.py --compile        # adds both models under torch.compile
+
+With --compile, training compiles the forward together with the loss (as the vit task's
+``compile=true`` does) and inference compiles the forward; ratios stay relative to timm in
+eager mode, and the paired column compares each compiled model with the other.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd variants")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -57,12 +63,16 @@ def main():
     ac = dict(device_type="cuda" if dev == "cuda" else "cpu", dtype=dt,
               enabled=dt != torch.float32)
 
-    def train_fn(m):
+    def train_fn(m, compiled=False):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+        def forward_loss(x, y):
+            return F.cross_entropy(m(x).float(), y)
+        loss_fn = torch.compile(forward_loss) if compiled else forward_loss
 
         def step():
             with torch.autocast(**ac):
-                loss = F.cross_entropy(m(x).float(), y)
+                loss = loss_fn(x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -70,11 +80,13 @@ def main():
                 torch.cuda.synchronize()
         return step
 
-    def infer_fn(m):
+    def infer_fn(m, compiled=False):
+        fwd = torch.compile(m) if compiled else m
+
         @torch.no_grad()
         def step():
             with torch.autocast(**ac):
-                m(x)
+                fwd(x)
             if dev == "cuda":
                 torch.cuda.synchronize()
         return step
@@ -85,24 +97,28 @@ def main():
     print(f"# torch {torch.__version__}; {name}; {args.dtype}; img {args.img_size}, patch "
           f"{args.patch}, d{args.embed_dim} x {args.depth}, heads {args.heads}, batch "
           f"{args.batch}; {n_params / 1e6:.2f}M params")
-    print(f"{'pass':10} {'model':8} {'ms':>8} {'spread':>7} {'images/s':>9} {'vs timm':>8}"
+    print(f"{'pass':10} {'model':15} {'ms':>8} {'spread':>7} {'images/s':>9} {'vs timm':>8}"
           f"  {'paired ratio: median [25%, 75%]':>32}")
     for label, make, train in (("train", train_fn, True), ("inference", infer_fn, False)):
         steps = {}
         for n, m in models.items():
             m.to(dev).train(train)
             steps[n] = make(m)
+            if args.compile:
+                steps[f"{n}+compile"] = make(m, compiled=True)
+        for step in steps.values():
             for _ in range(args.warmup):
-                steps[n]()
+                step()
         times = interleaved(steps, args.repeats)
         med = {n: statistics.median(t) for n, t in times.items()}
         for n in steps:
             spread = (max(times[n]) - min(times[n])) / med[n]
             # Ratio of the two steps run back to back, per repeat: drift of the machine
-            # between repeats cancels out.
-            pairs = sorted(a / b for a, b in zip(times["timm"], times[n]))
+            # between repeats cancels out. Compiled models are paired with each other.
+            peer = "timm+compile" if n.endswith("+compile") else "timm"
+            pairs = sorted(a / b for a, b in zip(times[peer], times[n]))
             q1, q2, q3 = statistics.quantiles(pairs, n=4)
-            print(f"{label:10} {n:8} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
+            print(f"{label:10} {n:15} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
                   f"{args.batch / med[n]:9.1f} {med['timm'] / med[n]:7.2f}x"
                   f"  {q2:18.3f}x [{q1:.3f}, {q3:.3f}]", flush=True)
 
