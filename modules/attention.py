@@ -255,8 +255,9 @@ _KERNELS = {"math": attend_math, "sdpa": attend_sdpa, "flash": attend_flash}
 
 
 # --------------------------------------------------------------------------- dispatch
-def check_backend(backend: str) -> str:
-    """Validate a backend name at construction; 'flash' must be usable on this machine."""
+def check_backend(backend: str, head_dim: int | None = None) -> str:
+    """Validate a backend name at construction; 'flash' must be usable on this machine (and
+    take ``head_dim``, when given)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and torch.cuda.is_available():
@@ -270,6 +271,9 @@ def check_backend(backend: str) -> str:
         except ImportError as exc:
             raise ValueError(f"attention backend 'flash' needs the flash-attn package, which "
                              f"failed to import ({exc}); pip install 'attnkit[gpu]'") from None
+        reason = None if head_dim is None else flash_head_dim_reason(head_dim, _flash_module()[3])
+        if reason is not None:
+            raise ValueError(f"attention backend 'flash': {reason}")
     return backend
 
 

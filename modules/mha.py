@@ -121,7 +121,7 @@ class MultiHeadAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.causal, self.rope, self.attn_drop = causal, rope, attn_drop
         self.is_cross = context_dim is not None
-        self.backend = check_backend(backend)
+        self.backend = check_backend(backend, head_dim)
         q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
         if self.is_cross:
             self.q_proj = nn.Linear(embed_dim, q_dim, bias=qkv_bias)

@@ -171,6 +171,22 @@ def test_flash_head_dims_follow_the_installed_kernels():
     assert "got 80" in flash_head_dim_reason(80, fa2=False)
 
 
+def test_flash_backend_refuses_an_untrusted_head_dim_at_construction(monkeypatch):
+    # As if FlashAttention-4 were installed on a GPU machine: a model asking for flash with a
+    # head dim it is not trusted with fails when it is built, not at its first forward.
+    import modules.attention as attention
+    from modules.mha import MultiHeadAttention
+
+    def kernel(*args, **kwargs):
+        raise AssertionError("not called")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attention, "_FLASH", (kernel, kernel, False, False))
+    assert check_backend("flash", 64) == "flash"
+    with pytest.raises(ValueError, match="backend 'flash'.*got 80"):
+        MultiHeadAttention(embed_dim=320, num_heads=4, causal=True, backend="flash")
+    MultiHeadAttention(embed_dim=256, num_heads=4, causal=True, backend="flash")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", FLASH_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_flash_matches_math_on_gpu(case):
