@@ -68,6 +68,7 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
     dt = getattr(torch, args.dtype)
+    print("torch SDPA, a sequence of only padding:", sdpa_empty_rows(dt), flush=True)
     print(f"# {torch.cuda.get_device_name()}, {args.dtype}; relative errors vs float64 math "
           f"(out, dq, dk, dv)")
     for D in args.head_dims:
@@ -80,7 +81,6 @@ def main():
                 else res["flash"]
             print(f"D={D:3d} Lq={case[0]} Lk={case[1]} causal={case[2]!s:5} heads={case[3]}:"
                   f"{case[4]} padding={case[6]!s:5} | flash {fl} | sdpa {line}", flush=True)
-    print("torch SDPA, a sequence of only padding:", sdpa_empty_rows(dt))
 
 
 if __name__ == "__main__":

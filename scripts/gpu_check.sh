@@ -15,7 +15,7 @@ OUT=${OUT:-gpu_report}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python3}
-T_SWEEP=${T_SWEEP:-90} T_TESTS=${T_TESTS:-100} T_ATTN=${T_ATTN:-120} T_LM=${T_LM:-40}
+T_PAD=${T_PAD:-60} T_SWEEP=${T_SWEEP:-90} T_TESTS=${T_TESTS:-100} T_ATTN=${T_ATTN:-120} T_LM=${T_LM:-40}
 T_TASK=${T_TASK:-75}
 log() { echo "=== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 
@@ -52,8 +52,12 @@ else:
     print("flash module:", loaded[0].__module__, "dropout:", loaded[2], "used by auto:", loaded[3])
 EOF
 
+log "key padding: host vs kernel time per call (direct SDPA, attend, zeroing V instead)"
+timeout "$T_PAD" $PY scripts/profile_padding.py --lengths 1024 4096 2>&1 | grep -v Warning \
+  | tee -a "$OUT/summary.txt"
+
 log "flash-attn numerics across head dims (vs float64 math, next to SDPA's error)"
-timeout "$T_SWEEP" $PY scripts/flash_check.py --head-dims 48 80 96 128 256 2>&1 \
+timeout "$T_SWEEP" $PY scripts/flash_check.py --head-dims 32 256 64 96 128 2>&1 \
   | grep -v Warning | tee -a "$OUT/summary.txt"
 
 log "GPU tests: flash vs the math reference, flash LM vs SDPA LM, compiled decoding on CUDA"
