@@ -28,6 +28,57 @@ from modules.vit import VisionTransformer  # noqa: E402
 from scripts.timing import interleaved  # noqa: E402
 
 
+def train_step(m, x, y, autocast, compiled=False):
+    """One AdamW step; with ``compiled``, forward and loss run as one compiled graph."""
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+    def forward_loss(x, y):
+        return F.cross_entropy(m(x).float(), y)
+    loss_fn = torch.compile(forward_loss) if compiled else forward_loss
+
+    def step():
+        with torch.autocast(**autocast):
+            loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return step
+
+
+def infer_step(m, x, y, autocast, compiled=False):
+    fwd = torch.compile(m) if compiled else m
+
+    @torch.no_grad()
+    def step():
+        with torch.autocast(**autocast):
+            fwd(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return step
+
+
+def report(label, steps, args):
+    """Time the steps interleaved and print one row each: median, spread, images/s, ratio
+    to timm eager, and the paired ratio (timm's time / ours for the two steps run back to
+    back in each repeat, so drift of the machine cancels out; compiled models are paired
+    with each other)."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = interleaved(steps, args.repeats)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    for n in steps:
+        spread = (max(times[n]) - min(times[n])) / med[n]
+        peer = "timm+compile" if n.endswith("+compile") else "timm"
+        pairs = sorted(a / b for a, b in zip(times[peer], times[n]))
+        q1, q2, q3 = statistics.quantiles(pairs, n=4)
+        print(f"{label:10} {n:15} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
+              f"{args.batch / med[n]:9.1f} {med['timm'] / med[n]:7.2f}x"
+              f"  {q2:18.3f}x [{q1:.3f}, {q3:.3f}]", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -63,34 +114,6 @@ def main():
     ac = dict(device_type="cuda" if dev == "cuda" else "cpu", dtype=dt,
               enabled=dt != torch.float32)
 
-    def train_fn(m, compiled=False):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-
-        def forward_loss(x, y):
-            return F.cross_entropy(m(x).float(), y)
-        loss_fn = torch.compile(forward_loss) if compiled else forward_loss
-
-        def step():
-            with torch.autocast(**ac):
-                loss = loss_fn(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-        return step
-
-    def infer_fn(m, compiled=False):
-        fwd = torch.compile(m) if compiled else m
-
-        @torch.no_grad()
-        def step():
-            with torch.autocast(**ac):
-                fwd(x)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-        return step
-
     name = torch.cuda.get_device_name() if dev == "cuda" else \
         f"CPU {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
     n_params = sum(p.numel() for p in models["attnkit"].parameters())
@@ -99,28 +122,14 @@ def main():
           f"{args.batch}; {n_params / 1e6:.2f}M params")
     print(f"{'pass':10} {'model':15} {'ms':>8} {'spread':>7} {'images/s':>9} {'vs timm':>8}"
           f"  {'paired ratio: median [25%, 75%]':>32}")
-    for label, make, train in (("train", train_fn, True), ("inference", infer_fn, False)):
+    for label, make, train in (("train", train_step, True), ("inference", infer_step, False)):
         steps = {}
         for n, m in models.items():
             m.to(dev).train(train)
-            steps[n] = make(m)
+            steps[n] = make(m, x, y, ac)
             if args.compile:
-                steps[f"{n}+compile"] = make(m, compiled=True)
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        times = interleaved(steps, args.repeats)
-        med = {n: statistics.median(t) for n, t in times.items()}
-        for n in steps:
-            spread = (max(times[n]) - min(times[n])) / med[n]
-            # Ratio of the two steps run back to back, per repeat: drift of the machine
-            # between repeats cancels out. Compiled models are paired with each other.
-            peer = "timm+compile" if n.endswith("+compile") else "timm"
-            pairs = sorted(a / b for a, b in zip(times[peer], times[n]))
-            q1, q2, q3 = statistics.quantiles(pairs, n=4)
-            print(f"{label:10} {n:15} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
-                  f"{args.batch / med[n]:9.1f} {med['timm'] / med[n]:7.2f}x"
-                  f"  {q2:18.3f}x [{q1:.3f}, {q3:.3f}]", flush=True)
+                steps[f"{n}+compile"] = make(m, x, y, ac, compiled=True)
+        report(label, steps, args)
 
 
 if __name__ == "__main__":
