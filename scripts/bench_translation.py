@@ -49,7 +49,7 @@ class TorchSeq2Seq(nn.Module):
         return self.head(out)
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -67,7 +67,11 @@ def main():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev, dt = args.device, getattr(torch, args.dtype)
