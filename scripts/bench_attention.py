@@ -8,8 +8,9 @@ Variants are interleaved (A B C, B C A, C A B, ...), medians over --repeats afte
 ratios are taken within the run. On a GPU a sample is enough back-to-back calls for about
 20 ms with one synchronisation at the end (launches overlap kernels, as in training); on the
 CPU a sample is one call. Where the flash-attn package is installed, the explicit backend that
-auto did not pick is timed too ("attend[flash]" or "attend[sdpa]"). Peak memory: each (variant, case) in a fresh subprocess
-(CPU: peak RSS above an idle process; CUDA: max allocated).
+auto did not pick is timed too ("attend[flash]" or "attend[sdpa]"). Peak memory: each
+(variant, case) in a fresh subprocess (CPU: peak RSS above an idle process; CUDA: max
+allocated).
 """
 
 from __future__ import annotations
