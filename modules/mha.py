@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attend, check_backend, resolve_backend
@@ -141,7 +142,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 cache: KVCache | StaticKV | None = None,
-                positions: int | Tensor | None = None) -> Tensor:
+                positions: int | Tensor | None = None, queries: int | None = None) -> Tensor:
         """Attend from x ``(B, L, E)``.
 
         Args:
@@ -153,9 +154,18 @@ class MultiHeadAttention(nn.Module):
             cache: KVCache (self-attention) or StaticKV (cross-attention).
             positions: RoPE positions, an int offset or ``(B, L)``; default: the cache
                 length (0 without cache).
+            queries: outputs for the first ``queries`` tokens only, ``(B, queries, E)``:
+                their queries attend to keys and values from all L tokens (bidirectional
+                self-attention without cache or RoPE, e.g. a ViT's class token at the end).
         """
         B, L, _ = x.shape
-        if self.is_cross:
+        if queries is not None:
+            if self.is_cross or self.causal or self.rope is not None or cache is not None:
+                raise ValueError("queries= selects outputs of bidirectional self-attention "
+                                 "without cache or rotary embeddings")
+            q, k, v = self._qkv_first(x, queries)
+            L = queries
+        elif self.is_cross:
             q = self._heads(self.q_proj(x), self.num_heads)
             if cache is not None and cache.k is not None:
                 k, v = cache.k, cache.v
@@ -184,6 +194,16 @@ class MultiHeadAttention(nn.Module):
         out = attend(q, k, v, mask=mask, causal=self.causal, backend=self.backend,
                      dropout_p=self.attn_drop if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+    def _qkv_first(self, x: Tensor, queries: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Heads of q for the first ``queries`` tokens and of k, v for all tokens, with
+        the rows of the fused projection split so no query is computed for nothing."""
+        nq = self.num_heads * self.head_dim
+        w, b = self.qkv_proj.weight, self.qkv_proj.bias
+        q = F.linear(x[:, :queries], w[:nq], None if b is None else b[:nq])
+        k, v = F.linear(x, w[nq:], None if b is None else b[nq:]).chunk(2, dim=-1)
+        return (self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads),
+                self._heads(v, self.num_kv_heads))
 
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None):
         w = self.out_proj.weight

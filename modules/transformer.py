@@ -55,10 +55,16 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None, cache=None, positions=None) -> Tensor:
+                context_mask: Tensor | None = None, cache=None, positions=None,
+                keep: int | None = None) -> Tensor:
+        """x ``(B, L, E)`` -> ``(B, L, E)``, or ``(B, keep, E)``: with ``keep``, only the
+        first ``keep`` tokens are carried through (see ``MultiHeadAttention``'s queries)."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
-        x = x + self.drop_path(self.drop(
-            self.attn(self.norm1(x), mask=mask, cache=self_cache, positions=positions)))
+        h = self.attn(self.norm1(x), mask=mask, cache=self_cache, positions=positions,
+                      queries=keep)
+        if keep is not None:
+            x = x[:, :keep]
+        x = x + self.drop_path(self.drop(h))
         if self.cross_attn is not None:
             x = x + self.drop_path(self.drop(self.cross_attn(
                 self.cross_norm(x), context, mask=context_mask, cache=cross_cache)))
@@ -106,11 +112,20 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, caches: list | None = None,
-                positions: int | Tensor | None = None) -> Tensor:
-        """x ``(B, L, E)`` -> ``(B, L, E)``; see ``MultiHeadAttention.forward`` for masks."""
+                positions: int | Tensor | None = None, keep: int | None = None) -> Tensor:
+        """x ``(B, L, E)`` -> ``(B, L, E)``; see ``MultiHeadAttention.forward`` for masks.
+
+        ``keep``: return only the first ``keep`` tokens ``(B, keep, E)``. The last block
+        then computes attention outputs, MLP and norm for those tokens alone, since nothing
+        else reaches the result: a class-token classifier skips most of its last block.
+        """
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, context=context, context_mask=context_mask,
-                      cache=None if caches is None else caches[i], positions=positions)
+                      cache=None if caches is None else caches[i], positions=positions,
+                      keep=keep if i == last else None)
+        if keep is not None and not self.blocks:
+            x = x[:, :keep]
         return self.norm(x)
 
     def new_caches(self, batch: int, max_len: int, *, device=None, dtype=None) -> list:

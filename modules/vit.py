@@ -118,17 +118,23 @@ class VisionTransformer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def features(self, x: Tensor) -> Tensor:
-        """Encoded tokens ``(B, N [+1], E)``."""
+    def features(self, x: Tensor, keep: int | None = None) -> Tensor:
+        """Encoded tokens ``(B, N [+1], E)``, or the first ``keep`` of them."""
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.encoder(self.pos_drop(x + self.pos_embed))
+        return self.encoder(self.pos_drop(x + self.pos_embed), keep=keep)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Images ``(B, C, H, W)`` -> logits ``(B, K)``."""
-        h = self.features(x)
-        return self.head(h[:, 0] if self.pool == "token" else h.mean(1))
+        """Images ``(B, C, H, W)`` -> logits ``(B, K)``.
+
+        With class-token pooling only the class token's output is used, so the last block
+        runs its query, attention output and MLP for that token alone (the same logits as
+        encoding every token; tested against timm).
+        """
+        if self.pool == "token":
+            return self.head(self.features(x, keep=1)[:, 0])
+        return self.head(self.features(x).mean(1))
 
 
 def resize_pos_embed(pos: Tensor, new_grid: int, num_prefix: int) -> Tensor:

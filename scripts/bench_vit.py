@@ -91,6 +91,8 @@ def main():
     p.add_argument("--heads", type=int, default=3)
     p.add_argument("--mlp-ratio", type=float, default=4.0)
     p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--pool", default="token", choices=["token", "mean"],
+                   help="class token (timm's default) or the mean of the patch tokens")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -104,9 +106,12 @@ def main():
     shape = dict(img_size=args.img_size, patch_size=args.patch, in_chans=args.in_chans,
                  num_classes=args.classes, embed_dim=args.embed_dim, depth=args.depth,
                  num_heads=args.heads, mlp_ratio=args.mlp_ratio)
-    models = {"attnkit": VisionTransformer(pool="token", **shape),
-              "timm": timm.models.vision_transformer.VisionTransformer(global_pool="token",
-                                                                       **shape)}
+    # Mean pooling in timm: no class token, and the final norm before pooling (no fc_norm),
+    # which is our layout.
+    peer = (dict(global_pool="token") if args.pool == "token" else
+            dict(global_pool="avg", class_token=False, fc_norm=False))
+    models = {"attnkit": VisionTransformer(pool=args.pool, **shape),
+              "timm": timm.models.vision_transformer.VisionTransformer(**peer, **shape)}
     dt = getattr(torch, args.dtype)
     dev = args.device
     x = torch.randn(args.batch, args.in_chans, args.img_size, args.img_size, device=dev)
@@ -118,7 +123,8 @@ def main():
         f"CPU {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
     n_params = sum(p.numel() for p in models["attnkit"].parameters())
     print(f"# torch {torch.__version__}; {name}; {args.dtype}; img {args.img_size}, patch "
-          f"{args.patch}, d{args.embed_dim} x {args.depth}, heads {args.heads}, batch "
+          f"{args.patch}, d{args.embed_dim} x {args.depth}, heads {args.heads}, {args.pool} "
+          f"pooling, batch "
           f"{args.batch}; {n_params / 1e6:.2f}M params")
     print(f"{'pass':10} {'model':15} {'ms':>8} {'spread':>7} {'images/s':>9} {'vs timm':>8}"
           f"  {'paired ratio: median [25%, 75%]':>32}")

@@ -93,6 +93,25 @@ def test_mha_construction_errors():
         Transformer(embed_dim=32, depth=1, num_heads=4, mlp_hidden_dim=8, norm="batchnorm")
 
 
+def test_first_queries_equal_full_self_attention_sliced():
+    """``queries=n`` (used for a ViT's class token) equals full self-attention's first n
+    outputs, with a key padding mask too; orders where it has no meaning are refused."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(embed_dim=32, num_heads=4, num_kv_heads=2, qkv_bias=True)
+    x = torch.randn(3, 9, 32)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    for m in (None, mask):
+        full = mha(x, mask=m)
+        torch.testing.assert_close(mha(x, mask=m, queries=2), full[:, :2])
+    enc = Transformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=64, norm="layernorm",
+                      mlp="gelu")
+    torch.testing.assert_close(enc(x, keep=1), enc(x)[:, :1])
+    causal = MultiHeadAttention(embed_dim=32, num_heads=4, causal=True)
+    with pytest.raises(ValueError, match="bidirectional"):
+        causal(x, queries=1)
+
+
 def test_generation_with_cache_equals_without():
     model = tiny_lm()
     prompts = [[1, 2, 3, 4], [5, 6]]

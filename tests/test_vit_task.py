@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -34,6 +35,32 @@ def test_matches_timm_logits_on_the_same_weights(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_class_token_gradients_match_timm(tmp_path):
+    """Class-token pooling runs the last block for the class token alone: the loss and
+    every parameter gradient still equal timm's, which encodes every token."""
+    timm = pytest.importorskip("timm")
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=3,
+        num_heads=4, mlp_ratio=2.0, qkv_bias=True, global_pool="token")
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                             embed_dim=48, depth=3, num_heads=4, mlp_ratio=2.0, pool="token")
+    ours.load_state_dict(vit_state_dict_from_timm(ref.state_dict(), depth=3))
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 3, 7, 9])
+    loss = F.cross_entropy(ours(x), y)
+    loss.backward()
+    ref_loss = F.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    ref_grads = vit_state_dict_from_timm({k: p.grad for k, p in ref.named_parameters()}, 3)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # and equal to encoding every token, then taking the first
+        torch.testing.assert_close(ours.head(ours.features(x)[:, 0]), ours(x))
 
 
 def test_pos_embed_interpolation_keeps_prefix_and_grid():
