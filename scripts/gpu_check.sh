@@ -4,6 +4,11 @@
 # (default ./gpu_report). Every section has its own time limit so the whole stays bounded.
 #
 #   bash scripts/gpu_check.sh
+#   SECTIONS="tests vit" bash scripts/gpu_check.sh     # only some sections
+#
+# Sections: pad (padding-mask profile), sweep (flash head dims), tests (pytest -m gpu),
+# attn (attention benchmark), lm (LM training benchmark, d1024), lmbig (d2048, seq 2048),
+# lmgen (generation vs transformers), vit (ViT vs timm), task (the lm GPU preset).
 #
 # Optional inputs, for a machine that cannot reach a package index:
 #   .whl/*.whl      wheels installed into /tmp/site (hydra-core, omegaconf, flash-attn-4, ...)
@@ -16,7 +21,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python3}
 T_PAD=${T_PAD:-60} T_SWEEP=${T_SWEEP:-90} T_TESTS=${T_TESTS:-100} T_ATTN=${T_ATTN:-120} T_LM=${T_LM:-40}
-T_TASK=${T_TASK:-75}
+T_TASK=${T_TASK:-75} T_VIT=${T_VIT:-60} T_GEN=${T_GEN:-150} T_BIG=${T_BIG:-60}
+SECTIONS=${SECTIONS:-pad sweep tests attn lm task}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 log() { echo "=== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 
 mkdir -p /tmp/site
@@ -52,25 +59,60 @@ else:
     print("flash module:", loaded[0].__module__, "dropout:", loaded[2], "used by auto:", loaded[3])
 EOF
 
+if want pad; then
 log "key padding: host vs kernel time per call (direct SDPA, attend, zeroing V instead)"
 timeout "$T_PAD" $PY scripts/profile_padding.py --lengths 1024 4096 2>&1 | grep -v Warning \
   | tee -a "$OUT/summary.txt"
 
+fi
+
+if want sweep; then
 log "flash-attn numerics across head dims (vs float64 math, next to SDPA's error)"
 timeout "$T_SWEEP" $PY scripts/flash_check.py --head-dims 32 256 64 96 128 2>&1 \
   | grep -v Warning | tee -a "$OUT/summary.txt"
 
+fi
+
+if want vit; then
+for args in "--pool token" "--pool mean" "--pool token --embed-dim 768 --heads 12 --batch 128"; do
+  log "ViT benchmark vs timm, bf16 autocast, batch 256 unless set: $args"
+  timeout "$T_VIT" $PY scripts/bench_vit.py --device cuda --dtype bfloat16 --batch 256 \
+    --repeats 10 $args 2>&1 | grep -v Warning | tee -a "$OUT/bench_vit.txt" | tail -n 5
+done
+fi
+
+if want lmbig; then
+log "LM training benchmark, bf16 autocast, d2048 x 8, GQA 16:4, seq 2048, attention auto"
+timeout "$T_BIG" $PY scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 2048 \
+  --depth 8 --heads 16 --kv-heads 4 --mlp 5632 --seq 2048 --batch 4 --vocab 32000 \
+  --repeats 6 --skip-generate 2>&1 | tee "$OUT/bench_lm_big.txt" | tail -n 6
+fi
+
+if want lmgen; then
+log "LM generation benchmark, bf16, d1024 x 12, batch 1 and 8, eager and compiled"
+timeout "$T_GEN" $PY scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 1024 \
+  --depth 12 --heads 16 --kv-heads 4 --mlp 2816 --vocab 32000 --new-tokens 128 \
+  --repeats 5 --skip-train 2>&1 | tee "$OUT/bench_lm_gen.txt" | grep -v Warning | tail -n 14
+fi
+
+if want tests; then
 log "GPU tests: flash vs the math reference, flash LM vs SDPA LM, compiled decoding on CUDA"
 timeout "$T_TESTS" $PY -m pytest -v -p no:cacheprovider -m gpu --tb=short -W ignore \
   tests/test_attention.py tests/test_modules.py > "$OUT/pytest_gpu.txt" 2>&1
 grep -E "PASSED|FAILED|SKIPPED|^E |passed|failed" "$OUT/pytest_gpu.txt" | tail -n 40 \
   | tee -a "$OUT/summary.txt"
 
+fi
+
+if want attn; then
 log "attention benchmark, bf16"
 timeout "$T_ATTN" $PY scripts/bench_attention.py --device cuda --dtype bfloat16 \
   --lengths 1024 4096 16384 --memory-lengths 16384 --tokens 16384 --repeats 8 \
   --json "$OUT/bench_attention.json" 2>&1 | tee "$OUT/bench_attention.txt" | tail -n 90
 
+fi
+
+if want lm; then
 for att in sdpa flash; do
   log "LM training benchmark, bf16 autocast, d1024 x 12, GQA 16:4, seq 1024, attention $att"
   timeout "$T_LM" $PY scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 1024 \
@@ -78,10 +120,15 @@ for att in sdpa flash; do
     --repeats 8 --skip-generate --attention $att 2>&1 | tee "$OUT/bench_lm_$att.txt" | tail -n 6
 done
 
+fi
+
+if want task; then
 log "lm task, GPU preset (bf16-mixed, attention auto), 100 steps"
 timeout "$T_TASK" $PY -m tasks.lm experiment=lm_gpu trainer.max_steps=100 \
   trainer.val_check_interval=50 trainer.limit_val_batches=10 trainer.log_every_n_steps=25 \
   generate.max_new_tokens=60 run_dir=/tmp/lm_gpu > "$OUT/lm_gpu_log.txt" 2>&1
 tail -n 25 "$OUT/lm_gpu_log.txt"
 cp /tmp/lm_gpu/results.json "$OUT/lm_gpu_results.json" 2>/dev/null
+fi
+
 log "done"
