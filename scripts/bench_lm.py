@@ -179,6 +179,8 @@ def main():
     p.add_argument("--no-compile-generate", dest="compile_generate", action="store_false",
                    help="skip the compiled generation variants (a minute or two of compiling)")
     p.add_argument("--gen-dtype", default=None, help="dtype for generation (default --dtype)")
+    p.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8],
+                   help="batch sizes timed for generation")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -206,7 +208,7 @@ def main():
         return
     print(f"\n{'generation (greedy)':28} {'batch':>5} {'tokens/s':>10} {'vs transformers':>16}"
           f"   ({args.gen_dtype or args.dtype}, {args.new_tokens} new tokens after 16)")
-    for batch in (1, 8):
+    for batch in args.gen_batches:
         g = bench_generate(args, ours, hf, batch)
         for n, v in g.items():
             print(f"{n:28} {batch:5d} {v:10.0f} {v / g['transformers']:15.2f}x", flush=True)
