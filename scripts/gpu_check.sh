@@ -23,6 +23,7 @@ PY=${PYTHON:-python3}
 T_PAD=${T_PAD:-60} T_SWEEP=${T_SWEEP:-90} T_TESTS=${T_TESTS:-100} T_ATTN=${T_ATTN:-120} T_LM=${T_LM:-40}
 T_TASK=${T_TASK:-75} T_VIT=${T_VIT:-60} T_GEN=${T_GEN:-150} T_BIG=${T_BIG:-60}
 SECTIONS=${SECTIONS:-pad sweep tests attn lm task}
+GEN_BATCHES=${GEN_BATCHES:-1 8} VIT_REPEATS=${VIT_REPEATS:-10}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 log() { echo "=== $* ($(date +%T))" | tee -a "$OUT/summary.txt"; }
 
@@ -77,7 +78,7 @@ if want vit; then
 for args in "--pool token" "--pool mean" "--pool token --embed-dim 768 --heads 12 --batch 128"; do
   log "ViT benchmark vs timm, bf16 autocast, batch 256 unless set: $args"
   timeout "$T_VIT" $PY scripts/bench_vit.py --device cuda --dtype bfloat16 --batch 256 \
-    --repeats 10 $args 2>&1 | grep -v Warning | tee -a "$OUT/bench_vit.txt" | tail -n 5
+    --repeats "$VIT_REPEATS" $args 2>&1 | grep -v Warning | tee -a "$OUT/bench_vit.txt" | tail -n 5
 done
 fi
 
@@ -89,10 +90,10 @@ timeout "$T_BIG" $PY scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-
 fi
 
 if want lmgen; then
-log "LM generation benchmark, bf16, d1024 x 12, batch 1 and 8, eager and compiled"
+log "LM generation benchmark, bf16, d1024 x 12, batch $GEN_BATCHES, eager and compiled"
 timeout "$T_GEN" $PY scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 1024 \
   --depth 12 --heads 16 --kv-heads 4 --mlp 2816 --vocab 32000 --new-tokens 128 \
-  --repeats 5 --skip-train 2>&1 | tee "$OUT/bench_lm_gen.txt" | grep -v Warning | tail -n 14
+  --repeats 5 --skip-train --gen-batches $GEN_BATCHES 2>&1 | tee "$OUT/bench_lm_gen.txt" | grep -v Warning | tail -n 14
 fi
 
 if want tests; then
