@@ -1,8 +1,9 @@
 """Language-model speed: our CausalLM vs transformers' LlamaForCausalLM of identical shape,
 measured side by side in one process (see the README's table).
 
-    python scripts/bench_lm.py                    # CPU fp32, d384 x 6 layers, GQA 6:2
-    python scripts/bench_lm.py --compile          # adds torch.compile'd variants
+    python scripts/bench_lm.py            # CPU fp32, the lm task's CPU default model's shape
+    python scripts/bench_lm.py --compile  # adds torch.compile'd variants
+    python scripts/bench_lm.py --embed-dim 384 --depth 6 --mlp 1024 --seq 256 --batch 8
     python scripts/bench_lm.py --device cuda --dtype bfloat16 --embed-dim 1024 --depth 16
 
 Training: tokens/s and MFU (6N + 12 L H D T FLOPs per token, against the fp32/bf16 matmul
@@ -161,13 +162,13 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--embed-dim", type=int, default=384)
-    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--embed-dim", type=int, default=192)
+    p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--mlp", type=int, default=1024)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mlp", type=int, default=512)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
