@@ -164,6 +164,8 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("queries= selects outputs of bidirectional self-attention "
                                  "without cache or rotary embeddings")
             q, k, v = self._qkv_first(x, queries)
+            if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
+                mask = mask[..., :queries, :]  # rows of the kept queries
             L = queries
         elif self.is_cross:
             q = self._heads(self.q_proj(x), self.num_heads)

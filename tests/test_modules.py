@@ -101,7 +101,9 @@ def test_first_queries_equal_full_self_attention_sliced():
     x = torch.randn(3, 9, 32)
     mask = torch.ones(3, 9, dtype=torch.bool)
     mask[1, 5:] = False
-    for m in (None, mask):
+    pairs = torch.rand(3, 1, 9, 9) > 0.3
+    pairs[..., 0] = True  # every query keeps at least one key
+    for m in (None, mask, pairs):
         full = mha(x, mask=m)
         torch.testing.assert_close(mha(x, mask=m, queries=2), full[:, :2])
     enc = Transformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=64, norm="layernorm",
