@@ -160,9 +160,14 @@ class MultiHeadAttention(nn.Module):
         """
         B, L, _ = x.shape
         if queries is not None:
-            if self.is_cross or self.causal or self.rope is not None or cache is not None:
-                raise ValueError("queries= selects outputs of bidirectional self-attention "
-                                 "without cache or rotary embeddings")
+            given = [name for name, on in (("cross-attention", self.is_cross),
+                                           ("causal", self.causal),
+                                           ("rotary embeddings", self.rope is not None),
+                                           ("a cache", cache is not None)) if on]
+            if given:
+                raise ValueError(f"queries={queries} needs bidirectional self-attention "
+                                 f"without cache or rotary embeddings; this call has "
+                                 f"{', '.join(given)}")
             q, k, v = self._qkv_first(x, queries)
             if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:
                 mask = mask[..., :queries, :]  # rows of the kept queries

@@ -110,7 +110,7 @@ def test_first_queries_equal_full_self_attention_sliced():
                       mlp="gelu")
     torch.testing.assert_close(enc(x, keep=1), enc(x)[:, :1])
     causal = MultiHeadAttention(embed_dim=32, num_heads=4, causal=True)
-    with pytest.raises(ValueError, match="bidirectional"):
+    with pytest.raises(ValueError, match="queries=1 needs bidirectional .* this call has causal"):
         causal(x, queries=1)
 
 
