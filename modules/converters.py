@@ -2,12 +2,16 @@
 
 - Hugging Face Llama-format directories (``config.json`` + ``*.safetensors``) into
   ``CausalLM``: our fused ``qkv_proj`` / ``gate_up_proj`` are the concatenation of their
-  separate projections; RoPE already uses the same rotate-half layout.
+  separate projections; RoPE already uses the same rotate-half layout. ``hf_llama_init``
+  takes every architecture setting from ``config.json`` and refuses what ``CausalLM``
+  cannot express (RoPE scaling, biases, another model type) instead of loading it wrong.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -15,24 +19,39 @@ from torch import Tensor
 
 from .lm import CausalLM
 
+log = logging.getLogger(__name__)
+
+
+def _refuse(key: str, value, expected: str) -> ValueError:
+    return ValueError(f"config.json has {key}={value!r}; expected {expected}")
+
 
 def _rope_theta(cfg: dict) -> float:
+    # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling.
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key) or {}
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ("default", None):
+            raise _refuse(key, params, "plain RoPE (rope_type 'default'); RoPE scaling is "
+                                       "not supported")
     params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", None):
-        raise ValueError(f"RoPE scaling type {kind!r} is not supported; only plain RoPE "
-                         f"(rope_type 'default') checkpoints import")
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
 def llama_kwargs_from_hf(cfg: dict) -> dict:
-    """CausalLM constructor arguments from a Hugging Face LlamaConfig dict."""
+    """CausalLM constructor arguments from a Hugging Face LlamaConfig dict.
+
+    Raises:
+        ValueError: naming the key and value for what ``CausalLM`` cannot express: another
+            model_type, biases, an activation other than SiLU, RoPE scaling.
+    """
     if cfg.get("model_type", "llama") != "llama":
-        raise ValueError(f"expected a Llama checkpoint (model_type 'llama'), got "
-                         f"{cfg.get('model_type')!r}")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError("Llama checkpoints with attention_bias or mlp_bias are not supported")
+        raise _refuse("model_type", cfg.get("model_type"), "'llama'")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise _refuse(key, cfg[key], "false (CausalLM projections have no bias)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise _refuse("hidden_act", cfg["hidden_act"], "'silu' (the SwiGLU of Llama)")
     return dict(
         vocab_size=cfg["vocab_size"], embed_dim=cfg["hidden_size"],
         depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
@@ -68,6 +87,73 @@ def llama_state_dict_from_hf(hf: dict[str, Tensor], depth: int,
     return sd
 
 
+def _hf_dir(path: str | Path) -> tuple[dict, list[Path]]:
+    """config.json (parsed) and the safetensors files of a Hugging Face model directory."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json; expected a Hugging Face Llama "
+                         f"directory with config.json and *.safetensors weights")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(f.name for f in path.glob("*.bin"))
+        note = f" ({pickled[0]} is not read: loading it would unpickle)" if pickled else ""
+        raise ValueError(f"{path} has no *.safetensors weights{note}; expected "
+                         f"model.safetensors or its shards")
+    return json.loads((path / "config.json").read_text()), files
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
+    from safetensors.torch import load_file  # plain tensors, never unpickled
+
+    hf: dict[str, Tensor] = {}
+    for f in files:
+        hf.update(load_file(str(f)))
+    return hf
+
+
+def hf_llama_init(path: str | Path, model_kwargs: Mapping) -> tuple[dict, dict[str, Tensor]]:
+    """``CausalLM`` arguments and weights for starting from a Hugging Face Llama directory.
+
+    Every architecture field comes from ``config.json``: vocab_size, embed_dim, depth,
+    num_heads, num_kv_heads, head_dim, mlp_hidden_dim, rope_theta, norm_eps and
+    tie_embeddings replace the caller's values (each change is logged). The caller's
+    ``max_seq_len`` is kept when it is at most the checkpoint's max_position_embeddings
+    (a shorter context only sizes the RoPE table and caches; taken from the checkpoint when
+    missing or None); a longer one is refused, as the checkpoint's positions were never
+    trained past it. Other fields (backend, drop, attn_drop, ``_target_``) are kept.
+
+    Args:
+        path: directory with ``config.json`` and ``*.safetensors`` (one file or shards);
+            weights are read with safetensors only, never unpickled.
+        model_kwargs: the caller's ``CausalLM`` arguments (not modified).
+
+    Returns:
+        ``(kwargs, state_dict)``: ``CausalLM(**kwargs)`` loads ``state_dict`` strictly.
+
+    Raises:
+        ValueError: one sentence naming the key, the checkpoint's value and what is
+            expected: no config.json, no safetensors, model_type, biases, activation,
+            RoPE scaling, or a max_seq_len past the checkpoint's.
+    """
+    cfg, files = _hf_dir(path)
+    arch = llama_kwargs_from_hf(cfg)
+    ckpt_len = arch.pop("max_seq_len")
+    kwargs = dict(model_kwargs)
+    if kwargs.get("max_seq_len") is None:
+        kwargs["max_seq_len"] = ckpt_len
+    elif kwargs["max_seq_len"] > ckpt_len:
+        raise ValueError(f"max_seq_len={kwargs['max_seq_len']} is longer than config.json's "
+                         f"max_position_embeddings={ckpt_len}; expected at most {ckpt_len}")
+    changed = {k: (kwargs[k], v) for k, v in arch.items() if k in kwargs and kwargs[k] != v}
+    if changed:
+        log.info("init from %s: taken from its config.json: %s", path,
+                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    kwargs.update(arch)
+    state = llama_state_dict_from_hf(_read_safetensors(files), kwargs["depth"],
+                                     kwargs["tie_embeddings"])
+    return kwargs, state
+
+
 def load_hf_llama(path: str | Path, **overrides) -> CausalLM:
     """Build a ``CausalLM`` from a local Hugging Face Llama directory.
 
@@ -75,22 +161,11 @@ def load_hf_llama(path: str | Path, **overrides) -> CausalLM:
         path: directory with ``config.json`` and ``model.safetensors`` (or shards).
         overrides: constructor arguments to change (e.g. ``backend``, ``drop``).
     """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory: "
-                                f"no config.json in it")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    kwargs = llama_kwargs_from_hf(json.loads(cfg_file.read_text())) | overrides
-    hf: dict[str, Tensor] = {}
-    for f in files:
-        hf.update(load_file(str(f)))
+    cfg, files = _hf_dir(path)
+    kwargs = llama_kwargs_from_hf(cfg) | overrides
     model = CausalLM(**kwargs)
-    sd = llama_state_dict_from_hf(hf, kwargs["depth"], kwargs["tie_embeddings"])
+    sd = llama_state_dict_from_hf(_read_safetensors(files), kwargs["depth"],
+                                  kwargs["tie_embeddings"])
     model.load_state_dict(sd, strict=True)
     return model
 

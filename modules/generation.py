@@ -1,8 +1,15 @@
-"""Autoregressive sampling for decoder-only models: greedy, temperature, top-k, nucleus
-(top-p; Holtzman et al., 2020), batched prompts of different lengths, KV cache.
+"""Autoregressive decoding.
 
-Prompts are left-padded; padded keys are masked out and every sequence gets its own RoPE
-positions, so a prompt decodes the same in a batch as alone.
+- ``generate``: sampling for decoder-only models: greedy, temperature, top-k, nucleus
+  (top-p; Holtzman et al., 2020), batched prompts of different lengths, KV cache.
+- ``beam_search`` and ``greedy_search``: model-agnostic searches over a ``BeamDecoder``
+  (any decoder with a KV cache and optional cross-attention memory: translation today,
+  captioning or speech later). Batched beam search as in fairseq (Ott et al., 2019): 2K
+  candidates per step so K beams stay alive when some end, and a finished hypothesis
+  scores ``logp / length ** alpha`` (the simple form of Wu et al., 2016, "GNMT").
+
+In ``generate``, prompts are left-padded; padded keys are masked out and every sequence
+gets its own RoPE positions, so a prompt decodes the same in a batch as alone.
 
 ``compile=True`` decodes each new token with a ``torch.compile``'d step over a static cache
 (``StaticDecoder``): the prompt is processed eagerly, then every step has the same shapes,
@@ -10,6 +17,9 @@ so it compiles once per (model, batch size, cache bucket, dtype). Inductor freez
 weights (prepacked for the CPU's GEMM kernels) and, on the CPU, autotunes its own GEMM
 templates. That costs about a minute of compilation and pays off over long or repeated
 generation; the output equals eager decoding.
+
+Shape legend for the searches: B sentences, K beams, rows = B * K (sentence-major: row
+``b * K + k`` is beam k of sentence b), t tokens so far (BOS first), V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -200,3 +211,169 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
             seq = seq[:seq.index(eos_id) + 1]
         out.append(seq)
     return out
+
+
+# --------------------------------------------------------------------------- search
+class BeamDecoder(Protocol):
+    """One decoding step at a time for ``rows`` hypotheses, the interface of the searches.
+
+    The decoder holds what it decodes from (an encoded source, an image, audio frames; or
+    nothing, for a decoder-only model); the searches only pass tokens and a state.
+    """
+
+    def start(self, beams: int, max_len: int) -> Any:
+        """The state for ``B * beams`` rows that will decode at most ``max_len`` tokens
+        after BOS (a KV cache holds at most ``max_len`` of them: BOS and all but the last
+        token): e.g. empty self-attention caches and each sentence's cross-attention
+        keys/values repeated ``beams`` times."""
+
+    def step(self, tokens: Tensor, state: Any) -> Tensor:
+        """Log-probabilities ``(rows, V)`` of the next token after ``tokens (rows, t)``,
+        each row's whole prefix from BOS; a cached decoder feeds only ``tokens[:, -1:]``."""
+
+    def reorder(self, state: Any, rows: Tensor) -> Any:
+        """The state after row i becomes row ``rows[i]``, ``rows (rows,)``; may work in
+        place. A row is only ever replaced by a row of its own sentence, so what is the
+        same for all of a sentence's beams (cross-attention keys/values) need not move."""
+
+
+class Hypothesis(NamedTuple):
+    """A finished hypothesis: ids without BOS/EOS, and ``logp / length ** alpha``."""
+
+    tokens: list[int]
+    score: float
+
+
+def _limits(max_len: int | Tensor, batch_size: int, device) -> Tensor:
+    """Per-sentence token limits ``(B,)``; the searches loop as long as the largest, so a
+    sentence's forced end and the loop can never disagree."""
+    limit = torch.as_tensor(max_len, dtype=torch.long, device=device)
+    if limit.dim() == 0:
+        limit = limit.expand(batch_size)
+    if batch_size < 1 or limit.shape != (batch_size,) or int(limit.min()) < 1:
+        raise ValueError(f"max_len must be an int or a ({batch_size},) tensor, at least 1 "
+                         f"for every sentence, for batch_size={batch_size}; got {max_len}")
+    return limit
+
+
+@torch.no_grad()
+def greedy_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tensor,
+                  bos_id: int, eos_id: int, device=None) -> list[list[int]]:
+    """Greedy decoding (the argmax each step) of ``batch_size`` sentences.
+
+    Args:
+        decoder: the step adapter; ``start`` is called with one beam.
+        batch_size: B.
+        max_len: at most this many tokens per sentence, an int or ``(B,)``; a sentence
+            that reaches it ends there with its last token kept.
+        bos_id, eos_id: the first token fed, and the token that ends a sentence.
+        device: of the token tensors (default: that of a ``max_len`` tensor, else CPU).
+
+    Returns:
+        the ids of each sentence, without BOS/EOS.
+    """
+    device = device if device is not None else getattr(max_len, "device", None)
+    limit = _limits(max_len, batch_size, device).tolist()
+    steps = max(limit)
+    state = decoder.start(1, steps)
+    tokens = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
+    out: list[list[int]] = [[] for _ in range(batch_size)]
+    alive = [True] * batch_size
+    for step in range(1, steps + 1):
+        nxt = decoder.step(tokens, state).argmax(-1).tolist()
+        for b in range(batch_size):
+            if not alive[b]:
+                continue
+            if nxt[b] == eos_id:
+                alive[b] = False
+                continue
+            out[b].append(nxt[b])
+            alive[b] = step < limit[b]
+        if not any(alive):
+            break
+        tokens = torch.cat([tokens, torch.tensor(nxt, device=device)[:, None]], 1)
+    return out
+
+
+@torch.no_grad()
+def beam_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tensor, bos_id: int,
+                eos_id: int, pad_id: int = 0, beam_size: int = 4, length_penalty: float = 1.0,
+                device=None) -> list[Hypothesis]:
+    """Batched beam search; the best finished hypothesis of each sentence.
+
+    Each step ranks the 2K best continuations of a sentence's K beams. An EOS among the K
+    best ends a hypothesis (as in fairseq: an EOS ranked lower is dropped); the K best
+    others continue. A sentence is done once it has K finished hypotheses; at its
+    ``max_len`` every continuation ends, its last token kept.
+
+    Args:
+        decoder: the step adapter; ``start`` is called with ``beam_size`` beams.
+        batch_size: B.
+        max_len: at most this many tokens per sentence, an int or ``(B,)``.
+        bos_id, eos_id: the first token fed, and the token that ends a hypothesis.
+        pad_id: fed after a row's hypothesis is dead (its score is -inf; never chosen).
+        beam_size: K; 1 gives the greedy decode.
+        length_penalty: alpha; a finished hypothesis scores ``logp / length ** alpha``,
+            its length counting the EOS (0 ranks by the sum of log-probabilities).
+        device: of the token tensors (default: that of a ``max_len`` tensor, else CPU).
+    """
+    K, B = beam_size, batch_size
+    if K < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    device = device if device is not None else getattr(max_len, "device", None)
+    limit = _limits(max_len, B, device)
+    steps = int(limit.max())
+    state = decoder.start(K, steps)
+    tokens = torch.full((B * K, 1), bos_id, dtype=torch.long, device=device)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one alive
+    own_rows = torch.arange(B * K, device=device).view(B, K)
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(1, steps + 1):
+        logp = decoder.step(tokens, state).float()  # (rows, V)
+        V = logp.shape[-1]
+        cand = (scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)
+        top_scores, top_idx = cand.topk(2 * K, dim=-1)  # (B, 2K)
+        beam_idx, tok = top_idx // V, top_idx % V
+        ends = (tok == eos_id) | (step >= limit).unsqueeze(-1)
+        new_scores = torch.full((B, K), float("-inf"), device=device)
+        new_rows = own_rows.clone()  # a dead slot keeps its row: never crosses sentences
+        new_tok = torch.full((B, K), pad_id, dtype=torch.long, device=device)
+        ts, bi, tk, end = (t.tolist() for t in (top_scores, beam_idx, tok, ends))
+        for b in range(B):
+            if done[b]:
+                continue
+            kept = 0
+            for j in range(2 * K):
+                if ts[b][j] == float("-inf"):
+                    break
+                row = b * K + bi[b][j]
+                if end[b][j]:
+                    if j < K:
+                        finished[b].append(_finish(tokens[row, 1:].tolist(), tk[b][j],
+                                                   ts[b][j], eos_id, length_penalty))
+                    continue
+                new_scores[b, kept], new_rows[b, kept] = ts[b][j], row
+                new_tok[b, kept] = tk[b][j]
+                kept += 1
+                if kept == K:
+                    break
+            done[b] = len(finished[b]) >= K or kept == 0
+        if all(done):
+            break
+        rows = new_rows.flatten()
+        tokens = torch.cat([tokens[rows], new_tok.view(-1, 1)], dim=1)
+        scores = new_scores.masked_fill(torch.tensor(done, device=device)[:, None],
+                                        float("-inf"))
+        state = decoder.reorder(state, rows)
+    return [max(f, key=lambda h: h.score) if f else Hypothesis([], float("-inf"))
+            for f in finished]
+
+
+def _finish(prefix: list[int], token: int, logp: float, eos_id: int,
+            length_penalty: float) -> Hypothesis:
+    """A hypothesis ended by EOS (not among its tokens, counted in its length) or by the
+    length limit (``token`` kept)."""
+    tokens = prefix if token == eos_id else prefix + [token]
+    return Hypothesis(tokens, logp / (len(prefix) + 1) ** length_penalty)

@@ -1,7 +1,7 @@
 """Encoder-decoder transformer for translation (Vaswani et al., 2017), pre-norm, with RoPE
 in self-attention, a shared source/target embedding (joint vocabulary), and greedy and
-batched beam-search decoding (Wu et al., 2016, "GNMT", for the length penalty) on the
-decoder's KV cache, with cross-attention keys/values computed once per sentence.
+batched beam-search decoding (``modules.generation``) on the decoder's KV cache, with
+cross-attention keys/values computed once per sentence.
 
 Shape legend: B sentences, K beams, S source length, T target length, V vocabulary,
 E embed_dim. Token 0 is padding.
@@ -10,11 +10,13 @@ E embed_dim. Token 0 is padding.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .generation import beam_search, greedy_search
 from .transformer import Transformer
 
 
@@ -71,128 +73,98 @@ class Seq2SeqTransformer(nn.Module):
         return self.decode(tgt_in, memory, src_mask)
 
     # ----------------------------------------------------------------------- decoding
-    def _start(self, memory: Tensor, src_mask: Tensor, beams: int, max_len: int):
-        """Caches for B*K rows, cross-attention K/V computed once per sentence then shared."""
-        B = memory.shape[0]
-        caches = self.decoder.new_caches(B * beams, max_len + 1, device=memory.device,
-                                         dtype=memory.dtype)
-        for block, (_, cross) in zip(self.decoder.blocks, caches):
-            k, v = block.cross_attn._context_kv(memory)
-            cross.k, cross.v = (t.repeat_interleave(beams, 0) for t in (k, v))
-        return caches, src_mask.repeat_interleave(beams, 0)
-
-    def _step(self, tokens: Tensor, memory, src_mask, caches, use_cache: bool) -> Tensor:
-        """Log-probabilities of the next token for each row, ``(rows, V)``."""
-        if use_cache:
-            logits = self.decode(tokens[:, -1:], None, src_mask, caches=caches)
-        else:
-            logits = self.decode(tokens, memory, src_mask)
-        return F.log_softmax(logits[:, -1].float(), dim=-1)
-
-    def _limits(self, src_mask: Tensor, max_len_a: float, max_len_b: int):
-        src_len = src_mask.sum(-1)
-        limit = (src_len.float() * max_len_a).ceil().long() + max_len_b  # per sentence
-        return limit, max(1, min(int(limit.max()), self.max_seq_len - 1))
+    def _decode_limits(self, src_mask: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
+        """Per-sentence target limits ``(B,)``: ``ceil(a * source_length) + b``, within
+        ``[1, max_seq_len - 1]`` so that BOS, the hypothesis and its EOS fit the model."""
+        limit = (src_mask.sum(-1).float() * max_len_a).ceil().long() + max_len_b
+        return limit.clamp(1, max(1, self.max_seq_len - 1))
 
     @torch.no_grad()
     def greedy(self, src: Tensor, *, max_len_a: float = 1.5, max_len_b: int = 10,
                use_cache: bool = True) -> list[list[int]]:
-        """Greedy decoding (the argmax each step); ids per sentence, without BOS/EOS."""
+        """Greedy decoding (the argmax each step); ids per sentence, without BOS/EOS.
+        Arguments as in ``beam_search``."""
         memory, src_mask = self.encode(src)
-        B = src.shape[0]
-        limit, max_len = self._limits(src_mask, max_len_a, max_len_b)
-        caches = self._start(memory, src_mask, 1, max_len)[0] if use_cache else None
-        tokens = torch.full((B, 1), self.bos_id, dtype=torch.long, device=src.device)
-        out: list[list[int]] = [[] for _ in range(B)]
-        alive = [True] * B
-        for step in range(1, max_len + 1):
-            nxt = self._step(tokens, memory, src_mask, caches, use_cache).argmax(-1).tolist()
-            for b in range(B):
-                if not alive[b]:
-                    continue
-                if nxt[b] == self.eos_id:
-                    alive[b] = False
-                    continue
-                out[b].append(nxt[b])
-                alive[b] = step < int(limit[b])
-            if not any(alive):
-                break
-            tokens = torch.cat([tokens, torch.tensor(nxt, device=src.device)[:, None]], 1)
-        return out
+        limit = self._decode_limits(src_mask, max_len_a, max_len_b)
+        return greedy_search(Seq2SeqSteps(self, memory, src_mask, use_cache=use_cache),
+                             src.shape[0], max_len=limit, bos_id=self.bos_id,
+                             eos_id=self.eos_id)
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, *, beam_size: int = 4, length_penalty: float = 1.0,
                     max_len_a: float = 1.5, max_len_b: int = 10,
                     use_cache: bool = True) -> list[list[int]]:
-        """Batched beam search.
+        """Batched beam search (``modules.generation.beam_search``).
 
         Args:
             src: ``(B, S)`` source ids, 0-padded.
             beam_size: K hypotheses per sentence; 1 is greedy decoding.
             length_penalty: alpha; a finished hypothesis scores ``logp / len ** alpha``.
-            max_len_a, max_len_b: at most ``a * source_length + b`` target tokens.
+            max_len_a, max_len_b: at most ``a * source_length + b`` target tokens (and at
+                most ``max_seq_len - 1``).
             use_cache: decode incrementally with the KV cache (False recomputes the
                 whole prefix and the cross-attention each step).
 
         Returns:
             the best hypothesis of each sentence, as ids without BOS/EOS.
         """
-        K, dev = beam_size, src.device
         memory, src_mask = self.encode(src)
-        B = src.shape[0]
-        limit, max_len = self._limits(src_mask, max_len_a, max_len_b)
-        if use_cache:
-            caches, rows_mask = self._start(memory, src_mask, K, max_len)
-            rows_memory = None
+        limit = self._decode_limits(src_mask, max_len_a, max_len_b)
+        hyps = beam_search(Seq2SeqSteps(self, memory, src_mask, use_cache=use_cache),
+                           src.shape[0], max_len=limit, bos_id=self.bos_id,
+                           eos_id=self.eos_id, pad_id=self.pad_id, beam_size=beam_size,
+                           length_penalty=length_penalty)
+        return [h.tokens for h in hyps]
+
+
+class Seq2SeqState(NamedTuple):
+    """Decoding state of B * K rows: self-attention caches holding the cross-attention
+    keys/values (with the cache), or the memory repeated per row (without), and the
+    source key padding mask ``(rows, S)``."""
+
+    caches: list | None
+    memory: Tensor | None
+    src_mask: Tensor
+
+
+class Seq2SeqSteps:
+    """The ``BeamDecoder`` steps of a ``Seq2SeqTransformer`` over one encoded source batch.
+
+    Args:
+        model: the network.
+        memory, src_mask: ``encode``'s output, ``(B, S, E)`` and ``(B, S)``.
+        use_cache: decode incrementally with the KV cache, the cross-attention keys/values
+            computed once per sentence; False recomputes the whole prefix every step.
+    """
+
+    def __init__(self, model: Seq2SeqTransformer, memory: Tensor, src_mask: Tensor, *,
+                 use_cache: bool = True):
+        self.model, self.memory, self.src_mask = model, memory, src_mask
+        self.use_cache = use_cache
+
+    def start(self, beams: int, max_len: int) -> Seq2SeqState:
+        rows_mask = self.src_mask.repeat_interleave(beams, 0)
+        if not self.use_cache:
+            return Seq2SeqState(None, self.memory.repeat_interleave(beams, 0), rows_mask)
+        decoder = self.model.decoder
+        caches = decoder.new_caches(rows_mask.shape[0], max_len + 1,
+                                    device=self.memory.device, dtype=self.memory.dtype)
+        for block, (_, cross) in zip(decoder.blocks, caches):
+            k, v = block.cross_attn._context_kv(self.memory)
+            cross.k, cross.v = (t.repeat_interleave(beams, 0) for t in (k, v))
+        return Seq2SeqState(caches, None, rows_mask)
+
+    def step(self, tokens: Tensor, state: Seq2SeqState) -> Tensor:
+        if state.caches is not None:
+            logits = self.model.decode(tokens[:, -1:], None, state.src_mask,
+                                       caches=state.caches)
         else:
-            caches, rows_mask = None, src_mask.repeat_interleave(K, 0)
-            rows_memory = memory.repeat_interleave(K, 0)
-        tokens = torch.full((B * K, 1), self.bos_id, dtype=torch.long, device=dev)
-        scores = torch.full((B, K), float("-inf"), device=dev)
-        scores[:, 0] = 0.0  # all beams start identical: keep one alive
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for step in range(1, max_len + 1):
-            logp = self._step(tokens, rows_memory, rows_mask, caches, use_cache)  # (B*K, V)
-            V = logp.shape[-1]
-            cand = (scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)
-            top_scores, top_idx = cand.topk(2 * K, dim=-1)  # (B, 2K)
-            beam_idx, tok = top_idx // V, top_idx % V
-            is_eos = (tok == self.eos_id) | (step >= limit).unsqueeze(-1)
-            new_scores = torch.full((B, K), float("-inf"), device=dev)
-            new_rows = torch.zeros(B, K, dtype=torch.long, device=dev)
-            new_tok = torch.full((B, K), self.pad_id, dtype=torch.long, device=dev)
-            ts, bi, tk, eos = (t.tolist() for t in (top_scores, beam_idx, tok, is_eos))
-            for b in range(B):
-                if done[b]:
-                    continue
-                kept = 0
-                for j in range(2 * K):
-                    if ts[b][j] == float("-inf"):
-                        break
-                    row = b * K + bi[b][j]
-                    if eos[b][j]:
-                        if j < K:  # only an end among the K best counts (as in fairseq)
-                            hyp = tokens[row, 1:].tolist()
-                            if tk[b][j] != self.eos_id:
-                                hyp.append(tk[b][j])
-                            norm = len(hyp) + 1 if tk[b][j] == self.eos_id else len(hyp)
-                            finished[b].append((ts[b][j] / max(norm, 1) ** length_penalty,
-                                                hyp))
-                        continue
-                    new_scores[b, kept], new_rows[b, kept] = ts[b][j], row
-                    new_tok[b, kept] = tk[b][j]
-                    kept += 1
-                    if kept == K:
-                        break
-                if len(finished[b]) >= K or kept == 0:
-                    done[b] = True
-            if bool(done.all()):
-                break
-            rows = new_rows.flatten()
-            tokens = torch.cat([tokens[rows], new_tok.view(-1, 1)], dim=1)
-            scores = new_scores.masked_fill(done.unsqueeze(-1), float("-inf"))
-            if use_cache:  # cross-attention K/V rows are shared by a sentence's beams
-                for self_cache, _ in caches:
-                    self_cache.reorder(rows)
-        return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
+            logits = self.model.decode(tokens, state.memory, state.src_mask)
+        return F.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def reorder(self, state: Seq2SeqState, rows: Tensor) -> Seq2SeqState:
+        # Cross-attention K/V rows are the same for all of a sentence's beams: not moved.
+        if state.caches is not None:
+            for self_cache, _ in state.caches:
+                self_cache.reorder(rows)
+        return state
