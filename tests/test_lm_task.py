@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
 
 from data.text import Tokenizer
-from tasks import common
 from tasks import lm as lm_task
+from tasks.framework import runtime
+from tasks.framework.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fixtures" / "sonnets.txt"
@@ -67,7 +69,7 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
                                 f"ckpt={tmp_path}/checkpoints/best.ckpt",
                                 "generate.temperature=0", "generate.dtype=bfloat16"))
     assert len(half["completions"]) == 1 and half["completions"][0]
-    with pytest.raises(common.UserError, match="generate.dtype must be float32 or bfloat16, got 'fp8'"):
+    with pytest.raises(UserError, match="generate.dtype must be float32 or bfloat16, got 'fp8'"):
         lm_task.run(make_cfg(tmp_path, "mode=generate", f"ckpt={tmp_path}/checkpoints/best.ckpt",
                              "generate.dtype=fp8"))
 
@@ -88,18 +90,18 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     lm_task.run(make_cfg(straight))
 
-    class StopAt4(common.Callback):
+    class StopAt4(Callback):
         def on_validation_end(self, trainer, pl_module):
             if trainer.global_step == 4:
                 trainer.should_stop = True
 
-    build = common.build_trainer
-    monkeypatch.setattr(common, "build_trainer",
+    build = runtime.build_trainer
+    monkeypatch.setattr(runtime, "build_trainer",
                         lambda *a, **k: build(*a, **k, extra_callbacks=[StopAt4()]))
     split = tmp_path / "split"
     lm_task.run(make_cfg(split))
     assert torch.load(split / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 4
-    monkeypatch.setattr(common, "build_trainer", build)
+    monkeypatch.setattr(runtime, "build_trainer", build)
     lm_task.run(make_cfg(split, "resume=auto"))
 
     a, b = _weights(straight / "checkpoints/last.ckpt"), _weights(split / "checkpoints/last.ckpt")
@@ -116,7 +118,7 @@ def test_init_from_loads_weights_and_refuses_other_shapes(tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "best.ckpt"
     res = lm_task.run(make_cfg(tmp_path / "b", f"init_from={ckpt}", "optimizer.lr=1e-4"))
     assert res["init_from"]["loaded"] > 0 and not res["init_from"]["missing"]
-    with pytest.raises(common.UserError, match="differ in shape"):
+    with pytest.raises(UserError, match="differ in shape"):
         lm_task.run(make_cfg(tmp_path / "c", f"init_from={ckpt}", "model.embed_dim=48"))
 
 
@@ -152,18 +154,18 @@ def test_misspelled_key_is_an_error_naming_it(tmp_path):
 def test_empty_truncated_and_foreign_inputs(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    with pytest.raises(common.DataError, match="hold no text"):
+    with pytest.raises(UserError, match="hold no text"):
         lm_task.run(make_cfg(tmp_path / "r", f"data.train_files={empty}"))
     lm_task.run(make_cfg(tmp_path / "ok"))
     good = tmp_path / "ok" / "checkpoints" / "best.ckpt"
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[:5000])
-    with pytest.raises(common.UserError, match="cannot be read.*truncated"):
+    with pytest.raises(UserError, match="cannot be read.*truncated"):
         lm_task.run(make_cfg(tmp_path / "r", "mode=generate", f"ckpt={truncated}"))
     foreign = torch.load(good, weights_only=False)
     foreign["attnkit"]["task"] = "vit"
     torch.save(foreign, tmp_path / "vit.ckpt")
-    with pytest.raises(common.UserError, match="is from the 'vit' task; expected a 'lm'"):
+    with pytest.raises(UserError, match="is from the 'vit' task; expected a 'lm'"):
         lm_task.run(make_cfg(tmp_path / "r", f"init_from={tmp_path / 'vit.ckpt'}"))
     # nothing the first run wrote was touched by the failed ones
     assert good.is_file() and (tmp_path / "ok" / "results.json").is_file()
@@ -213,3 +215,29 @@ def test_compiled_forward_and_loss_match_eager(tmp_path):
     torch.testing.assert_close(losses[1][0], losses[0][0])
     assert losses[1][1] == losses[0][1] == 3 * 16 - 4
     torch.testing.assert_close(losses[1][2], losses[0][2], rtol=1e-4, atol=1e-6)
+
+
+def test_init_from_hf_llama_directory_through_the_command_line(tmp_path):
+    """init_from=DIR takes rope_theta, norm eps, head split and vocabulary from config.json;
+    a tokenizer of another size is a one-line error."""
+    from tests.test_converters_llama import save_llama
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok = Tokenizer.train(CORPUS.read_text(), 400)
+    tok.save(tok_dir / "spm.model")
+    save_llama(tmp_path / "llama", vocab_size=tok.vocab_size, max_position_embeddings=128)
+    proc = cli(tmp_path, f"init_from={tmp_path / 'llama'}", f"data.tokenizer={tok_dir}/spm.model",
+               "trainer.val_check_interval=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["init_from"]["loaded"] > 0 and not res["init_from"]["missing"]
+    model = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt",
+                       weights_only=True)["attnkit"]["model"]
+    assert (model["rope_theta"], model["norm_eps"], model["num_heads"], model["num_kv_heads"],
+            model["embed_dim"], model["vocab_size"]) == (50000.0, 1e-5, 4, 2, 32,
+                                                         tok.vocab_size)
+    save_llama(tmp_path / "other", vocab_size=tok.vocab_size + 8)
+    proc = cli(tmp_path, f"init_from={tmp_path / 'other'}", f"data.tokenizer={tok_dir}/spm.model")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert f"vocabulary of {tok.vocab_size + 8} tokens" in proc.stderr

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from data.parallel import read_pairs, token_batches
 from modules.seq2seq import Seq2SeqTransformer
-from tasks import common
 from tasks import translation as tr_task
+from tasks.framework.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "genesis.en-es.tsv"
@@ -93,7 +93,7 @@ def test_token_batches_respect_budget():
 def test_misaligned_files_name_both_counts(tmp_path):
     (tmp_path / "a.txt").write_text("one\ntwo\nthree\n")
     (tmp_path / "b.txt").write_text("uno\ndos\n")
-    with pytest.raises(common.DataError, match=r"a.txt has 3 lines but .*b.txt has 2"):
+    with pytest.raises(UserError, match=r"a.txt has 3 lines but .*b.txt has 2"):
         read_pairs(source=tmp_path / "a.txt", target=tmp_path / "b.txt")
 
 

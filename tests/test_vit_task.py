@@ -12,8 +12,8 @@ from PIL import Image
 
 from modules.converters import vit_state_dict_from_timm
 from modules.vit import VisionTransformer, resize_pos_embed, sincos_2d
-from tasks import common
 from tasks import vit as vit_task
+from tasks.framework.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_train_predict_and_outputs(tmp_path, image_folder):
 
 
 def test_bad_image_can_stop_the_run(tmp_path, image_folder):
-    with pytest.raises(common.DataError, match="broken.png cannot be read"):
+    with pytest.raises(UserError, match="broken.png cannot be read"):
         vit_task.run(make_cfg(tmp_path / "r", image_folder, "data.on_bad_image=error"))
 
 

@@ -1,0 +1,153 @@
+"""Checkpoints: loading without running code, weights-only init, resume, RNG state.
+
+Every file a user points at (``ckpt=``, ``init_from=``, ``resume=``, a timm ``.pth``) is
+read with ``torch.load(weights_only=True)``: tensors, numbers, strings and containers
+only, so a crafted pickle cannot run code. The network class named in a checkpoint's
+metadata is built only if it is one of this project's model classes (``MODEL_TARGETS``):
+a file naming ``builtins.open`` or ``os.remove`` as its model is refused before anything
+is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from .errors import UserError
+
+log = logging.getLogger("attnkit")
+
+CKPT_KEY = "attnkit"  # our metadata inside every Lightning checkpoint
+
+# The network classes a config or checkpoint may name as ``model._target_``.
+MODEL_TARGETS = frozenset({
+    "modules.lm.CausalLM",
+    "modules.seq2seq.Seq2SeqTransformer",
+    "modules.vit.VisionTransformer",
+})
+
+
+def check_model_target(model_cfg: dict, source: str) -> None:
+    """Refuse a model config whose ``_target_`` is not one of our network classes."""
+    target = model_cfg.get("_target_") if isinstance(model_cfg, dict) else None
+    if target not in MODEL_TARGETS:
+        raise UserError(f"{source} names model {target!r}; expected one of "
+                        f"{sorted(MODEL_TARGETS)}")
+
+
+def safe_load(path: str | os.PathLike, what: str) -> object:
+    """``torch.load`` with pickle code execution disabled; unreadable files are UserErrors."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(f"{what} {path} holds Python objects other than tensors and plain "
+                            f"data, which are not loaded (they could run code); expected a "
+                            f"checkpoint or state dict of tensors") from None
+        raise UserError(f"{what} {path} cannot be read (UnpicklingError: "
+                        f"{str(exc).splitlines()[0][:120]}); it may be truncated or not a "
+                        f"checkpoint") from None
+    except Exception as exc:
+        raise UserError(f"{what} {path} cannot be read ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); it may be "
+                        f"truncated or not a checkpoint") from None
+
+
+def load_checkpoint(path: str | os.PathLike, task: str) -> dict:
+    """A checkpoint of ``task``; any other file is an error that says what it is."""
+    ckpt = safe_load(path, "checkpoint")
+    meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in ckpt:
+        raise UserError(f"checkpoint {path} was not written by attnkit (no {CKPT_KEY!r} "
+                        f"metadata); expected a {task} checkpoint")
+    if meta.get("task") != task:
+        raise UserError(f"checkpoint {path} is from the {meta.get('task')!r} task; expected a "
+                        f"{task!r} checkpoint")
+    check_model_target(meta.get("model"), f"checkpoint {path}")
+    return ckpt
+
+
+def model_state(path: str | os.PathLike, task: str) -> dict:
+    """The ``model.*`` weights of a ``task`` checkpoint, with the prefix removed."""
+    state = load_checkpoint(path, task)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+def init_weights_from(module: torch.nn.Module, state: dict, *, strict: bool, source: str,
+                      skip: Callable[[str], bool] = lambda k: False) -> dict:
+    """Load weights only, reporting missing and unexpected keys; shape mismatches and, when
+    strict, any missing or unexpected key are errors naming them."""
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if not skip(k)}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"init_from {source} does not fit this model: {len(wrong)} tensors "
+                        f"differ in shape (checkpoint vs model), e.g. {wrong[0]}")
+    missing = sorted(k for k in own if k not in state)  # skipped keys keep their init
+    unexpected = sorted(k for k in state if k not in own)
+    if strict and ([k for k in missing if not skip(k)] or unexpected):
+        raise UserError(f"init_from {source}: {len(missing)} missing keys {missing[:3]} and "
+                        f"{len(unexpected)} unexpected keys {unexpected[:3]}; set "
+                        f"init_strict=false to load the rest")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    report = {"loaded": len(state) - len(unexpected), "missing": missing,
+              "unexpected": unexpected}
+    log.info("init_from %s: loaded %d tensors, %d missing, %d unexpected", source,
+             report["loaded"], len(missing), len(unexpected))
+    return report
+
+
+def resume_path(cfg: DictConfig, out: Path) -> str | None:
+    """``resume=PATH``, or ``resume=auto``: the run directory's last checkpoint if any."""
+    if not cfg.get("resume"):
+        return None
+    if cfg.resume == "auto":
+        last = out / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    load_checkpoint(cfg.resume, cfg.task)  # fail early with a clear message
+    return str(cfg.resume)
+
+
+class RNGState(Callback):
+    """Saves the Python, NumPy and torch (CPU and CUDA) random states in every checkpoint
+    and restores them on resume, so dropout, DropPath, MixUp/CutMix and augmentation go on
+    exactly as in an uninterrupted run. (Batch order and DataLoader worker seeds come from
+    the resumable loader's own seeded generators, not from these states.)"""
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        state = {
+            "python": list(random.getstate()[1]) + [random.getstate()[2]],
+            "python_version": random.getstate()[0],
+            "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
+                      "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        py = state["python"]
+        random.setstate((state["python_version"], tuple(py[:-1]), py[-1]))
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,85 @@
+"""Checks on the configuration: the command line before anything runs, and the mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _leaves(cfg, prefix=""):
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line composition errors as one sentence."""
+    parts = []
+    for e in (exc, exc.__cause__):
+        if e is None:
+            continue
+        for line in str(e).splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key:", "object_type", "reference_type",
+                                             "Set the environment")) and line not in parts:
+                parts.append(line)
+    return "; ".join(parts) or type(exc).__name__
+
+
+def _type_errors(cfg: dict, defaults: dict) -> None:
+    """An override whose type differs from the default's (``trainer.max_steps=abc``)."""
+    actual = dict(_leaves(cfg))
+    for key, default in _leaves(defaults):
+        if key not in actual or default is None or key.startswith("hydra."):
+            continue
+        value = actual[key]
+        if value is None or isinstance(value, str) and value.startswith("${"):
+            continue
+        ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if ok is None or isinstance(value, ok) and not (type(default) is int and
+                                                         isinstance(value, bool)):
+            continue
+        raise UserError(f"{key}={value!r} is not valid: expected {type(default).__name__} "
+                        f"like the default {default!r}")
+
+
+def check_command_line(config_name: str, overrides: list[str]) -> None:
+    """Compose the config the command line asks for before Hydra runs it: a misspelled key,
+    an unknown config group option or a value of the wrong type is one UserError. Command
+    lines with flags (``-m``, ``--help``, ``--cfg``) are left to Hydra."""
+    if any(a.startswith("-") for a in overrides):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=")[0].lstrip("+~")]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+            defaults = compose(config_name, overrides=groups)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UserError(_one_line(exc)) from None
+    _type_errors(OmegaConf.to_container(cfg, resolve=False),
+                 OmegaConf.to_container(defaults, resolve=False))
+
+
+def select_mode(cfg: DictConfig, task: str, modes: dict[str, Callable]) -> Callable:
+    """The entry point for ``cfg.mode``; an unknown mode is a one-line error."""
+    if cfg.mode not in modes:
+        raise UserError(f"mode={cfg.mode!r} is not a mode of the {task} task; expected one of "
+                        f"{sorted(modes)}")
+    return modes[cfg.mode]
+
+
+def require(ok: bool, key: str, value, expected: str) -> None:
+    """A config value outside its range: ``require(ctx > 0, "data.context", ctx, "> 0")``."""
+    if not ok:
+        raise UserError(f"{key}={value!r} is not valid: expected {expected}")

@@ -1,0 +1,73 @@
+"""Optimizer and learning-rate schedule from ``_partial_`` Hydra configs."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from omegaconf import OmegaConf
+
+from .errors import UserError
+
+log = logging.getLogger("attnkit")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0,
+                  min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
+    if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise UserError(f"scheduler.warmup_steps={warmup_steps}, "
+                        f"scheduler.min_lr_ratio={min_lr_ratio}: expected warmup_steps >= 0 "
+                        f"and min_lr_ratio in [0, 1]")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms and biases are not decayed."""
+    decay, keep = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def _clipping_under_mixed_precision(trainer) -> bool:
+    """Lightning's mixed-precision plugin refuses to clip gradients for an optimizer that
+    unscales them itself (a fused one), even in bf16, where nothing is scaled."""
+    if trainer is None or not trainer.gradient_clip_val:
+        return False
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    return isinstance(trainer.precision_plugin, MixedPrecision)
+
+
+def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg,
+                           total_steps: int, trainer=None):
+    """Optimizer and per-step scheduler from ``_partial_`` Hydra configs. ``fused: true`` turns
+    into ``foreach`` (multi-tensor) where the trainer clips gradients under mixed precision.
+    A value the optimizer or schedule refuses (``optimizer.lr=-1``) is a UserError."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    opt_cfg = OmegaConf.to_container(optimizer_cfg, resolve=True)
+    wd = opt_cfg.pop("weight_decay", 0.0)
+    if opt_cfg.get("fused") and _clipping_under_mixed_precision(trainer):
+        opt_cfg["fused"], opt_cfg["foreach"] = None, True
+        log.info("optimizer: foreach instead of fused (gradient clipping under %s)",
+                 trainer.precision)
+    if opt_cfg.get("fused") is None:
+        opt_cfg.pop("fused", None)
+    try:
+        optimizer = instantiate(opt_cfg)(decay_groups(module, wd))
+        scheduler = instantiate(scheduler_cfg)(optimizer, total_steps=total_steps)
+    except (ValueError, TypeError, InstantiationException) as exc:
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ \
+            else exc
+        raise UserError(f"optimizer/scheduler settings are not valid: {cause} (optimizer: "
+                        f"{opt_cfg.get('_target_')}, lr={opt_cfg.get('lr')})") from None
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,144 @@
+"""The one training skeleton every task runs, and ``Task``, what a task file provides.
+
+A task is its data, its network config, its step and metric code, and its results:
+
+    class MyTask(Task):
+        name, module_class = "mytask", MyModule      # MyModule(TaskModule): the steps
+        monitor, monitor_mode = "val/acc", "max"     # what picks the best checkpoint
+        curves = [(["train/loss", "val/loss"], "loss_curves.png", "loss")]
+
+        def prepare(self, cfg, out) -> Prepared: ...         # data, loaders, model config
+        def evaluate(self, trainer, module, prep, cfg, out) -> dict: ...  # closing figures
+
+``train`` then does the rest in this order: clock and seeds, ``prepare``, the module,
+``init_from``, the trainer, fit (or resume) and restore the best weights, ``evaluate``,
+curves, ``results.json`` and the summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from . import runtime
+from .checkpoints import init_weights_from, load_checkpoint, model_state, resume_path
+from .config import select_mode
+from .errors import UserError
+from .module import TaskModule
+from .optim import configure_optimization
+from .reporting import finish, plot_curves
+
+
+@dataclass
+class Prepared:
+    """What a task's ``prepare`` hands to the skeleton.
+
+    Args:
+        train_loader, val_loader: the loaders ``fit`` uses.
+        model_cfg: the network config, completed with what the data decides (vocabulary
+            size, class count).
+        meta: inference metadata stored in checkpoints (``TaskModule.meta``).
+        options: further keyword arguments of the task's module (label smoothing, ...).
+        info: data figures for ``results.json`` (source, sizes).
+        data: anything else ``evaluate`` needs (test split, tokenizer, ...).
+    """
+
+    train_loader: Any
+    val_loader: Any
+    model_cfg: dict
+    meta: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    data: Any = None
+
+
+class Task:
+    """Base of the task definitions; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    module_class: ClassVar[type[TaskModule]] = TaskModule
+    monitor: ClassVar[str] = "val/loss"
+    monitor_mode: ClassVar[str] = "min"
+    curves: ClassVar[list[tuple[list[str], str, str]]] = []
+
+    def modes(self) -> dict[str, Callable[[DictConfig], dict]]:
+        """Modes besides ``train`` (``generate``, ``predict``, ...)."""
+        return {}
+
+    def prepare(self, cfg: DictConfig, out: Path) -> Prepared:
+        raise NotImplementedError
+
+    def init_from(self, module: TaskModule, cfg: DictConfig, prep: Prepared) -> dict | None:
+        """``init_from=PATH``: by default a checkpoint of this task, weights only."""
+        return init_weights_from(module.model, model_state(cfg.init_from, self.name),
+                                 strict=cfg.init_strict, source=str(cfg.init_from))
+
+    def evaluate(self, trainer: L.Trainer, module: TaskModule, prep: Prepared,
+                 cfg: DictConfig, out: Path) -> dict:
+        """Closing figures (every rank calls it; may run collectives). May return
+        ``plots``: a list of PNG paths."""
+        return {}
+
+
+def model_config(cfg: DictConfig, **completed) -> dict:
+    """``cfg.model`` as a plain dict, with the fields the data decides filled in."""
+    m = OmegaConf.to_container(cfg.model, resolve=True)
+    m.update(completed)
+    return m
+
+
+def fit_and_restore_best(trainer: L.Trainer, module: TaskModule, prep: Prepared,
+                         resume: str | None) -> str:
+    """Fit (resuming from ``resume`` if given, with weights-only loading), then load the best
+    checkpoint's weights on every rank, so a closing evaluation (collectives under DDP) runs
+    on all of them."""
+    trainer.fit(module, prep.train_loader, prep.val_loader, ckpt_path=resume,
+                weights_only=True)
+    best = trainer.checkpoint_callback.best_model_path
+    if best:
+        module.load_state_dict(load_checkpoint(best, module.task)["state_dict"])
+    return best
+
+
+def train(task: Task, cfg: DictConfig) -> dict:
+    """The training skeleton; returns the results dict (empty on ranks other than zero)."""
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
+        raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} must be a positive number "
+                        f"of optimizer steps")
+    t0, out = runtime.begin(cfg)
+    resume = resume_path(cfg, out)  # a bad resume= fails here, before any work
+    prep = task.prepare(cfg, out)
+    t_data = runtime.seconds_since(t0)
+    module = task.module_class(model_cfg=prep.model_cfg, meta=prep.meta,
+                               optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler,
+                               total_steps=cfg.trainer.max_steps, **prep.options)
+    configure_optimization(module.model, cfg.optimizer, cfg.scheduler, 1)  # fail early
+    init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
+    trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
+                                             mode=task.monitor_mode)
+    best = fit_and_restore_best(trainer, module, prep, resume)
+    figures = task.evaluate(trainer, module, prep, cfg, out)
+    if not trainer.is_global_zero:
+        return {}
+    plots = [plot_curves(history, keys, out / fname, title) for keys, fname, title in
+             task.curves] + list(figures.pop("plots", []))
+    results = {
+        "task": task.name, **prep.info,
+        "params": sum(p.numel() for p in module.model.parameters()),
+        "steps": trainer.global_step, **figures, "data_seconds": t_data,
+        "total_seconds": runtime.seconds_since(t0), "best_checkpoint": best,
+        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"), "init_from": init_report,
+        "plots": [str(p) for p in plots if p], "run_dir": str(out),
+    }
+    return finish(out, results, f"{task.name}: {out}")
+
+
+def run(task: Task, cfg: DictConfig) -> dict:
+    """``cfg.mode``: ``train`` or one of the task's other modes."""
+    return select_mode(cfg, task.name, {"train": partial(train, task), **task.modes()})(cfg)

@@ -1,0 +1,217 @@
+"""The task framework: no code runs from files a user points at, exact resume with the
+random state, and the error contract (one line, exit status 2) through the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+
+from tasks import lm as lm_task
+from tasks.framework import checkpoints, runtime
+from tasks.framework.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "fixtures" / "sonnets.txt"
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+def make_cfg(run_dir, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("lm", overrides=[
+            "model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
+            "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
+            "generate.max_new_tokens=4", f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained")
+    os.environ.setdefault("ATTNKIT_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+    lm_task.run(make_cfg(out))
+    return out / "checkpoints" / "best.ckpt"
+
+
+class _CreatesFile:
+    """Unpickling this calls ``open(path, "w")``: what a malicious checkpoint would do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def cli(tmp_path, task, *args, base=None):
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    if base is None:
+        base = ["model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
+                "trainer.max_steps=2"] if task == "lm" else []
+    base = [*base, f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    return subprocess.run([sys.executable, "-m", f"tasks.{task}", *base, *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def one_line_error(proc, expect: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), proc.stderr[-2000:]
+    assert expect in err[0], err[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# --------------------------------------------------------------------------- no code runs
+@pytest.mark.parametrize("key", ["ckpt", "init_from", "resume"])
+def test_a_pickle_that_runs_code_is_refused_and_creates_nothing(tmp_path, key):
+    victim = tmp_path / "created_by_pickle"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"attnkit": {"task": "lm"}, "state_dict": {}, "x": _CreatesFile(str(victim))},
+               evil)
+    args = [f"{key}={evil}"] + (["mode=generate"] if key == "ckpt" else [])
+    proc = cli(tmp_path, "lm", *args)
+    one_line_error(proc, "not loaded (they could run code)")
+    assert not victim.exists()
+
+
+def test_timm_pth_that_runs_code_is_refused(tmp_path):
+    victim = tmp_path / "created_by_pickle"
+    evil = tmp_path / "vit_small.pth"
+    torch.save({"patch_embed.proj.weight": torch.zeros(1), "x": _CreatesFile(str(victim))}, evil)
+    with pytest.raises(UserError, match="could run code"):
+        checkpoints.safe_load(evil, "init_from")
+    assert not victim.exists()
+
+
+@pytest.mark.parametrize("target", ["builtins.open", "torch.save", "os.mkdir"])
+def test_checkpoint_naming_a_foreign_model_class_is_refused(tmp_path, trained, target):
+    ckpt = torch.load(trained, weights_only=True)
+    victim = tmp_path / "made_by_target"
+    ckpt["attnkit"]["model"] = {"_target_": target, "_args_": [str(victim), "w"]}
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    proc = cli(tmp_path, "lm", "mode=generate", f"ckpt={bad}")
+    one_line_error(proc, f"names model '{target}'; expected one of")
+    assert not victim.exists()
+
+
+def test_lightning_resume_loads_weights_only(tmp_path, trained):
+    # resume= goes through Lightning's own loader: it must refuse pickled objects too.
+    split = tmp_path / "split"
+    ckpt = torch.load(trained.parent / "last.ckpt", weights_only=True)
+    victim = tmp_path / "created_on_resume"
+    ckpt["loops"]["evil"] = _CreatesFile(str(victim))
+    bad = tmp_path / "last.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(UserError):
+        lm_task.run(make_cfg(split, f"resume={bad}"))
+    assert not victim.exists()
+
+
+# --------------------------------------------------------------------------- exact resume
+def test_resume_restores_the_random_state(tmp_path, monkeypatch):
+    """With dropout, a run stopped at step 4 and resumed ends with the same weights as an
+    uninterrupted one only if the RNG state travels in the checkpoint."""
+    overrides = ["model.drop=0.2", "model.attn_drop=0.1"]
+    straight = tmp_path / "straight"
+    lm_task.run(make_cfg(straight, *overrides))
+
+    class StopAt4(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.global_step == 4:
+                trainer.should_stop = True
+
+    build = runtime.build_trainer
+    monkeypatch.setattr(runtime, "build_trainer",
+                        lambda *a, **k: build(*a, **k, extra_callbacks=[StopAt4()]))
+    split = tmp_path / "split"
+    lm_task.run(make_cfg(split, *overrides))
+    monkeypatch.setattr(runtime, "build_trainer", build)
+    torch.manual_seed(12345)  # a different state at restart: only the checkpoint's may count
+    lm_task.run(make_cfg(split, "resume=auto", *overrides))
+    a = torch.load(straight / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(split / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    cb = checkpoints.RNGState()
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    torch.save({"rng": cb.state_dict()}, tmp_path / "s.pt")
+    expect = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    cb.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expect[0])
+    assert random.random() == expect[1] and np.random.rand() == expect[2]
+
+
+# --------------------------------------------------------------------------- error contract
+def _image_folder(root: Path) -> Path:
+    from PIL import Image
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (16, 16), 60 * i).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("task,args,expect", [
+    ("lm", ["model.embed_dimm=64"], "embed_dimm"),
+    ("lm", ["model=lm_huge"], "lm_huge"),
+    ("lm", ["trainer.max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int"),
+    ("lm", ["model.backend=flash"], "model (modules.lm.CausalLM) cannot be built"),
+    ("lm", ["model.num_heads=5"], "cannot be built"),
+    ("lm", ["optimizer.lr=-1"], "optimizer/scheduler settings are not valid"),
+    ("lm", ["data.context=0"], "data.context=0 is not valid"),
+    ("lm", ["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive"),
+    ("lm", ["trainer.accelerator=gpu"], "trainer settings are not valid"),
+    ("vit", ["model.pool=max"], "cannot be built"),
+    ("vit", ["data.root=/nonexistent-images"], "/nonexistent-images"),
+    ("translation", ["data.train_file=/nonexistent.tsv"], "/nonexistent.tsv"),
+    ("translation", ["mode=translate", "ckpt=/nonexistent.ckpt", "input=-"],
+     "checkpoint /nonexistent.ckpt does not exist"),
+])
+def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
+    base = None
+    if task == "vit" and not any(a.startswith("data.root") for a in args):
+        base = [f"data.root={_image_folder(tmp_path / 'imgs')}", "data.img_size=16",
+                "trainer.max_steps=1"]
+    if task == "translation" and "mode=translate" not in args:
+        base = ["model=seq2seq_tiny"]
+    proc = cli(tmp_path, task, *args, base=base)
+    one_line_error(proc, expect)
+
+
+def test_a_run_prints_no_advertising(tmp_path):
+    proc = cli(tmp_path, "lm", "trainer.val_check_interval=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "litlogger" not in proc.stdout + proc.stderr
+    assert "litmodels" not in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 2
+
+
+def test_rank_comes_from_slurm_when_lightning_sets_none(monkeypatch):
+    # Lightning reads SLURM_PROCID at import; ours follows it (no RANK/LOCAL_RANK there).
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert not runtime.is_rank_zero()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert runtime.is_rank_zero()
