@@ -11,28 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import Callback
 
 from tasks import lm as lm_task
-from tasks.framework import checkpoints, runtime
+from tasks.framework import checkpoints
 from tasks.framework.errors import UserError
-
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "tests" / "fixtures" / "sonnets.txt"
-
-
-@pytest.fixture(autouse=True)
-def data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
-
-
-def make_cfg(run_dir, *overrides):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("lm", overrides=[
-            "model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
-            "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1",
-            "generate.max_new_tokens=4", f"run_dir={run_dir}", *overrides])
+from tests.test_lm_task import CORPUS, ROOT, data_cache, make_cfg  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -119,32 +102,6 @@ def test_lightning_resume_loads_weights_only(tmp_path, trained):
 
 
 # --------------------------------------------------------------------------- exact resume
-def test_resume_restores_the_random_state(tmp_path, monkeypatch):
-    """With dropout, a run stopped at step 4 and resumed ends with the same weights as an
-    uninterrupted one only if the RNG state travels in the checkpoint."""
-    overrides = ["model.drop=0.2", "model.attn_drop=0.1"]
-    straight = tmp_path / "straight"
-    lm_task.run(make_cfg(straight, *overrides))
-
-    class StopAt4(Callback):
-        def on_validation_end(self, trainer, pl_module):
-            if trainer.global_step == 4:
-                trainer.should_stop = True
-
-    build = runtime.build_trainer
-    monkeypatch.setattr(runtime, "build_trainer",
-                        lambda *a, **k: build(*a, **k, extra_callbacks=[StopAt4()]))
-    split = tmp_path / "split"
-    lm_task.run(make_cfg(split, *overrides))
-    monkeypatch.setattr(runtime, "build_trainer", build)
-    torch.manual_seed(12345)  # a different state at restart: only the checkpoint's may count
-    lm_task.run(make_cfg(split, "resume=auto", *overrides))
-    a = torch.load(straight / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(split / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-
-
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random
 
@@ -208,10 +165,14 @@ def test_a_run_prints_no_advertising(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 2
 
 
-def test_rank_comes_from_slurm_when_lightning_sets_none(monkeypatch):
-    # Lightning reads SLURM_PROCID at import; ours follows it (no RANK/LOCAL_RANK there).
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
-    assert not runtime.is_rank_zero()
-    monkeypatch.setattr(rank_zero_only, "rank", 0)
-    assert runtime.is_rank_zero()
+@pytest.mark.parametrize("env,zero", [({"SLURM_PROCID": "1"}, False),
+                                       ({"SLURM_PROCID": "0"}, True), ({"RANK": "3"}, False),
+                                       ({}, True)])
+def test_rank_zero_follows_slurm_and_torchrun(env, zero):
+    # Under SLURM only SLURM_PROCID tells the ranks apart before the process group exists.
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")}
+    proc = subprocess.run([sys.executable, "-c", "from tasks.framework.runtime import "
+                           "is_rank_zero; print(is_rank_zero())"], cwd=ROOT, text=True,
+                          capture_output=True, env=clean | env, timeout=120)
+    assert proc.stdout.strip() == str(zero), proc.stderr[-1000:]
