@@ -197,3 +197,33 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Ten
     if leftover:
         raise ValueError(f"unsupported keys in the timm checkpoint: {leftover[:5]}")
     return out
+
+
+# --------------------------------------------------------------------------- torchaudio Conformer
+def conformer_state_dict_from_torchaudio(sd: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """Rename a ``torchaudio.models.Conformer`` state dict into ``modules.speech.Conformer``
+    keys (its convolutions of kernel 1 become our linear maps; its ``in_proj`` is our fused
+    ``qkv_proj``). Only torchaudio's BatchNorm convolution module (``use_group_norm=False``)
+    and ``convolution_first=False`` have a counterpart."""
+    out: dict[str, Tensor] = {}
+    for i in range(depth):
+        src, dst = f"conformer_layers.{i}.", f"blocks.{i}."
+        for ours, theirs in (("ff1", "ffn1"), ("ff2", "ffn2")):
+            for j in (0, 1, 4):
+                for p in ("weight", "bias"):
+                    out[f"{dst}{ours}.{j}.{p}"] = sd[f"{src}{theirs}.sequential.{j}.{p}"]
+        for p in ("weight", "bias"):
+            out[f"{dst}attn_norm.{p}"] = sd[f"{src}self_attn_layer_norm.{p}"]
+            out[f"{dst}attn.out_proj.{p}"] = sd[f"{src}self_attn.out_proj.{p}"]
+            out[f"{dst}conv_norm.{p}"] = sd[f"{src}conv_module.layer_norm.{p}"]
+            out[f"{dst}conv.depthwise.{p}"] = sd[f"{src}conv_module.sequential.2.{p}"]
+            out[f"{dst}conv.norm.{p}"] = sd[f"{src}conv_module.sequential.3.{p}"]
+            out[f"{dst}norm.{p}"] = sd[f"{src}final_layer_norm.{p}"]
+        out[f"{dst}attn.qkv_proj.weight"] = sd[f"{src}self_attn.in_proj_weight"]
+        out[f"{dst}attn.qkv_proj.bias"] = sd[f"{src}self_attn.in_proj_bias"]
+        for stat in ("running_mean", "running_var", "num_batches_tracked"):
+            out[f"{dst}conv.norm.{stat}"] = sd[f"{src}conv_module.sequential.3.{stat}"]
+        for ours, theirs in (("pointwise_in", 0), ("pointwise_out", 5)):
+            out[f"{dst}conv.{ours}.weight"] = sd[f"{src}conv_module.sequential.{theirs}.weight"][..., 0]
+            out[f"{dst}conv.{ours}.bias"] = sd[f"{src}conv_module.sequential.{theirs}.bias"]
+    return out
