@@ -130,3 +130,18 @@ def pad_items(items: Sequence[Sequence[int] | torch.Tensor], *, pad_value: float
     for b, x in enumerate(tensors):
         values[b, :len(x)] = x
     return Padded(values, lengths_B)
+
+
+class ItemBatches(torch.utils.data.Dataset):
+    """A list of precomputed batches as a dataset: item ``i`` is the list of the items of
+    batch ``i`` (a ``SeededBatchSampler`` of batch size 1 then orders the batches, resumably
+    and split across ranks; the collate function pads them)."""
+
+    def __init__(self, items: Sequence, batches: Sequence[Sequence[int]]):
+        self.items, self.batches = items, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> list:
+        return [self.items[j] for j in self.batches[i]]

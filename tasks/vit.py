@@ -34,7 +34,7 @@ from .framework import entry, training
 from .framework.checkpoints import CKPT_KEY, init_weights_from, model_state, safe_load
 from .framework.errors import UserError
 from .framework.module import TaskModule
-from .framework.reporting import gather_to_all
+from .framework.reporting import gather_to_all, plot_confusion
 from .framework.runtime import is_rank_zero
 
 
@@ -197,32 +197,10 @@ class ViTTask(training.Task):
             "test_acc": test["test/acc"],
             "test_confusion": confusion.long().tolist(),  # rows: true class, columns: predicted
             "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-            "plots": [plot_confusion(confusion, data.classes, out / "confusion.png"),
+            "plots": [plot_confusion(confusion, data.classes, out / "confusion.png",
+                                     "test confusion matrix"),
                       plot_mistakes(test_preds, data, split["test"], out / "misclassified.png")],
         }
-
-
-def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k), dpi=110)
-    ax.imshow(cm.numpy(), cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            if k <= 20:
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0)
-    ax.set_yticks(range(k), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("test confusion matrix")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def plot_mistakes(test_outputs: list[tuple[torch.Tensor, torch.Tensor]], data,

@@ -18,6 +18,7 @@ PACKAGES = [
     ("safetensors", "safetensors"), ("matplotlib", "matplotlib"), ("rich", "rich"),
     ("numpy", "numpy"), ("PIL", "pillow"), ("transformers", "transformers"),
     ("timm", "timm"), ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("espeakng_loader", "espeakng-loader"),
 ]
 
 

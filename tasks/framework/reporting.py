@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from .runtime import is_rank_zero
@@ -66,6 +67,30 @@ def plot_curves(history: History, keys: list[str], path: Path, title: str) -> Pa
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str) -> Path:
+    """A confusion matrix (rows: true class, columns: predicted) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k), dpi=110)
+    ax.imshow(cm.numpy(), cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            if k <= 20:
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,0 +1,652 @@
+"""Speech data for speech recognition (CTC) and keyword spotting: 16 kHz mono 16-bit WAV
+files and a JSONL manifest, one line per utterance::
+
+    {"audio": "wav/train/000001.wav", "duration": 2.41, "text": "i had to put her off"}
+
+``audio`` is relative to the manifest's folder or absolute; for keyword spotting ``text`` is
+the keyword. Extra keys (the prepared sets add ``voice``) are kept out of the way. A folder
+of ``x.wav`` + ``x.txt`` pairs is read the same way, its manifest built in memory.
+
+No recorded speech is reachable, so the default sets are synthesised once into the data
+cache, in the same format:
+
+- Sentences: English example sentences of Ding's dictionary (Debian ``trans-de-en``,
+  GPL-2+; ``data.parallel.prepare_ding``), 4-12 words, normalised to ``CHARSET``, split
+  sentence-disjointly into train / val / test / flite.
+- espeak-ng 1.52 (PyPI ``espeakng-loader``, GPL-3+), driven through ctypes: training audio
+  from 92 accent+variant voices at random speed and pitch; validation and test each from
+  two accent+variant voices never used in training (``HELD_OUT``).
+- flite 2.2 (Debian ``flite``, BSD-like licence), a different synthesiser used for one test
+  set only, so a model is also measured on a synthesiser it never heard.
+
+Keyword spotting (``prepare_kws``) uses the same voices and splits for ``KEYWORDS``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unicodedata
+import wave
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchaudio
+from rich import progress
+
+from .cache import cache_dir, prepare_lock
+from .errors import UserError
+from .parallel import apt_extract, prepare_ding
+
+SAMPLE_RATE = 16_000
+CHARSET = "abcdefghijklmnopqrstuvwxyz' "
+NORMALIZER = "lowercase a-z, apostrophe, single spaces; other characters removed"
+KEYWORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+            "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+# espeak-ng voices: the English accents of its lang/gmw folder (``en`` is British English)
+# times the male and female variants of voices/!v. Unknown variant names are accepted
+# silently and change nothing, so only these checked names are used.
+ACCENTS = ("en", "en-us", "en-029", "en-gb-x-rp", "en-us-nyc", "en-gb-scotland",
+           "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
+HELD_OUT = {"val": ("en-029+m5", "en-gb-scotland+f4"), "test": ("en-us+f2", "en-gb-x-rp+m3")}
+TRAIN_VOICES = tuple(f"{a}+{v}" for a in ACCENTS for v in VARIANTS
+                     if f"{a}+{v}" not in HELD_OUT["val"] + HELD_OUT["test"])
+RATES = (130, 210)  # words per minute
+PITCHES = (25, 75)  # espeak-ng's 0-100 pitch scale
+FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
+FLITE_STRETCH = (0.85, 1.2)  # flite's duration_stretch: > 1 is slower
+LICENCES = {"sentences": "Ding's dictionary (Debian trans-de-en), GPL-2+",
+            "espeak-ng": "GPL-3+ (PyPI espeakng-loader)",
+            "flite": "BSD-like (Debian flite)"}
+
+_MANIFEST_FORMAT = '{"audio": path, "duration": seconds, "text": transcript}'
+
+
+# ------------------------------------------------------------------------------ text
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
+
+
+def normalize_text(text: str) -> str:
+    """Map a transcript onto ``CHARSET`` (see ``NORMALIZER``).
+
+    Accents are stripped (``café`` -> ``cafe``), hyphens, dashes and slashes become spaces,
+    apostrophes are kept only inside words (``don't``; quote marks go), every other
+    character (digits too) is removed and whitespace collapses to single spaces.
+
+    Args:
+        text: any Unicode text.
+    """
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = text.lower().translate(_APOSTROPHES)
+    text = re.sub(r"[\s\-\u2010-\u2015/_]+", " ", text)
+    text = re.sub(r"[^a-z' ]", "", text)
+    text = re.sub(r"(?<![a-z])'|'(?![a-z])", "", text)
+    return " ".join(text.split())
+
+
+# Alternatives, placeholders (sth, sb), abbreviations, acronyms and digits would make the
+# transcript disagree with what a synthesiser says.
+_NOT_SPOKEN_AS_WRITTEN = re.compile(r"[0-9/<>\[\]{}()=+&@#%$*~|\"]|\.\.|\b(sth|sb|etc)\b"
+                                    r"|\.\s|\b[A-Z]{2,}")
+
+
+def ding_sentences(root: Path | None = None, *, min_words: int = 4, max_words: int = 12,
+                   seed: int = 0) -> list[str]:
+    """English example sentences from Ding's dictionary, normalised, deduplicated and
+    shuffled by ``seed``.
+
+    Args:
+        root: the data cache (default ``cache_dir()``).
+        min_words: shortest sentence kept, in words.
+        max_words: longest sentence kept, in words.
+        seed: shuffle seed.
+    """
+    tsv = prepare_ding(root)
+    seen: dict[str, None] = {}
+    for line in tsv.read_text(encoding="utf-8").splitlines():
+        for part in line.split("\t", 1)[-1].split(";"):
+            part = part.strip()
+            if not (part[:1].isupper() and part[-1:] in ".?!") or _NOT_SPOKEN_AS_WRITTEN.search(
+                    part):
+                continue
+            text = normalize_text(part)
+            if min_words <= len(text.split()) <= max_words:
+                seen.setdefault(text)
+    sentences = sorted(seen)
+    random.Random(seed).shuffle(sentences)
+    return sentences
+
+
+# ----------------------------------------------------------------------- WAV in / out
+def write_wav(path: str | Path, samples: torch.Tensor, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write ``(samples,)`` floats in [-1, 1] as a mono 16-bit PCM WAV."""
+    pcm = (samples.detach().float().clamp(-1, 1) * 32767).round().to(torch.int16)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.numpy().tobytes())
+
+
+def _open_wav(path: Path) -> wave.Wave_read:
+    try:
+        w = wave.open(str(path), "rb")
+    except FileNotFoundError:
+        raise UserError(f"audio file {path} does not exist") from None
+    except (wave.Error, EOFError, OSError) as exc:
+        raise UserError(f"audio file {path} cannot be read ({exc or type(exc).__name__}); "
+                        f"expected a PCM WAV file (8, 16, 24 or 32 bit)") from None
+    if w.getnframes() == 0 or w.getframerate() <= 0:
+        w.close()
+        raise UserError(f"audio file {path} holds no audio samples")
+    return w
+
+
+def wav_duration(path: str | Path) -> float:
+    """Seconds of audio in a WAV file, from its header; ``UserError`` if it cannot be read."""
+    with _open_wav(Path(path)) as w:
+        return w.getnframes() / w.getframerate()
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """A PCM WAV file as float32 ``(samples,)`` in [-1, 1], downmixed to mono and resampled.
+
+    Args:
+        path: an 8-, 16-, 24- or 32-bit PCM WAV file at any sample rate, any channel count.
+        sample_rate: the rate of the returned samples.
+
+    Raises:
+        UserError: naming the file, when it is missing, empty or not PCM WAV audio.
+    """
+    path = Path(path)
+    with _open_wav(path) as w:
+        channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+        raw = w.readframes(w.getnframes())
+    frame = channels * width
+    raw = raw[:len(raw) // frame * frame]  # a truncated file ends mid-frame
+    if not raw:
+        raise UserError(f"audio file {path} holds no audio samples")
+    if width == 1:  # 8-bit WAV is unsigned
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width == 3:  # 24-bit: little-endian triples, widened to int32 by a zero low byte
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
+        x = (b[:, 0].astype(np.int32) << 8 | b[:, 1].astype(np.int32) << 16
+             | b[:, 2].astype(np.int8).astype(np.int32) << 24).astype(np.float32) / 2**31
+    else:
+        dtype = {2: np.int16, 4: np.int32}[width]
+        x = np.frombuffer(raw, dtype).astype(np.float32) / float(2 ** (8 * width - 1))
+    audio = torch.from_numpy(x).view(-1, channels).mean(dim=1)
+    if rate != sample_rate:
+        audio = torchaudio.functional.resample(audio, rate, sample_rate)
+    return audio
+
+
+# ---------------------------------------------------------------------------- manifests
+class Utterance(NamedTuple):
+    """One utterance: its WAV file, length in seconds, and transcript (or keyword)."""
+
+    path: Path
+    duration: float
+    text: str
+
+
+@dataclass
+class SpeechSet:
+    """The readable utterances of a manifest or folder, and the audio files skipped as
+    unreadable (``"path: reason"``)."""
+
+    utterances: list[Utterance]
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_manifest(source: str | Path, *, on_bad_audio: str = "skip") -> SpeechSet:
+    """Read a JSONL manifest, or a folder of ``x.wav`` + ``x.txt`` pairs.
+
+    Every audio file's header is checked; a missing, empty or unreadable file is skipped
+    and listed in ``skipped`` (``on_bad_audio="skip"``) or stops with an error naming it
+    (``"error"``). ``duration`` may be left out of a manifest line; it is then read from
+    the file. Transcripts are returned as written (see ``normalize_text``).
+
+    Args:
+        source: a ``.jsonl`` manifest or a folder.
+        on_bad_audio: ``"skip"`` or ``"error"``.
+
+    Raises:
+        UserError: a missing source, a manifest line that is not a JSON object with
+            ``audio`` and ``text`` (naming the file and line), a WAV without its ``.txt``.
+    """
+    if on_bad_audio not in ("skip", "error"):
+        raise UserError(f"on_bad_audio={on_bad_audio!r}; expected 'skip' or 'error'")
+    source = Path(source).expanduser()
+    if source.is_dir():
+        rows = _folder_rows(source)
+    elif source.is_file():
+        rows = _manifest_rows(source)
+    else:
+        raise UserError(f"{source} does not exist; expected a JSONL manifest "
+                        f"({_MANIFEST_FORMAT} a line) or a folder of x.wav + x.txt files")
+    found = SpeechSet([])
+    for path, duration, text in rows:
+        try:
+            header_duration = wav_duration(path)
+        except UserError as exc:
+            if on_bad_audio == "error":
+                raise UserError(f"{exc}; fix or remove it, or set on_bad_audio=skip") from None
+            found.skipped.append(f"{path}: {exc}")
+            continue
+        found.utterances.append(Utterance(path, duration or header_duration, text))
+    return found
+
+
+def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str]]:
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {n} is not JSON ({exc.msg}); expected one object "
+                            f"a line: {_MANIFEST_FORMAT}") from None
+        missing = [k for k in ("audio", "text") if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise UserError(f"{path} line {n} lacks {', '.join(missing)}; expected "
+                            f"{_MANIFEST_FORMAT}")
+        duration = item.get("duration")
+        if duration is not None and not isinstance(duration, (int, float)):
+            raise UserError(f"{path} line {n} has duration={duration!r}; expected seconds")
+        rows.append((path.parent / str(item["audio"]), duration, str(item["text"])))
+    return rows
+
+
+def _folder_rows(folder: Path) -> list[tuple[Path, None, str]]:
+    rows = []
+    for wav in sorted(folder.rglob("*.wav")):
+        txt = wav.with_suffix(".txt")
+        if not txt.is_file():
+            raise UserError(f"{wav} has no transcript {txt.name} beside it; a speech folder "
+                            f"holds x.wav + x.txt pairs")
+        rows.append((wav, None, txt.read_text(encoding="utf-8").strip()))
+    if not rows:
+        raise UserError(f"{folder} holds no .wav files; expected x.wav + x.txt pairs or a "
+                        f"JSONL manifest")
+    return rows
+
+
+def write_manifest(path: str | Path, utterances: Iterable[Utterance],
+                   extra: Sequence[dict] | None = None) -> None:
+    """Write utterances as a JSONL manifest; audio under the manifest's folder is written
+    relative to it. ``extra[i]`` adds keys to line i."""
+    path = Path(path)
+    lines = []
+    for i, u in enumerate(utterances):
+        audio = Path(u.path)
+        try:
+            audio = audio.relative_to(path.parent)
+        except ValueError:
+            audio = audio.absolute()
+        item = {"audio": audio.as_posix(), "duration": round(u.duration, 3), "text": u.text}
+        lines.append(json.dumps(item | (extra[i] if extra else {})) + "\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------- synthesisers
+class _Espeak:
+    """libespeak-ng in this process: it keeps global state, so one per process."""
+
+    def __init__(self):
+        try:
+            import espeakng_loader
+        except ImportError:
+            raise UserError("espeak-ng is needed to synthesise speech; pip install "
+                            "espeakng-loader") from None
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint,
+                                     ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+                                     ctypes.c_void_p, ctypes.c_void_p]
+        # AUDIO_OUTPUT_SYNCHRONOUS = 2: espeak_Synth returns when the callback has had it all.
+        self.sample_rate = lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(),
+                                                 0)
+        if self.sample_rate <= 0:
+            raise UserError(f"espeak-ng did not start (espeak_Initialize returned "
+                            f"{self.sample_rate}); reinstall espeakng-loader")
+        callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                    ctypes.c_void_p)
+        self.chunks: list[np.ndarray] = []
+        self._callback = callback(self._collect)  # held: ctypes frees it with the last ref
+        lib.espeak_SetSynthCallback(self._callback)
+        self.lib = lib
+
+    def _collect(self, wav, num_samples: int, events) -> int:
+        if wav and num_samples > 0:
+            self.chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        return 0  # 0 = go on
+
+    def synth(self, text: str, voice: str, rate: int, pitch: int) -> torch.Tensor:
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise UserError(f"espeak-ng has no voice {voice!r}; expected one of {ACCENTS} "
+                            f"with a +variant such as +m3")
+        self.lib.espeak_SetParameter(1, int(rate), 0)  # espeakRATE
+        self.lib.espeak_SetParameter(3, int(pitch), 0)  # espeakPITCH
+        self.chunks.clear()
+        data = text.encode("utf-8")
+        self.lib.espeak_Synth(data, len(data) + 1, 0, 0, 0, 1, None, None)  # 1: UTF-8 text
+        self.lib.espeak_Synchronize()
+        pcm = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
+        return torch.from_numpy(pcm.astype(np.float32) / 32768)
+
+
+_espeak: _Espeak | None = None
+
+
+def synth_espeak(text: str, voice: str = "en-us+m3", *, rate: int = 175,
+                 pitch: int = 50) -> torch.Tensor:
+    """Speak ``text`` with espeak-ng; float32 ``(samples,)`` at ``SAMPLE_RATE``.
+
+    Args:
+        text: what to say.
+        voice: ``accent+variant``, e.g. ``"en-us+f3"`` (``ACCENTS``, ``VARIANTS``).
+        rate: speed in words per minute.
+        pitch: 0-100.
+    """
+    global _espeak
+    if _espeak is None:
+        _espeak = _Espeak()
+    audio = _espeak.synth(text, voice, rate, pitch)
+    if audio.numel() == 0:
+        raise UserError(f"espeak-ng gave no audio for {text!r} with voice {voice!r}")
+    return torchaudio.functional.resample(audio, _espeak.sample_rate, SAMPLE_RATE)
+
+
+def flite_program(root: Path | None = None) -> Path:
+    """The flite program: on PATH, or unpacked once from Debian packages into
+    ``<cache>/flite`` (``apt-get download``, no root)."""
+    on_path = shutil.which("flite")
+    if on_path:
+        return Path(on_path)
+    base = root or cache_dir()
+    program = base / "flite" / "usr" / "bin" / "flite"
+    if program.is_file():
+        return program
+    with prepare_lock("flite", base):
+        if not program.is_file():  # else another process unpacked it while this one waited
+            staging = base / f"flite.partial-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                _unpack_flite(staging)
+            except UserError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise UserError(f"flite is needed for the unseen-synthesiser test set and "
+                                f"could not be had ({exc}); install it with 'apt-get install "
+                                f"flite' or prepare with flite_utterances=0") from None
+            staging.replace(base / "flite")
+    return program
+
+
+def _unpack_flite(dest: Path) -> None:
+    apt_extract(["flite", "libflite1"], dest)
+    program = dest / "usr" / "bin" / "flite"
+    for alsa in ("libasound2", "libasound2t64"):  # bookworm's name, then trixie's
+        proc = subprocess.run([str(program), "-lv"], capture_output=True, text=True,
+                              env=_flite_env(program))
+        if proc.returncode == 0 or "libasound" not in proc.stderr:
+            break
+        try:  # a system without ALSA: flite links it even when it only writes files
+            apt_extract([alsa], dest)
+        except UserError:
+            continue
+    if proc.returncode != 0:
+        raise UserError(f"the unpacked flite does not run: {proc.stderr.strip()[-200:]}")
+
+
+def _flite_env(program: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    usr = program.parents[1]
+    libs = sorted(usr.glob("lib/*/libflite.so.1")) + sorted(usr.glob("lib/libflite.so.1"))
+    if libs:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [str(libs[0].parent)] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+    return env
+
+
+def synth_flite(text: str, voice: str = "slt", *, stretch: float = 1.0,
+                program: Path | None = None) -> torch.Tensor:
+    """Speak ``text`` with flite; float32 ``(samples,)`` at ``SAMPLE_RATE``.
+
+    Args:
+        text: what to say.
+        voice: one of ``FLITE_VOICES``.
+        stretch: duration stretch (> 1 is slower).
+        program: the flite program (default ``flite_program()``).
+    """
+    program = Path(program) if program is not None else flite_program()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.wav"
+        cmd = [str(program), "-voice", voice, "--setf", f"duration_stretch={stretch}",
+               "-t", text, "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_flite_env(program))
+        if proc.returncode != 0 or not out.is_file():
+            raise UserError(f"flite failed on {text!r} with voice {voice!r} "
+                            f"({(proc.stderr.strip() or 'no output')[-200:]})")
+        return load_audio(out)
+
+
+# ---------------------------------------------------------------------------- preparing
+class SynthJob(NamedTuple):
+    """One utterance to synthesise into ``out``: espeak-ng (``speed`` = words per minute)
+    or flite (``speed`` = duration stretch, ``pitch`` unused)."""
+
+    text: str
+    out: str
+    synth: str
+    voice: str
+    speed: float
+    pitch: int = 0
+    program: str = ""
+
+
+def _run_job(job: SynthJob) -> float:
+    if job.synth == "espeak":
+        audio = synth_espeak(job.text, job.voice, rate=int(job.speed), pitch=job.pitch)
+    else:
+        audio = synth_flite(job.text, job.voice, stretch=job.speed, program=Path(job.program))
+    write_wav(job.out, audio)
+    return audio.numel() / SAMPLE_RATE
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one process per core
+
+
+def synthesise(jobs: Sequence[SynthJob], *, workers: int = 2, what: str = "speech") -> list[float]:
+    """Run ``jobs`` in ``workers`` processes (each with its own espeak-ng) under a progress
+    bar; returns each utterance's duration in seconds, in job order."""
+    columns = (progress.TextColumn("{task.description}"), progress.BarColumn(),
+               progress.MofNCompleteColumn(), progress.TimeElapsedColumn(),
+               progress.TimeRemainingColumn())
+    durations = []
+    # fork on Linux: a spawned child re-runs the caller's script, so a script
+    # without an ``if __name__ == "__main__"`` guard would fail. Workers run torch on one
+    # thread (as DataLoader workers do), so the parent's thread pool is never used in them;
+    # the pool starts before the progress bar's thread.
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker) as pool, progress.Progress(*columns) as bar:
+        task = bar.add_task(f"synthesising {what}", total=len(jobs))
+        for duration in pool.imap(_run_job, jobs, chunksize=8):
+            durations.append(duration)
+            bar.advance(task)
+    return durations
+
+
+def _espeak_jobs(texts: Sequence[str], voices: Sequence[str], folder: str, rng: random.Random,
+                 *, balanced: bool) -> list[SynthJob]:
+    """Per utterance: a voice (in turn when ``balanced``, else at random), speed and pitch."""
+    return [SynthJob(text, f"{folder}/{i:06d}.wav", "espeak",
+                     voices[i % len(voices)] if balanced else rng.choice(voices),
+                     rng.randint(*RATES), rng.randint(*PITCHES))
+            for i, text in enumerate(texts)]
+
+
+def _flite_jobs(texts: Sequence[str], program: Path, folder: str,
+                rng: random.Random) -> list[SynthJob]:
+    return [SynthJob(text, f"{folder}/{i:06d}.wav", "flite", FLITE_VOICES[i % len(FLITE_VOICES)],
+                     round(rng.uniform(*FLITE_STRETCH), 2), 0, str(program))
+            for i, text in enumerate(texts)]
+
+
+def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int) -> Path:
+    """Synthesise every split of ``plan`` into a staging folder beside ``out``, write the
+    manifests and ``info.json``, then move it into place."""
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    start = time.perf_counter()
+    try:
+        jobs = []
+        for split, split_jobs in plan.items():
+            (staging / "wav" / split).mkdir(parents=True)
+            jobs += [j._replace(out=str(staging / j.out)) for j in split_jobs]
+        durations = iter(synthesise(jobs, workers=workers, what=out.name))
+        for split, split_jobs in plan.items():
+            utts = [Utterance(staging / j.out, next(durations), j.text) for j in split_jobs]
+            extra = [{"voice": f"{j.synth}:{j.voice}", "speed": j.speed}
+                     | ({"pitch": j.pitch} if j.synth == "espeak" else {}) for j in split_jobs]
+            write_manifest(staging / f"{split}.jsonl", utts, extra)
+            info["splits"][split] = {"utterances": len(utts),
+                                     "hours": round(sum(u.duration for u in utts) / 3600, 3)}
+        seconds = time.perf_counter() - start
+        info["synthesis"] = {"seconds": round(seconds, 1), "workers": workers,
+                             "utterances_per_second": round(len(jobs) / seconds, 1)}
+        (staging / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    hours = sum(s["hours"] for s in info["splits"].values())
+    print(f"prepared {len(jobs)} utterances ({hours:.2f} h of audio) in {seconds:.0f} s "
+          f"({len(jobs) / seconds:.0f}/s) into {out}", file=sys.stderr)
+    return out
+
+
+def _info(kind: str, seed: int, flite: bool) -> dict:
+    return {"kind": kind, "seed": seed, "sample_rate": SAMPLE_RATE, "normalizer": NORMALIZER,
+            "charset": CHARSET, "held_out_voices": HELD_OUT,
+            "train_voices": len(TRAIN_VOICES), "rates": RATES, "pitches": PITCHES,
+            "flite_voices": FLITE_VOICES if flite else [], "licences": LICENCES, "splits": {}}
+
+
+def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
+                   val_utterances: int = 300, test_utterances: int = 300,
+                   flite_utterances: int = 300, seed: int = 0, workers: int = 2) -> Path:
+    """Synthesise the speech-recognition sets once into ``<cache>/speech/<name>/``.
+
+    The folder holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, ``flite.jsonl``,
+    ``wav/<split>/*.wav`` and ``info.json`` (voices, sizes, timing, licences). The four
+    splits have no sentence in common; val and test use ``HELD_OUT`` voices, flite another
+    synthesiser. With more training utterances than training sentences, sentences repeat
+    with other voices. Sentences, voices, speeds and pitches follow ``seed``; the samples
+    themselves are not bit-exact between runs (espeak-ng's pitch flutter carries state
+    from call to call). A second call returns the folder at once.
+
+    Args:
+        root: the data cache (default ``cache_dir()``).
+        train_utterances: espeak-ng training utterances (2.2 s on average; 8,000 are about
+            5 hours of audio, 560 MB, synthesised in under a minute on 2 cores).
+        val_utterances: validation utterances (held-out val voices).
+        test_utterances: test utterances (held-out test voices).
+        flite_utterances: flite test utterances; 0 leaves flite out.
+        seed: sentence split and voice choice.
+        workers: synthesis processes.
+    """
+    base = root or cache_dir()
+    out = base / "speech" / (f"asr_v1_train{train_utterances}_val{val_utterances}_test"
+                             f"{test_utterances}_flite{flite_utterances}_seed{seed}")
+    if (out / "info.json").is_file():
+        return out
+    with prepare_lock("speech", base):
+        if (out / "info.json").is_file():
+            return out
+        sentences = ding_sentences(base, seed=seed)
+        held = val_utterances + test_utterances + flite_utterances
+        if held >= len(sentences) or train_utterances < 1:
+            raise UserError(f"train_utterances={train_utterances} with val + test + flite = "
+                            f"{held} of {len(sentences)} sentences; expected at least one "
+                            f"training utterance and sentence")
+        cut = np.cumsum([val_utterances, test_utterances, flite_utterances]).tolist()
+        train = sentences[cut[2]:]
+        rng = random.Random(seed)
+        plan = {"train": _espeak_jobs([train[i % len(train)] for i in range(train_utterances)],
+                                      TRAIN_VOICES, "wav/train", rng, balanced=False),
+                "val": _espeak_jobs(sentences[:cut[0]], HELD_OUT["val"], "wav/val", rng,
+                                    balanced=True),
+                "test": _espeak_jobs(sentences[cut[0]:cut[1]], HELD_OUT["test"], "wav/test",
+                                     rng, balanced=True)}
+        if flite_utterances:
+            plan["flite"] = _flite_jobs(sentences[cut[1]:cut[2]], flite_program(base),
+                                        "wav/flite", rng)
+        info = _info("speech recognition", seed, bool(flite_utterances))
+        info["sentences"] = {"available": len(sentences), "train": min(len(train),
+                                                                       train_utterances)}
+        return _build(out, plan, info, workers)
+
+
+def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
+                val_per_keyword: int = 15, test_per_keyword: int = 15,
+                flite_per_keyword: int = 15, seed: int = 0, workers: int = 2) -> Path:
+    """Synthesise the keyword-spotting sets (``KEYWORDS``) once into
+    ``<cache>/speech/<name>/``, laid out as ``prepare_speech``'s, ``text`` = the keyword.
+
+    Each keyword is spoken by random training voices, speeds and pitches (train), by the
+    ``HELD_OUT`` voices (val, test) and by the flite voices in turn (flite).
+
+    Args:
+        root: the data cache (default ``cache_dir()``).
+        train_per_keyword: training clips per keyword.
+        val_per_keyword: validation clips per keyword.
+        test_per_keyword: test clips per keyword.
+        flite_per_keyword: flite clips per keyword; 0 leaves flite out.
+        seed: voice, speed and pitch choice.
+        workers: synthesis processes.
+    """
+    base = root or cache_dir()
+    out = base / "speech" / (f"kws_v1_train{train_per_keyword}_val{val_per_keyword}_test"
+                             f"{test_per_keyword}_flite{flite_per_keyword}_seed{seed}")
+    if (out / "info.json").is_file():
+        return out
+    with prepare_lock("speech", base):
+        if (out / "info.json").is_file():
+            return out
+        rng = random.Random(seed)
+
+        def words(n: int) -> list[str]:
+            return [k for k in KEYWORDS for _ in range(n)]
+
+        plan = {"train": _espeak_jobs(words(train_per_keyword), TRAIN_VOICES, "wav/train", rng,
+                                      balanced=False),
+                "val": _espeak_jobs(words(val_per_keyword), HELD_OUT["val"], "wav/val", rng,
+                                    balanced=True),
+                "test": _espeak_jobs(words(test_per_keyword), HELD_OUT["test"], "wav/test", rng,
+                                     balanced=True)}
+        if flite_per_keyword:
+            plan["flite"] = _flite_jobs(words(flite_per_keyword), flite_program(base),
+                                        "wav/flite", rng)
+        info = _info("keyword spotting", seed, bool(flite_per_keyword))
+        info["keywords"] = KEYWORDS
+        return _build(out, plan, info, workers)

@@ -1,0 +1,431 @@
+"""Speech encoding: ``python -m tasks.speech`` trains a speech encoder for recognition with
+CTC (characters or sentencepiece pieces), or for keyword spotting (``experiment=kws``);
+``mode=transcribe`` transcribes WAV files with a checkpoint.
+
+    python -m tasks.speech                                   # synthetic English speech, CPU
+    python -m tasks.speech experiment=kws                    # 20 keywords
+    python -m tasks.speech data.train=my/train.jsonl data.val=my/dev.jsonl data.test='{mine: my/test.jsonl}'
+    python -m tasks.speech mode=transcribe ckpt=outputs/speech/X/checkpoints/best.ckpt audio='clips/*.wav'
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from omegaconf import DictConfig
+
+from data.batching import ItemBatches, length_batches, pad_items
+from data.cache import cache_dir
+from data.sampling import ResumableLoader, SeededBatchSampler
+from data.speech import CHARSET, NORMALIZER, load_audio, normalize_text, read_manifest
+from data.text import Tokenizer, digest, expand_files, train_or_load_tokenizer
+from modules.ctc import beam_decode, greedy_decode
+from modules.speech import LogMel
+
+from .framework import entry, training
+from .framework.config import require
+from .framework.errors import UserError
+from .framework.module import TaskModule
+from .framework.reporting import plot_confusion
+from .framework.runtime import is_rank_zero
+
+
+# --------------------------------------------------------------------------- labels
+class Labels:
+    """Transcripts <-> label ids. CTC: characters (blank 0, then ``CHARSET``) or
+    sentencepiece pieces (its pad id 0 is the blank); keyword spotting: class indices."""
+
+    def __init__(self, kind: str, *, classes: list[str] | None = None,
+                 spm: bytes | None = None):
+        self.kind, self.classes = kind, classes
+        self.tok = Tokenizer(spm) if spm else None
+        if kind == "chars":
+            self.size = 1 + len(CHARSET)
+        elif kind == "sentencepiece":
+            self.size = self.tok.vocab_size
+        else:
+            self.size = len(classes)
+
+    def encode(self, text: str):
+        if self.kind == "chars":
+            return [1 + CHARSET.index(c) for c in normalize_text(text)]
+        if self.kind == "sentencepiece":
+            return self.tok.encode(normalize_text(text))
+        return self.classes.index(text)
+
+    def decode(self, ids) -> str:
+        if self.kind == "chars":
+            return "".join(CHARSET[i - 1] for i in ids if i > 0)
+        return self.tok.decode(ids)
+
+    def meta(self) -> dict:
+        return {"labels": self.kind, "classes": self.classes,
+                "spm": self.tok.proto if self.tok else None}
+
+
+# --------------------------------------------------------------------------- data
+def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
+    """{'train', 'val', and evaluation sets} -> manifest (or folder), and the source."""
+    d = cfg.data
+    if d.train is None:
+        from data.speech import prepare_kws, prepare_speech
+        if cfg.model.head == "classify":
+            root, source = prepare_kws(), "keywords spoken by espeak-ng (train, val, test) and flite (flite)"
+        else:
+            root = prepare_speech(train_utterances=d.train_utterances)
+            source = "sentences spoken by espeak-ng (train, val, test) and flite (flite)"
+        sets = {name: root / f"{name}.jsonl" for name in ("train", "val", "test", "flite")}
+        return {k: v for k, v in sets.items() if v.is_file()}, source
+    if d.val is None:
+        raise UserError("data.train is set but data.val is not; give a validation manifest "
+                        "(JSONL of audio, duration, text) or a folder of x.wav + x.txt")
+    sets = {"train": Path(str(d.train)), "val": Path(str(d.val))}
+    for name, path in (d.test or {}).items():
+        sets[str(name)] = Path(str(path))
+    return sets, str(d.train)
+
+
+def _feature_chunk(args) -> list:
+    """Worker: features of a chunk of files (None for a file that cannot be read)."""
+    paths, n_mels = args
+    torch.set_num_threads(1)
+    fe = LogMel(n_mels=n_mels)
+    out = []
+    for path in paths:
+        try:
+            out.append(fe(load_audio(path)).half())
+        except UserError as exc:
+            out.append(str(exc))
+    return out
+
+
+def _features(path: Path, cfg: DictConfig) -> tuple[list, list, int]:
+    """(features (T, F) float16, transcripts, skipped) of a manifest, cached on disk;
+    computed by ``data.num_feature_workers`` processes."""
+    d = cfg.data
+    found = read_manifest(path, on_bad_audio=d.on_bad_audio)
+    utts, skipped = found.utterances, len(found.skipped)
+    key = digest(str(path.resolve()), [(str(u.path), u.text) for u in utts], d.n_mels, "v1")
+    cached = cache_dir() / "speech-features" / f"{key}.pt"
+    if cached.is_file():
+        blob = torch.load(cached, weights_only=True)
+        return blob["feats"], blob["texts"], skipped + blob["skipped"]
+    paths = [str(u.path) for u in utts]
+    chunks = [(paths[i:i + 256], d.n_mels) for i in range(0, len(paths), 256)]
+    workers = max(1, min(d.num_feature_workers, len(chunks)))
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = [f for part in pool.imap(_feature_chunk, chunks) for f in part]
+    else:
+        results = [f for c in chunks for f in _feature_chunk(c)]
+    feats, texts, bad = [], [], 0
+    for u, f in zip(utts, results):
+        if isinstance(f, str):
+            if d.on_bad_audio == "error":
+                raise UserError(f)
+            bad += 1
+            continue
+        feats.append(f)
+        texts.append(u.text)
+    if is_rank_zero():
+        from data.cache import atomic_path
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached) as tmp:
+            torch.save({"feats": feats, "texts": texts, "skipped": bad}, tmp)
+    return feats, texts, skipped + bad
+
+
+def _labels(cfg: DictConfig, train_texts: list[str]) -> Labels:
+    if cfg.model.head == "classify":
+        return Labels("classes", classes=sorted(set(train_texts)))
+    if cfg.data.units == "chars":
+        return Labels("chars")
+    if cfg.data.units != "sentencepiece":
+        raise UserError(f"data.units={cfg.data.units!r}; expected 'chars' or 'sentencepiece'")
+    text = "\n".join(normalize_text(t) for t in train_texts)
+    tok = train_or_load_tokenizer(text, cfg.data.vocab_size, cache_dir() / "tokenized")
+    return Labels("sentencepiece", spm=tok.proto)
+
+
+def _collate(items):
+    feats = pad_items([f for f, _ in items], pad_value=0.0)
+    targets = [t for _, t in items]
+    if isinstance(targets[0], int):
+        return feats.values.float(), feats.lengths, torch.tensor(targets), None
+    labels = pad_items(targets, pad_value=0)
+    return feats.values.float(), feats.lengths, labels.values, labels.lengths
+
+
+def make_loader(items, max_frames_per_batch: int, *, seed: int, train: bool,
+                num_workers: int = 0) -> ResumableLoader:
+    batches = length_batches([len(f) for f, _ in items], max_frames_per_batch,
+                             seed=seed if train else None)
+    ds = ItemBatches(items, batches)
+    sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=train)
+    return ResumableLoader(ds, sampler, collate_fn=lambda b: _collate(b[0]),
+                           num_workers=num_workers)
+
+
+# --------------------------------------------------------------------------- module
+class SpeechModule(TaskModule):
+    """CTC loss (recognition) or cross entropy (keyword spotting) on a ``SpeechEncoder``.
+
+    ``meta``: ``labels`` (chars | sentencepiece | classes), ``classes``, ``spm``, ``n_mels``.
+    """
+
+    task = "speech"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        m = self.meta
+        self.labels = Labels(m["labels"], classes=m.get("classes"), spm=m.get("spm"))
+        self.ctc = self.model.head_kind == "ctc"
+        self.val_cer = torchmetrics.text.CharErrorRate()
+        self.val_acc = torchmetrics.MeanMetric()
+
+    def _loss(self, batch, reduction: str = "mean"):
+        feats, lengths, targets, target_lengths = batch
+        logits, out_lengths = self.model(feats, lengths)
+        if not self.ctc:
+            return F.cross_entropy(logits.float(), targets, reduction=reduction), logits, \
+                out_lengths
+        log_probs = logits.float().log_softmax(-1)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, out_lengths, target_lengths,
+                          blank=0, reduction="sum", zero_infinity=True)
+        if reduction == "mean":  # per target label, so batches of any size weigh alike
+            loss = loss / target_lengths.sum().clamp(min=1)
+        return loss, log_probs, out_lengths
+
+    def training_step(self, batch, batch_idx):
+        loss, _, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss, out, out_lengths = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True,
+                 batch_size=int(batch[0].shape[0]))
+        if self.ctc:
+            hyps = [self.labels.decode(h) for h in greedy_decode(out, out_lengths)]
+            refs = [self.labels.decode(t[:n].tolist()) for t, n in zip(batch[2], batch[3])]
+            self.val_cer.update(hyps, refs)
+        else:
+            self.val_acc.update((out.argmax(-1) == batch[2]).float())
+
+    def on_validation_epoch_end(self):
+        if self.ctc:
+            self.log("val/cer", self.val_cer.compute(), prog_bar=True)
+            self.val_cer.reset()
+        else:
+            self.log("val/acc", self.val_acc.compute(), prog_bar=True)
+            self.val_acc.reset()
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def transcribe_batches(module: SpeechModule, loader, beam_size: int) -> dict[str, list]:
+    """Greedy and beam hypotheses (or predicted classes) and references of a loader."""
+    module.eval()
+    out = {"greedy": [], "beam": [], "refs": [], "pred": [], "true": []}
+    for feats, lengths, targets, target_lengths in loader:
+        logits, out_lengths = module.model(feats, lengths)
+        if not module.ctc:
+            out["pred"] += logits.argmax(-1).tolist()
+            out["true"] += targets.tolist()
+            continue
+        log_probs = logits.float().log_softmax(-1)
+        out["greedy"] += [module.labels.decode(h) for h in greedy_decode(log_probs, out_lengths)]
+        if beam_size > 1:
+            out["beam"] += [module.labels.decode(h) for h in
+                            beam_decode(log_probs, out_lengths, beam_size=beam_size)]
+        out["refs"] += [module.labels.decode(t[:n].tolist())
+                        for t, n in zip(targets, target_lengths)]
+    return out
+
+
+def error_rates(hyps: list[str], refs: list[str]) -> dict:
+    cer = torchmetrics.functional.text.char_error_rate(hyps, refs)
+    wer = torchmetrics.functional.text.word_error_rate(hyps, refs)
+    return {"cer": round(float(cer), 4), "wer": round(float(wer), 4)}
+
+
+def plot_utterance(module: SpeechModule, feats: torch.Tensor, text: str, path: Path) -> Path:
+    """Log-mel spectrogram of one utterance with the CTC posteriors under it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with torch.no_grad():
+        logits, _ = module.model(feats.float()[None], torch.tensor([len(feats)]))
+    post = logits[0].float().softmax(-1).T.numpy()  # (V, L)
+    hyp = module.labels.decode(greedy_decode(logits.log_softmax(-1), torch.tensor(
+        [logits.shape[1]]))[0])
+    fig, (a, b) = plt.subplots(2, 1, figsize=(10, 5.5), dpi=110, sharex=False)
+    a.imshow(feats.float().T.numpy(), origin="lower", aspect="auto", cmap="magma")
+    a.set_title(f"log-mel (normalised); reference: {text!r}", fontsize=9)
+    a.set_ylabel("mel bin")
+    b.imshow(post, origin="lower", aspect="auto", cmap="Blues", interpolation="nearest")
+    names = ["_"] + ([c if c != " " else "␣" for c in CHARSET] if module.labels.kind == "chars"
+                     else [str(i) for i in range(1, post.shape[0])])
+    if len(names) <= 40:
+        b.set_yticks(range(len(names)), names, fontsize=6)
+    b.set_xlabel("encoder frame (40 ms)")
+    b.set_title(f"CTC posteriors (blank = _); greedy: {hyp!r}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class SpeechTask(training.Task):
+    name, module_class = "speech", SpeechModule
+    curves = [(["train/loss", "val/loss"], "loss_curves.png", "speech: loss"),
+              (["val/cer"], "val_cer.png", "validation character error rate (greedy)"),
+              (["val/acc"], "val_acc.png", "validation accuracy")]
+
+    def modes(self):
+        return {"transcribe": run_transcribe}
+
+    def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
+        d = cfg.data
+        require(d.max_frames_per_batch >= d.max_frames, "data.max_frames_per_batch",
+                d.max_frames_per_batch, f"at least data.max_frames={d.max_frames}")
+        require(cfg.model.head in ("ctc", "classify"), "head", cfg.model.head, "'ctc' or 'classify'")
+        sets, source = _manifests(cfg)
+        feats, texts, skipped = {}, {}, {}
+        for name, path in sets.items():
+            feats[name], texts[name], skipped[name] = _features(path, cfg)
+            if not feats[name]:
+                raise UserError(f"{path} holds no usable utterance ({skipped[name]} skipped)")
+        labels = _labels(cfg, texts["train"])
+        items, dropped = {}, {}
+        for name in sets:
+            keep = [(f, labels.encode(t)) for f, t in zip(feats[name], texts[name])
+                    if len(f) <= d.max_frames and (cfg.model.head == "classify" or
+                                                   normalize_text(t))]
+            if cfg.model.head == "ctc":  # CTC needs at least one frame per label
+                keep = [(f, y) for f, y in keep if (len(f) + 3) // 4 >= len(y)]
+            dropped[name] = len(feats[name]) - len(keep)
+            if not keep and name in ("train", "val"):
+                raise UserError(f"{sets[name]}: none of its {len(feats[name])} utterances fits "
+                                f"(longer than data.max_frames={d.max_frames}, or fewer "
+                                f"encoder frames than labels)")
+            items[name] = keep
+        model_cfg = training.model_config(cfg, num_outputs=labels.size, n_mels=d.n_mels,
+                                          max_frames=d.max_frames)
+        frames = sum(len(f) for f, _ in items["train"])
+        return training.Prepared(
+            make_loader(items["train"], d.max_frames_per_batch, seed=cfg.seed, train=True,
+                        num_workers=d.num_workers),
+            make_loader(items["val"], d.max_frames_per_batch, seed=cfg.seed, train=False),
+            model_cfg, meta={**labels.meta(), "n_mels": d.n_mels},
+            info={"data": source, "utterances": {k: len(v) for k, v in items.items()},
+                  "train_hours": round(frames / 100 / 3600, 2),
+                  "skipped_bad_audio": skipped, "dropped_too_long_or_short": dropped,
+                  "labels": labels.kind, "text_normalizer": NORMALIZER},
+            data={"items": items, "sets": sets, "texts": texts})
+
+    def evaluate(self, trainer, module, prep, cfg, out):
+        final = trainer.validate(module, prep.val_loader, verbose=False)[0]
+        if not trainer.is_global_zero:
+            return {}
+        module.to("cpu")
+        figures, plots = {"val_loss": final["val/loss"]}, []
+        for name, items in prep.data["items"].items():
+            if name == "train" or not items:
+                continue
+            loader = make_loader(items, cfg.data.max_frames_per_batch, seed=cfg.seed,
+                                 train=False)
+            t0 = time.time()
+            res = transcribe_batches(module, loader, cfg.decode.beam_size)
+            if not module.ctc:
+                acc = sum(p == t for p, t in zip(res["pred"], res["true"])) / len(res["true"])
+                figures[name] = {"accuracy": round(acc, 4), "utterances": len(res["true"])}
+                cm = torch.zeros(len(module.labels.classes), len(module.labels.classes),
+                                 dtype=torch.long)
+                for t, p in zip(res["true"], res["pred"]):
+                    cm[t, p] += 1
+                figures[name]["confusion"] = cm.tolist()  # rows: true, columns: predicted
+                plots.append(plot_confusion(cm, module.labels.classes,
+                                            out / f"confusion_{name}.png",
+                                            f"{name}: confusion matrix"))
+                continue
+            figures[name] = {"greedy": error_rates(res["greedy"], res["refs"]),
+                             "utterances": len(res["refs"]),
+                             "decode_seconds": round(time.time() - t0, 1)}
+            if res["beam"]:
+                figures[name]["beam"] = error_rates(res["beam"], res["refs"])
+            if name == "test":
+                figures["examples"] = [{"ref": r, "greedy": g} for r, g in
+                                       list(zip(res["refs"], res["greedy"]))[:5]]
+        if module.ctc and prep.data["items"].get("test"):
+            f0, _ = prep.data["items"]["test"][0]
+            ref = module.labels.decode(prep.data["items"]["test"][0][1])
+            plots.append(plot_utterance(module, f0, ref, out / "utterance.png"))
+        self._print(figures)
+        return {**figures, "beam_size": cfg.decode.beam_size, "plots": plots}
+
+    @staticmethod
+    def _print(figures: dict) -> None:
+        for name, f in figures.items():
+            if isinstance(f, dict) and "greedy" in f:
+                line = (f"{name}: CER {f['greedy']['cer']:.3f} WER {f['greedy']['wer']:.3f} "
+                        f"(greedy)")
+                if "beam" in f:
+                    line += f", CER {f['beam']['cer']:.3f} WER {f['beam']['wer']:.3f} (beam)"
+                print(line)
+            elif isinstance(f, dict) and "accuracy" in f:
+                print(f"{name}: accuracy {f['accuracy']:.4f} over {f['utterances']}")
+
+
+# --------------------------------------------------------------------------- transcribe
+def run_transcribe(cfg: DictConfig) -> dict:
+    if not cfg.ckpt:
+        raise UserError("mode=transcribe needs ckpt=PATH, a checkpoint of the speech task")
+    if not cfg.audio:
+        raise UserError("mode=transcribe needs audio=GLOB, the WAV files to transcribe")
+    module = SpeechModule.from_checkpoint(cfg.ckpt)
+    fe = LogMel(n_mels=module.meta["n_mels"])
+    max_frames = module.model.max_frames
+    results, skipped = [], []
+    for f in expand_files(cfg.audio, "audio"):
+        try:
+            feats = fe(load_audio(f))
+            if len(feats) > max_frames:
+                raise UserError(f"audio {f} is {len(feats) / 100:.1f} s long; this model takes "
+                                f"at most {max_frames / 100:.1f} s (model.max_frames)")
+        except UserError as exc:
+            if cfg.data.on_bad_audio == "error":
+                raise
+            skipped.append({"file": str(f), "reason": str(exc)})
+            continue
+        with torch.no_grad():
+            logits, n = module.model(feats[None], torch.tensor([len(feats)]))
+        if module.ctc:
+            lp = logits.float().log_softmax(-1)
+            ids = (beam_decode(lp, n, beam_size=cfg.decode.beam_size)[0]
+                   if cfg.decode.beam_size > 1 else greedy_decode(lp, n)[0])
+            text = module.labels.decode(ids)
+        else:
+            text = module.labels.classes[int(logits.argmax(-1))]
+        print(f"{f}: {text}")
+        results.append({"file": str(f), "text": text})
+    if skipped:
+        print(f"skipped {len(skipped)} file(s): " + "; ".join(s["reason"] for s in skipped[:3]))
+    return {"transcripts": results, "skipped": skipped}
+
+
+TASK = SpeechTask()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or, with ``mode=transcribe``, transcribe WAV files) and return the results."""
+    return training.run(TASK, cfg)
+
+
+if __name__ == "__main__":
+    entry.main("speech", run)

@@ -1,0 +1,283 @@
+"""Speech data: text normalisation, espeak-ng and flite synthesis, the WAV + JSONL manifest
+format, reading odd and bad audio files, and preparing the synthesised sets once."""
+
+import json
+import shutil
+import time
+import wave
+
+import numpy as np
+import pytest
+import torch
+import torchaudio
+
+from data import speech
+from data.errors import UserError
+from data.speech import (
+    CHARSET,
+    HELD_OUT,
+    SAMPLE_RATE,
+    Utterance,
+    load_audio,
+    normalize_text,
+    read_manifest,
+    write_manifest,
+    write_wav,
+)
+
+SENTENCES = ["the dog bared its teeth when i approached the door",
+             "they could not prove anything against her",
+             "that is the last thing i want to do"]
+
+
+def _espeak_or_skip():
+    try:
+        return speech.synth_espeak("yes", "en-us+m1")
+    except (UserError, OSError) as exc:
+        pytest.skip(f"espeak-ng cannot be loaded here ({exc}); pip install espeakng-loader")
+
+
+def _tone(seconds: float, hz: float = 440.0) -> torch.Tensor:
+    t = torch.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return 0.5 * torch.sin(2 * torch.pi * hz * t)
+
+
+# --------------------------------------------------------------------------------- text
+def test_normalize_text():
+    assert normalize_text("Don’t  say ‘Well-known’ café…\n") == "don't say well known cafe"
+    assert normalize_text("The dogs' bowls: 'yes' / no!") == "the dogs bowls yes no"
+    assert normalize_text("Call 911 now.") == "call now"
+    out = normalize_text("Ça, c'est «très» BIEN; isn't it? — Ja/Nein 2x ©")
+    assert set(out) <= set(CHARSET) and "  " not in out and out == out.strip()
+
+
+def test_ding_sentences_are_spoken_as_written(tmp_path, monkeypatch):
+    tsv = tmp_path / "ding.de-en.tsv"
+    tsv.write_text("\n".join([
+        "x\tto squirrel away <> sth.",
+        "x\tHe broke all records.; He beat all records.",
+        "x\tMr. Smith is here today and tomorrow.",
+        "x\tThe USA is big and wide.",
+        "x\tI have 3 cats at home.",
+        "x\tToo short here.",
+        "x\tHe doesn’t give a damn/cuss about it.",
+        "x\tI’m really cheered up from watching this film.",
+        "x\tHe broke all records!",
+    ]) + "\n")
+    monkeypatch.setattr(speech, "prepare_ding", lambda root=None: tsv)
+    got = speech.ding_sentences(tmp_path, seed=0)
+    assert sorted(got) == ["he beat all records", "he broke all records",
+                           "i'm really cheered up from watching this film"]
+    assert speech.ding_sentences(tmp_path, seed=0) == got  # the shuffle is seeded
+
+
+# ----------------------------------------------------------------------------- espeak-ng
+def test_espeak_synthesis_voices(tmp_path):
+    _espeak_or_skip()
+    clips = [speech.synth_espeak(s, v, rate=170, pitch=50)
+             for s, v in zip(SENTENCES, ["en-us+f3", "en-029+m5", "en-gb-scotland+f4"])]
+    for clip in clips:
+        assert clip.dim() == 1 and clip.dtype == torch.float32
+        assert 0.5 <= clip.numel() / SAMPLE_RATE <= 6.0
+        assert 0.05 < clip.abs().max() <= 1.0
+    write_wav(tmp_path / "a.wav", clips[0])
+    with wave.open(str(tmp_path / "a.wav")) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (SAMPLE_RATE, 1, 2)
+    # espeak-ng varies its pitch flutter from call to call, so compare long-term spectra:
+    # the same voice again is close, another voice is far.
+    again = speech.synth_espeak(SENTENCES[0], "en-us+f3", rate=170, pitch=50)
+    other = speech.synth_espeak(SENTENCES[0], "en-gb-scotland+m1", rate=170, pitch=50)
+    same, different = _spectrum_distance(clips[0], again), _spectrum_distance(clips[0], other)
+    assert same < 0.1 and different > 3 * same
+
+
+def _spectrum_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean absolute difference of the log long-term magnitude spectra."""
+    def spectrum(x):
+        mag = torch.stft(x, 512, 160, window=torch.hann_window(512), return_complex=True).abs()
+        return torch.log(mag.mean(dim=1) + 1e-6)
+    return float((spectrum(a) - spectrum(b)).abs().mean())
+
+
+def test_held_out_voices_are_never_trained_on():
+    held = set(HELD_OUT["val"]) | set(HELD_OUT["test"])
+    assert len(held) == 4 and not held & set(speech.TRAIN_VOICES)
+    assert len(speech.TRAIN_VOICES) == len(speech.ACCENTS) * len(speech.VARIANTS) - 4
+
+
+# ------------------------------------------------------------------------------- format
+def test_manifest_round_trip(tmp_path):
+    outside, tmp_path = tmp_path / "elsewhere.wav", tmp_path / "set"
+    (tmp_path / "wav").mkdir(parents=True)
+    utts = []
+    for i, (text, seconds) in enumerate([("yes", 0.5), ("go left", 1.25)]):
+        path = tmp_path / "wav" / f"{i}.wav"
+        write_wav(path, _tone(seconds))
+        utts.append(Utterance(path, seconds, text))
+    write_wav(outside, _tone(0.75))
+    utts.append(Utterance(outside, 0.75, "stop"))
+    manifest = tmp_path / "train.jsonl"
+    write_manifest(manifest, utts, extra=[{"voice": "x"}] * 3)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert lines[0] == {"audio": "wav/0.wav", "duration": 0.5, "text": "yes", "voice": "x"}
+    assert lines[2]["audio"] == str(outside)
+    got = read_manifest(manifest)
+    assert got.utterances == utts and got.skipped == []
+    assert load_audio(got.utterances[1].path).numel() == int(1.25 * SAMPLE_RATE)
+
+
+def test_folder_of_wav_and_txt(tmp_path):
+    (tmp_path / "spk1").mkdir()
+    write_wav(tmp_path / "a.wav", _tone(0.5))
+    (tmp_path / "a.txt").write_text("hello there\n")
+    write_wav(tmp_path / "spk1" / "b.wav", _tone(1.0))
+    (tmp_path / "spk1" / "b.txt").write_text("go")
+    got = read_manifest(tmp_path).utterances
+    assert got == [Utterance(tmp_path / "a.wav", 0.5, "hello there"),
+                   Utterance(tmp_path / "spk1" / "b.wav", 1.0, "go")]
+    write_wav(tmp_path / "c.wav", _tone(0.5))
+    with pytest.raises(UserError, match=r"c\.wav has no transcript c\.txt"):
+        read_manifest(tmp_path)
+
+
+def test_load_audio_resamples_and_downmixes_8bit_stereo(tmp_path):
+    rate = 44_100
+    t = torch.arange(rate // 2) / rate
+    left, right = 0.6 * torch.sin(2 * torch.pi * 300 * t), 0.3 * torch.sin(2 * torch.pi * 700 * t)
+    pcm = (torch.stack([left, right], dim=1) * 127 + 128).round().to(torch.uint8)
+    path = tmp_path / "stereo.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(1)
+        w.setframerate(rate)
+        w.writeframes(pcm.numpy().tobytes())
+    decoded = (pcm.float() - 128) / 128
+    expected = torchaudio.functional.resample(decoded.mean(dim=1), rate, SAMPLE_RATE)
+    got = load_audio(path)
+    assert got.shape == expected.shape and got.numel() == SAMPLE_RATE // 2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - 0.45 * torch.sin(2 * torch.pi * 300 * torch.arange(got.numel()) / SAMPLE_RATE)
+            ).abs().mean() > 0.05  # the right channel is in the mix
+
+
+def test_load_audio_16_and_32_bit(tmp_path):
+    x = np.array([0, 16384, -32768, 32767], np.int16)
+    for width, data in ((2, x.tobytes()), (4, (x.astype(np.int32) << 16).tobytes())):
+        path = tmp_path / f"{width}.wav"
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(width)
+            w.setframerate(SAMPLE_RATE)
+            w.writeframes(data)
+        torch.testing.assert_close(load_audio(path), torch.from_numpy(x / 32768.0).float())
+
+
+def test_bad_audio_files_are_named_and_skipped(tmp_path):
+    write_wav(tmp_path / "good.wav", _tone(0.5))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "text.wav").write_text("this is not audio\n")
+    for name in ("empty.wav", "text.wav", "missing.wav"):
+        with pytest.raises(UserError, match=name):
+            load_audio(tmp_path / name)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": n, "duration": 1.0, "text": "x"}) + "\n"
+                                for n in ("good.wav", "empty.wav", "text.wav", "missing.wav")))
+    got = read_manifest(manifest, on_bad_audio="skip")
+    assert [u.path.name for u in got.utterances] == ["good.wav"]
+    assert len(got.skipped) == 3 and "missing.wav" in got.skipped[2]
+    with pytest.raises(UserError, match="empty.wav"):
+        read_manifest(manifest, on_bad_audio="error")
+
+
+def test_bad_manifest_lines_name_file_and_line(tmp_path):
+    write_wav(tmp_path / "a.wav", _tone(0.5))
+    manifest = tmp_path / "m.jsonl"
+    good = json.dumps({"audio": "a.wav", "text": "yes"})
+    manifest.write_text(f"{good}\n\n{{not json\n")
+    with pytest.raises(UserError, match=r"m\.jsonl line 3 is not JSON"):
+        read_manifest(manifest)
+    manifest.write_text(f"{good}\n" + json.dumps({"audio": "a.wav"}) + "\n")
+    with pytest.raises(UserError, match=r"m\.jsonl line 2 lacks text"):
+        read_manifest(manifest)
+    manifest.write_text(f"{good}\n")
+    assert read_manifest(manifest).utterances[0].duration == 0.5  # from the header
+    with pytest.raises(UserError, match="does not exist"):
+        read_manifest(tmp_path / "nope.jsonl")
+
+
+# --------------------------------------------------------------------------------- flite
+@pytest.fixture(scope="module")
+def flite_or_none(tmp_path_factory):
+    if shutil.which("flite") is None and (shutil.which("apt-get") is None
+                                          or shutil.which("dpkg-deb") is None):
+        return None
+    return speech.flite_program(tmp_path_factory.mktemp("flite-cache"))
+
+
+@pytest.fixture
+def flite(flite_or_none):
+    if flite_or_none is None:
+        pytest.skip("flite needs apt-get and dpkg-deb (Debian) or flite on PATH")
+    return flite_or_none
+
+
+def test_flite_synthesis(flite):
+    slt = speech.synth_flite(SENTENCES[1], "slt", program=flite)
+    slower = speech.synth_flite(SENTENCES[1], "slt", stretch=1.3, program=flite)
+    kal = speech.synth_flite(SENTENCES[1], "kal", program=flite)  # an 8 kHz voice
+    for clip in (slt, slower, kal):
+        assert clip.dim() == 1 and 0.5 <= clip.numel() / SAMPLE_RATE <= 6.0
+        assert clip.abs().max() > 0.05
+    assert slower.numel() > 1.15 * slt.numel()
+
+
+# ----------------------------------------------------------------------------- preparing
+def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none):
+    _espeak_or_skip()
+    sentences = [f"{w} is the word for today" for w in speech.KEYWORDS]
+    monkeypatch.setattr(speech, "ding_sentences", lambda root=None, seed=0: sentences)
+    monkeypatch.setattr(speech, "flite_program", lambda root=None: flite_or_none)
+    n_flite = 2 if flite_or_none else 0
+    sizes = {"train_utterances": 6, "val_utterances": 2, "test_utterances": 2,
+             "flite_utterances": n_flite}
+    out = speech.prepare_speech(tmp_path, **sizes)
+    texts = {}
+    for split, n in zip(("train", "val", "test", "flite")[:4 if n_flite else 3], (6, 2, 2, 2)):
+        got = read_manifest(out / f"{split}.jsonl", on_bad_audio="error")
+        assert len(got.utterances) == n
+        texts[split] = {u.text for u in got.utterances}
+        lines = [json.loads(x) for x in (out / f"{split}.jsonl").read_text().splitlines()]
+        voices = {x["voice"] for x in lines}
+        if split in HELD_OUT:
+            assert voices == {f"espeak:{v}" for v in HELD_OUT[split]}
+        elif split == "train":
+            assert not voices & {f"espeak:{v}" for v in HELD_OUT["val"] + HELD_OUT["test"]}
+        assert all(0.5 < x["duration"] < 6 for x in lines)
+        assert load_audio(got.utterances[0].path).numel() > 0.5 * SAMPLE_RATE
+    assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))
+    info = json.loads((out / "info.json").read_text())
+    assert info["splits"]["train"]["utterances"] == 6 and info["normalizer"]
+    start = time.perf_counter()
+    assert speech.prepare_speech(tmp_path, **sizes) == out
+    assert time.perf_counter() - start < 0.5
+    assert not list(out.parent.glob(".*partial*"))
+
+
+def test_prepare_kws_speaks_every_keyword(tmp_path):
+    _espeak_or_skip()
+    out = speech.prepare_kws(tmp_path, train_per_keyword=2, val_per_keyword=1,
+                             test_per_keyword=1, flite_per_keyword=0)
+    assert not (out / "flite.jsonl").exists()
+    for split, n in (("train", 2), ("val", 1), ("test", 1)):
+        utts = read_manifest(out / f"{split}.jsonl", on_bad_audio="error").utterances
+        assert sorted(u.text for u in utts) == sorted(list(speech.KEYWORDS) * n)
+        assert all(0.1 < u.duration < 2 for u in utts)
+
+
+def test_failed_preparation_leaves_nothing(tmp_path, monkeypatch):
+    _espeak_or_skip()
+    monkeypatch.setattr(speech, "HELD_OUT", {"val": ("en-nowhere+m1",), "test": ("en+m1",)})
+    with pytest.raises(UserError, match="no voice 'en-nowhere"):
+        speech.prepare_kws(tmp_path, train_per_keyword=1, val_per_keyword=1,
+                           test_per_keyword=1, flite_per_keyword=0)
+    assert list((tmp_path / "speech").iterdir()) == []

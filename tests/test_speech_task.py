@@ -1,0 +1,161 @@
+"""The speech task end to end on a tiny data set in the user format (WAV + JSONL): training,
+results and pictures, transcription, keyword spotting, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data.speech import write_wav
+from tasks import speech as speech_task
+from tasks.framework.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["yes", "no", "up", "down"]
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+def _tone(word: str, i: int, seconds: float) -> torch.Tensor:
+    """A word as a chord whose pitches depend on the word: learnable, and quick to make."""
+    t = torch.arange(int(16000 * seconds)) / 16000
+    base = 200 + 150 * WORDS.index(word) + 7 * i
+    return 0.3 * sum(torch.sin(2 * math.pi * base * k * t) for k in (1, 2, 3)) / 3
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speech")
+    for split, n in (("train", 24), ("val", 8), ("test", 8)):
+        lines = []
+        for i in range(n):
+            word = WORDS[i % len(WORDS)]
+            wav = root / split / f"{i}.wav"
+            wav.parent.mkdir(parents=True, exist_ok=True)
+            write_wav(wav, _tone(word, i, 0.6 + 0.05 * (i % 5)))
+            lines.append(json.dumps({"audio": f"{split}/{i}.wav", "text": word}))
+        (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "broken.wav").write_bytes(b"not audio at all")
+    return root
+
+
+def make_cfg(run_dir, corpus, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("speech", overrides=[
+            "model=speech_tiny", f"data.train={corpus}/train.jsonl",
+            f"data.val={corpus}/val.jsonl", f"+data.test.test={corpus}/test.jsonl",
+            "data.max_frames_per_batch=2000", "trainer.max_steps=6",
+            "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+            "scheduler.warmup_steps=1", "decode.beam_size=4", f"run_dir={run_dir}", *overrides])
+
+
+def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus):
+    res = speech_task.run(make_cfg(tmp_path, corpus))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == 6 and saved["labels"] == "chars"
+    assert saved["utterances"] == {"train": 24, "val": 8, "test": 8}
+    for name in ("val", "test"):
+        f = saved[name]
+        assert set(f) >= {"greedy", "beam", "utterances"}
+        assert 0 <= f["greedy"]["cer"] and 0 <= f["beam"]["cer"]
+    assert saved["text_normalizer"]
+    for name in ("loss_curves.png", "val_cer.png", "utterance.png",
+                 "checkpoints/best.ckpt"):
+        assert (tmp_path / name).is_file(), name
+    assert res["test"] == saved["test"]
+    ckpt = tmp_path / "checkpoints" / "best.ckpt"
+    out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+                                   f"audio={corpus}/test/*.wav"))
+    assert len(out["transcripts"]) == 8 and not out["skipped"]
+    out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+                                   f"audio={corpus}/broken.wav"))
+    assert out["transcripts"] == [] and "broken.wav" in out["skipped"][0]["reason"]
+    with pytest.raises(UserError, match="broken.wav"):
+        speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+                                 f"audio={corpus}/broken.wav", "data.on_bad_audio=error"))
+
+
+def test_transcribe_any_rate_and_stereo(tmp_path, corpus):
+    """A 44.1 kHz stereo file transcribes as its 16 kHz mono original does."""
+    import wave
+
+    import torchaudio
+    speech_task.run(make_cfg(tmp_path / "run", corpus, "trainer.max_steps=2"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    mono = _tone("up", 1, 0.8)
+    hi = torchaudio.functional.resample(mono, 16000, 44100)
+    pcm = (hi.clamp(-1, 1) * 32767).round().to(torch.int16)
+    with wave.open(str(tmp_path / "stereo.wav"), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(torch.stack([pcm, pcm], 1).numpy().tobytes())
+    write_wav(tmp_path / "mono.wav", mono)
+    a = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+                                 f"audio={tmp_path}/stereo.wav", "decode.beam_size=1"))
+    b = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+                                 f"audio={tmp_path}/mono.wav", "decode.beam_size=1"))
+    assert len(a["transcripts"]) == 1
+    assert a["transcripts"][0]["text"] == b["transcripts"][0]["text"]
+
+
+def test_keyword_spotting_learns_and_draws_its_confusion(tmp_path, corpus):
+    res = speech_task.run(make_cfg(tmp_path, corpus, "model.head=classify",
+                                   "trainer.max_steps=30", "trainer.val_check_interval=15",
+                                   "optimizer.lr=3e-3"))
+    assert res["test"]["accuracy"] >= 0.75, res["test"]  # chance is 0.25
+    assert len(res["test"]["confusion"]) == 4
+    assert (tmp_path / "confusion_test.png").is_file()
+
+
+def test_conformer_block_and_sentencepiece_units_train(tmp_path, corpus):
+    # sentencepiece needs varied text: the same audio with sonnet lines as transcripts
+    lines = [ln.strip() for ln in (ROOT / "tests/fixtures/sonnets.txt").read_text().splitlines()
+             if len(ln.split()) >= 6][:40]
+    for split in ("train", "val"):
+        rows = [json.loads(r) for r in (corpus / f"{split}.jsonl").read_text().splitlines()]
+        rows = [dict(r, text=" ".join(lines[i % len(lines)].split()[:2]))
+                for i, r in enumerate(rows * 2)]
+        (tmp_path / f"{split}.jsonl").write_text(
+            "\n".join(json.dumps(dict(r, audio=str(corpus / r["audio"]))) for r in rows))
+    res = speech_task.run(make_cfg(tmp_path, corpus, "model.block=conformer",
+                                   f"data.train={tmp_path}/train.jsonl",
+                                   f"data.val={tmp_path}/val.jsonl", "data.max_frames=1200",
+                                   "data.units=sentencepiece", "data.vocab_size=300",
+                                   "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert res["labels"] == "sentencepiece" and math.isfinite(res["val_loss"])
+
+
+def cli(tmp_path, corpus, *args):
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    base = ["model=speech_tiny", f"data.train={corpus}/train.jsonl",
+            f"data.val={corpus}/val.jsonl", "trainer.max_steps=2",
+            f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    return subprocess.run([sys.executable, "-m", "tasks.speech", *base, *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["data.train=/nonexistent.jsonl"], "/nonexistent.jsonl does not exist"),
+    (["model.head=rnnt"], "head='rnnt'"),
+    (["data.units=phones"], "data.units='phones'"),
+    (["mode=transcribe", "ckpt=/nonexistent.ckpt", "audio=x.wav"],
+     "checkpoint /nonexistent.ckpt does not exist"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, corpus, args, expect):
+    proc = cli(tmp_path, corpus, *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and expect in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
