@@ -9,7 +9,7 @@ ARGS ?=
 TORCH_PINS ?= torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 LOCK_VENV := .lock-venv
 
-.PHONY: setup test test-all lm lint lock
+.PHONY: setup test test-all test-cluster lm lint lock
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -22,6 +22,11 @@ test: setup
 	$(PY) -m ruff check modules tasks data scripts tests
 	$(PY) -m pytest
 	$(PY) -m pytest -m slow
+
+# A live single-node SLURM (installed with apt-get when missing, needs root): sweeps through
+# the submitit launcher, ranks from SLURM, preemption and requeue.
+test-cluster: setup
+	$(PY) -m pytest -m cluster
 
 test-all: setup
 	$(PY) -m pytest -m "not gpu" --timeout=1800

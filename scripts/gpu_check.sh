@@ -8,7 +8,8 @@
 #
 # Sections: pad (padding-mask profile), sweep (flash head dims), tests (pytest -m gpu),
 # attn (attention benchmark), lm (LM training benchmark, d1024), lmbig (d2048, seq 2048),
-# lmgen (generation vs transformers), vit (ViT vs timm), task (the lm GPU preset).
+# lmgen (generation vs transformers), vit (ViT vs timm), speech (speech encoder vs
+# torchaudio's Conformer), task (the lm GPU preset).
 #
 # Optional inputs, for a machine that cannot reach a package index:
 #   .whl/*.whl      wheels installed into /tmp/site (hydra-core, omegaconf, flash-attn-4, ...)
@@ -22,6 +23,7 @@ export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 PY=${PYTHON:-python3}
 T_PAD=${T_PAD:-60} T_SWEEP=${T_SWEEP:-90} T_TESTS=${T_TESTS:-100} T_ATTN=${T_ATTN:-120} T_LM=${T_LM:-40}
 T_TASK=${T_TASK:-75} T_VIT=${T_VIT:-60} T_GEN=${T_GEN:-150} T_BIG=${T_BIG:-60}
+T_SPEECH=${T_SPEECH:-60}
 SECTIONS=${SECTIONS:-pad sweep tests attn lm task}
 GEN_BATCHES=${GEN_BATCHES:-1 8} VIT_REPEATS=${VIT_REPEATS:-10}
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -79,6 +81,14 @@ for args in "--pool token" "--pool mean" "--pool token --embed-dim 768 --heads 1
   log "ViT benchmark vs timm, bf16 autocast, batch 256 unless set: $args"
   timeout "$T_VIT" $PY scripts/bench_vit.py --device cuda --dtype bfloat16 --batch 256 \
     --repeats "$VIT_REPEATS" $args 2>&1 | grep -v Warning | tee -a "$OUT/bench_vit.txt" | tail -n 5
+done
+fi
+
+if want speech; then
+for args in "--batch 64 --frames 400" "--batch 32 --frames 1000 --embed-dim 256 --ffn 1024"; do
+  log "speech encoder benchmark vs torchaudio Conformer, bf16 autocast: $args"
+  timeout "$T_SPEECH" $PY scripts/bench_speech.py --device cuda --dtype bfloat16 $args 2>&1 \
+    | grep -v Warning | tee -a "$OUT/bench_speech.txt" | tail -n 7
 done
 fi
 

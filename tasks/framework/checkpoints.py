@@ -33,6 +33,7 @@ MODEL_TARGETS = frozenset({
     "modules.lm.CausalLM",
     "modules.seq2seq.Seq2SeqTransformer",
     "modules.vit.VisionTransformer",
+    "modules.speech.SpeechEncoder",
 })
 
 
@@ -110,13 +111,24 @@ def init_weights_from(module: torch.nn.Module, state: dict, *, strict: bool, sou
     return report
 
 
+def preemption_checkpoint(out: Path) -> Path:
+    """Where a preempted SLURM job leaves its state (``runtime.SlurmRequeue``); it is removed
+    once the run's training has finished."""
+    return out / "checkpoints" / "preempted.ckpt"
+
+
 def resume_path(cfg: DictConfig, out: Path) -> str | None:
-    """``resume=PATH``, or ``resume=auto``: the run directory's last checkpoint if any."""
-    if not cfg.get("resume"):
+    """``resume=PATH``; ``resume=auto``: the newer of the run directory's last checkpoint and
+    its preemption checkpoint, if any. A requeued SLURM job (``SLURM_RESTART_COUNT`` set)
+    without ``resume`` is ``resume=auto``: it goes on where it stopped, in the same run
+    directory, instead of starting over there."""
+    preempted = preemption_checkpoint(out)
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if not cfg.get("resume") and not restarted:
         return None
-    if cfg.resume == "auto":
-        last = out / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+    if not cfg.get("resume") or cfg.resume == "auto":
+        found = [p for p in (out / "checkpoints" / "last.ckpt", preempted) if p.is_file()]
+        return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     load_checkpoint(cfg.resume, cfg.task)  # fail early with a clear message
     return str(cfg.resume)
 

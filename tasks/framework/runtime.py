@@ -1,12 +1,16 @@
 """The run itself: its directory, which process is rank zero, the Lightning Trainer with
-our callbacks, and the clock."""
+our callbacks, preemption and requeue under SLURM, and the clock."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import UserError
 
+log = logging.getLogger("attnkit")
+
 
 class _DropAdvertising(logging.Filter):
     """Lightning prints tips advertising its hosted services into every run's output."""
@@ -31,6 +37,11 @@ class _DropAdvertising(logging.Filter):
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_DropAdvertising())
+
+# Wherever srun is installed (a login node, a machine with the SLURM client) Lightning warns
+# on every run that srun is not used, also outside any SLURM job, where it is only noise.
+if "SLURM_JOB_ID" not in os.environ:
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -58,6 +69,91 @@ def is_rank_zero() -> bool:
     return global_rank() == 0
 
 
+def slurm_job() -> bool:
+    """Whether this process is a task of a SLURM job step (started by ``srun``), where
+    Lightning takes ranks and world size from SLURM's environment."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    return SLURMEnvironment.detect()
+
+
+class SlurmRequeue(Callback):
+    """Preemption under SLURM: ``SIGUSR1`` (``#SBATCH --signal=USR1@120``, or ``scancel
+    --signal=USR1 JOBID``) saves ``checkpoints/preempted.ckpt``, requeues the job with
+    ``scontrol requeue`` and ends this process; the requeued job resumes from that checkpoint
+    in the same run directory (``checkpoints.resume_path``). The checkpoint is removed when
+    training finishes.
+
+    Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves from inside the
+    signal handler, wherever in a training step the signal lands, so a resumed run may repeat
+    or skip part of a step. Here the handler only sets a flag and the checkpoint is written at
+    the end of an optimizer step, a point Lightning resumes from exactly; a step that is
+    followed by validation is left to finish first (resuming from a checkpoint taken before a
+    validation skips that validation). srun signals every rank, not necessarily within the
+    same step, so under DDP the ranks agree on the step by reducing the flag once per step.
+
+    Args:
+        out: the run directory.
+        enabled: handle the signal (in a SLURM job step); otherwise the callback only removes
+            a preemption checkpoint left by an earlier part of the run.
+    """
+
+    def __init__(self, out: Path, *, enabled: bool):
+        from .checkpoints import preemption_checkpoint
+        self.path, self.enabled = preemption_checkpoint(out), enabled
+        self.signalled = False
+        self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled or not trainer.strategy.reduce_boolean_decision(self.signalled,
+                                                                            all=False):
+            return
+        # Lightning's own test for "validation follows this step" (private; checked on
+        # lightning 2.6.6; tests/test_cluster.py preempts right before a validation).
+        loop = trainer.fit_loop.epoch_loop
+        if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            return
+        trainer.save_checkpoint(self.path)
+        requeued = trainer.strategy.broadcast(self._requeue() if trainer.is_global_zero
+                                              else False, src=0)
+        self.signalled = False
+        if requeued:
+            raise SystemExit(f"preempted at step {trainer.global_step}: saved {self.path}, "
+                             f"job requeued")
+
+    def _requeue(self) -> bool:
+        job = os.environ.get("SLURM_JOB_ID", "")
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):  # one element of a job array (a sweep)
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        try:
+            proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                                  timeout=60)
+            ok, why = proc.returncode == 0, proc.stderr.strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            ok, why = False, str(exc)
+        if ok:
+            log.warning("SIGUSR1: saved %s and requeued SLURM job %s", self.path, job)
+        else:
+            log.warning("SIGUSR1: saved %s; requeueing SLURM job %s failed (%s); training "
+                        "goes on, and resume=auto continues from it later", self.path, job, why)
+        return ok
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.path.unlink(missing_ok=True)
+
+
 def seconds_since(t0: float) -> float:
     return round(time.time() - t0, 1)
 
@@ -71,8 +167,8 @@ def begin(cfg: DictConfig) -> tuple[float, Path]:
 
 def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min",
                   extra_callbacks: list[Callback] | None = None):
-    """Lightning Trainer from ``cfg.trainer`` with our checkpoints, history, RNG state and
-    progress bar; returns ``(trainer, history)``."""
+    """Lightning Trainer from ``cfg.trainer`` with our checkpoints, history, RNG state,
+    progress bar and SLURM requeue; returns ``(trainer, history)``."""
     from .checkpoints import RNGState
     from .reporting import History
     history = History()
@@ -80,9 +176,14 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
                            mode=mode, save_top_k=1, save_last=True, auto_insert_metric_name=False)
     interactive = sys.stdout.isatty() and not os.environ.get("CI")
     bar = RichProgressBar(leave=True) if interactive else TQDMProgressBar(refresh_rate=50)
-    callbacks = [ckpt, history, RNGState(), bar, LearningRateMonitor("step")]
+    on_slurm = slurm_job()
+    callbacks = [ckpt, history, RNGState(), bar, LearningRateMonitor("step"),
+                 SlurmRequeue(out, enabled=on_slurm)]
     callbacks += extra_callbacks or []
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if on_slurm:  # ranks from SLURM; SlurmRequeue, not Lightning, handles SIGUSR1
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+        tcfg["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     # logs/version_N/metrics.csv: a resumed run adds a version instead of overwriting one.
     logger = L.pytorch.loggers.CSVLogger(save_dir=str(out), name="logs")
     try:
