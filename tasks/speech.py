@@ -338,8 +338,9 @@ class SpeechTask(training.Task):
         for name, items in prep.data["items"].items():
             if name == "train" or not items:
                 continue
-            loader = make_loader(items, cfg.data.max_frames_per_batch, seed=cfg.seed,
-                                 train=False)
+            # Every batch, on this rank alone (a rank-split loader would give it a share).
+            batches = length_batches([len(f) for f, _ in items], cfg.data.max_frames_per_batch)
+            loader = (_collate([items[i] for i in b]) for b in batches)
             t0 = time.time()
             res = transcribe_batches(module, loader, cfg.decode.beam_size)
             if not module.ctc:

@@ -159,3 +159,35 @@ def test_bad_input_is_one_clear_line(tmp_path, corpus, args, expect):
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and expect in err[-1], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_init_from_and_resume(tmp_path, corpus):
+    """Fine-tuning from a speech checkpoint, and resume=auto finishing an extended run."""
+    first = tmp_path / "first"
+    speech_task.run(make_cfg(first, corpus, "trainer.max_steps=3"))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    res = speech_task.run(make_cfg(tmp_path / "tuned", corpus, f"init_from={ckpt}",
+                                   "optimizer.lr=1e-4", "trainer.max_steps=2"))
+    assert res["init_from"]["loaded"] > 0 and not res["init_from"]["missing"]
+    with pytest.raises(UserError, match="differ in shape"):
+        speech_task.run(make_cfg(tmp_path / "bad", corpus, f"init_from={ckpt}",
+                                 "model.embed_dim=48", "model.num_heads=2"))
+    res = speech_task.run(make_cfg(first, corpus, "resume=auto", "trainer.max_steps=6"))
+    assert res["steps"] == 6
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_and_evaluate_once(tmp_path, corpus):
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    out = tmp_path / "outputs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.speech", "model=speech_tiny", "trainer=ddp",
+         f"data.train={corpus}/train.jsonl", f"data.val={corpus}/val.jsonl",
+         f"+data.test.test={corpus}/test.jsonl", "data.max_frames=200",
+         "data.max_frames_per_batch=400",
+         "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.run.dir={out}/run"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["run"]
+    res = json.loads((out / "run" / "results.json").read_text())
+    assert res["steps"] == 4 and res["test"]["utterances"] == 8
