@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .cache import DataError
+from .sampling import ResumableLoader, SeededBatchSampler
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int, *, seed: int | None = None,
@@ -134,8 +135,7 @@ def pad_items(items: Sequence[Sequence[int] | torch.Tensor], *, pad_value: float
 
 class ItemBatches(torch.utils.data.Dataset):
     """A list of precomputed batches as a dataset: item ``i`` is the list of the items of
-    batch ``i`` (a ``SeededBatchSampler`` of batch size 1 then orders the batches, resumably
-    and split across ranks; the collate function pads them)."""
+    batch ``i`` (see ``bucketed_loader``)."""
 
     def __init__(self, items: Sequence, batches: Sequence[Sequence[int]]):
         self.items, self.batches = items, batches
@@ -145,3 +145,24 @@ class ItemBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> list:
         return [self.items[j] for j in self.batches[i]]
+
+
+def bucketed_loader(items: Sequence, lengths: Sequence[int], max_tokens: int, *, seed: int,
+                    train: bool, collate, num_workers: int = 0) -> ResumableLoader:
+    """A resumable loader of length-bucketed batches of ``items``.
+
+    The batches are fixed for the run and identical on every rank (same seed); a
+    ``SeededBatchSampler`` of batch size 1 orders them per epoch and splits them across
+    ranks (``drop_last`` for training, so ranks take equal numbers of batches).
+
+    Args:
+        items: the dataset's items; lengths: each item's length (tokens, frames).
+        max_tokens: the padded-size budget of a batch (``length_batches``).
+        seed: batch contents and order; train: shuffled (else sorted, every item once).
+        collate: a list of items -> the batch the model takes.
+    """
+    batches = length_batches(lengths, max_tokens, seed=seed if train else None)
+    ds = ItemBatches(items, batches)
+    sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=train)
+    return ResumableLoader(ds, sampler, collate_fn=lambda b: collate(b[0]),
+                           num_workers=num_workers)

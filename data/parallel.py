@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .batching import length_batches, pad_items
+from .batching import pad_items
 from .cache import DataError, atomic_write_text, cache_dir, prepare_lock
 
 _CAPS_START = re.compile(r"^([A-ZÁÉÍÓÚÑÜ])([A-ZÁÉÍÓÚÑÜ]+)(?=\s+[a-záéíóúñü])")
@@ -181,26 +181,6 @@ def write_tsv(pairs, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- batching
-def token_batches(lengths: list[int], max_tokens: int, *, seed: int | None = None) -> list:
-    """Index batches of similar lengths, each with at most ``max_tokens`` padded tokens
-    (``data.batching.length_batches`` with its default buckets)."""
-    return length_batches(lengths, max_tokens, seed=seed)
-
-
-class PairBatches(torch.utils.data.Dataset):
-    """Item i is a whole padded batch: (src, tgt) id tensors, 0 = padding."""
-
-    def __init__(self, src: list[list[int]], tgt: list[list[int]], batches: list[list[int]]):
-        self.src, self.tgt, self.batches = src, tgt, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i):
-        idx = self.batches[i]
-        return pad([self.src[j] for j in idx]), pad([self.tgt[j] for j in idx])
-
-
 def pad(seqs: list[list[int]], value: int = 0) -> torch.Tensor:
     """Token id lists -> (B, T) long, right-padded with ``value``."""
     return pad_items(seqs, pad_value=value).values

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 import torchmetrics
 from omegaconf import DictConfig
 
-from data.batching import ItemBatches, length_batches, pad_items
+from data.batching import bucketed_loader, length_batches, pad_items
 from data.cache import cache_dir
-from data.sampling import ResumableLoader, SeededBatchSampler
 from data.speech import CHARSET, NORMALIZER, load_audio, normalize_text, read_manifest
 from data.text import Tokenizer, digest, expand_files, train_or_load_tokenizer
 from modules.ctc import beam_decode, greedy_decode
@@ -162,13 +161,9 @@ def _collate(items):
 
 
 def make_loader(items, max_frames_per_batch: int, *, seed: int, train: bool,
-                num_workers: int = 0) -> ResumableLoader:
-    batches = length_batches([len(f) for f, _ in items], max_frames_per_batch,
-                             seed=seed if train else None)
-    ds = ItemBatches(items, batches)
-    sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=train)
-    return ResumableLoader(ds, sampler, collate_fn=lambda b: _collate(b[0]),
-                           num_workers=num_workers)
+                num_workers: int = 0):
+    return bucketed_loader(items, [len(f) for f, _ in items], max_frames_per_batch,
+                           seed=seed, train=train, collate=_collate, num_workers=num_workers)
 
 
 # --------------------------------------------------------------------------- module

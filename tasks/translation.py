@@ -18,17 +18,9 @@ import torch.nn.functional as F
 import torchmetrics
 from omegaconf import DictConfig
 
-from data.batching import length_batches
+from data.batching import bucketed_loader
 from data.cache import cache_dir
-from data.parallel import (
-    PairBatches,
-    prepare_bible,
-    prepare_ding,
-    read_pairs,
-    split_pairs,
-    write_tsv,
-)
-from data.sampling import ResumableLoader, SeededBatchSampler
+from data.parallel import pad, prepare_bible, prepare_ding, read_pairs, split_pairs, write_tsv
 from data.text import Tokenizer, train_or_load_tokenizer
 
 from .framework import entry, training
@@ -74,14 +66,9 @@ def encode_pairs(tok: Tokenizer, pairs, max_len: int):
 
 def make_loader(src, tgt, max_tokens: int, *, seed: int, train: bool, num_workers: int = 0):
     # One budget for both sides: neither padded side of a batch exceeds max_tokens.
-    lengths = [max(len(s), len(t)) for s, t in zip(src, tgt)]
-    # The batches are fixed for the run, identical on every rank (same seed).
-    batches = length_batches(lengths, max_tokens, seed=seed if train else None)
-    ds = PairBatches(src, tgt, batches)
-    # drop_last only matters under DDP: ranks then take equal numbers of training batches.
-    sampler = SeededBatchSampler(ds, 1, seed=seed, shuffle=train, drop_last=train)
-    return ResumableLoader(ds, sampler, collate_fn=lambda items: items[0],
-                           num_workers=num_workers)
+    return bucketed_loader(list(zip(src, tgt)), [max(len(s), len(t)) for s, t in zip(src, tgt)],
+                           max_tokens, seed=seed, train=train, num_workers=num_workers,
+                           collate=lambda b: (pad([s for s, _ in b]), pad([t for _, t in b])))
 
 
 class TranslationModule(TaskModule):
@@ -132,7 +119,6 @@ def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) ->
     ids = [tok.encode(s)[:model.max_seq_len - 1] + [tok.EOS] for s in lines]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [""] * len(ids)
-    from data.parallel import pad
     for start in range(0, len(order), d.batch_size):
         chunk = order[start:start + d.batch_size]
         src = pad([ids[i] for i in chunk])

@@ -11,7 +11,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from data.parallel import read_pairs, token_batches
+from data.batching import length_batches
+from data.parallel import read_pairs
 from modules.seq2seq import Seq2SeqTransformer
 from tasks import translation as tr_task
 from tasks.framework.errors import UserError
@@ -85,7 +86,7 @@ def test_beam_search_scores_at_least_greedy():
 
 def test_token_batches_respect_budget():
     lengths = [5, 30, 7, 12, 30, 2, 19] * 20
-    batches = token_batches(lengths, 64, seed=1)
+    batches = length_batches(lengths, 64, seed=1)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(max(lengths[i] for i in b) * len(b) <= 64 for b in batches)
 
