@@ -165,7 +165,7 @@ def test_preemption_waits_for_validation_then_resumes_exactly(tmp_path, monkeypa
     build = runtime.build_trainer
     monkeypatch.setattr(runtime, "build_trainer", lambda *a, **k: build(
         *a, **k, extra_callbacks=[requeue, SignalAt3()]))
-    with pytest.raises(SystemExit, match="preempted at step 5"):
+    with pytest.raises(SystemExit, match="requeued after preemption at step 5"):
         lm_task.run(make_cfg(split))
     preempted = checkpoints.preemption_checkpoint(split)
     assert requeues == [1] and torch.load(preempted, weights_only=True)["global_step"] == 5

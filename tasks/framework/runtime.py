@@ -125,12 +125,16 @@ class SlurmRequeue(Callback):
         if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
             return
         trainer.save_checkpoint(self.path)
+        # Every rank says so before the broadcast below: once rank zero exits, srun may end
+        # the other ranks before they could print anything.
+        print(f"rank {trainer.global_rank} preempted at step {trainer.global_step}",
+              file=sys.stderr, flush=True)
         requeued = trainer.strategy.broadcast(self._requeue() if trainer.is_global_zero
                                               else False, src=0)
         self.signalled = False
         if requeued:
-            raise SystemExit(f"preempted at step {trainer.global_step}: saved {self.path}, "
-                             f"job requeued")
+            raise SystemExit(f"job requeued after preemption at step {trainer.global_step}: "
+                             f"saved {self.path}")
 
     def _requeue(self) -> bool:
         job = os.environ.get("SLURM_JOB_ID", "")
