@@ -5,12 +5,20 @@
   separate projections; RoPE already uses the same rotate-half layout. ``hf_llama_init``
   takes every architecture setting from ``config.json`` and refuses what ``CausalLM``
   cannot express (RoPE scaling, biases, another model type) instead of loading it wrong.
+- timm ``VisionTransformer`` state dicts into ``modules.vit.VisionTransformer``.
+- torchaudio ``Conformer`` state dicts into ``modules.speech.Conformer``.
+- OpenCLIP ``CLIP`` state dicts (ViT image tower, built-in text transformer) into
+  ``modules.fusion.TextImageModel``: ``clip_kwargs_from_open_clip`` reads the sizes from
+  the tensor shapes and takes what no tensor stores (heads, activation, pooling) as
+  arguments, refusing QuickGELU and other towers; ``clip_state_dict_from_open_clip``
+  renames the keys (``nn.MultiheadAttention``'s ``in_proj`` is our fused ``qkv_proj``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -227,3 +235,165 @@ def conformer_state_dict_from_torchaudio(sd: dict[str, Tensor], depth: int) -> d
             out[f"{dst}conv.{ours}.weight"] = sd[f"{src}conv_module.sequential.{theirs}.weight"][..., 0]
             out[f"{dst}conv.{ours}.bias"] = sd[f"{src}conv_module.sequential.{theirs}.bias"]
     return out
+
+
+# --------------------------------------------------------------------------- OpenCLIP CLIP
+# What a state dict cannot tell: the activation, the heads and the pooling. Each is an
+# argument; values ``TextImageModel`` has no counterpart for are refused.
+_OTHER_TOWERS = (("visual.layer1.", "a ModifiedResNet image tower"),
+                 ("visual.trunk.", "a timm image tower"),
+                 ("text.", "a separate text tower: CustomTextCLIP or Hugging Face"))
+_OPEN_CLIP_BLOCK = {"ln_1": "norm1", "attn.in_proj": "attn.qkv_proj",
+                    "attn.out_proj": "attn.out_proj", "ln_2": "norm2", "mlp.c_fc": "mlp.fc1",
+                    "mlp.c_proj": "mlp.fc2"}
+
+
+def _open_clip_depth(state: Mapping[str, Tensor], prefix: str) -> int:
+    head = prefix + "transformer.resblocks."
+    return len({k[len(head):].split(".")[0] for k in state if k.startswith(head)})
+
+
+def _open_clip_mlp_ratio(state: Mapping[str, Tensor], prefix: str, width: int) -> float:
+    hidden = state[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    ratio = hidden / width
+    # The blocks size their MLP as int(width * mlp_ratio); a ratio such as 8192 / 1664
+    # can round down by one, half a unit more cannot.
+    return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def _open_clip_heads(heads: int | None, width: int, name: str) -> int:
+    heads = width // 64 if heads is None else heads
+    if heads < 1 or width % heads:
+        raise ValueError(f"{name}={heads} does not divide the width {width}; expected a "
+                         f"divisor of {width} (OpenCLIP's default is width // 64)")
+    return heads
+
+
+def clip_kwargs_from_open_clip(state: Mapping[str, Tensor], *, vision_heads: int | None = None,
+                               text_heads: int | None = None, quick_gelu: bool = False,
+                               vision_pool: str = "tok", text_pool: str = "argmax") -> dict:
+    """``modules.fusion.TextImageModel`` arguments for an OpenCLIP ``CLIP`` (ViT image tower,
+    built-in text transformer), sizes read from the tensor shapes; no fusion encoder.
+
+    Args:
+        state: the ``open_clip.CLIP`` state dict.
+        vision_heads, text_heads: attention heads (no tensor stores them); default
+            width // 64, as OpenCLIP's configs and its OpenAI loader use.
+        quick_gelu: whether the checkpoint was trained with QuickGELU (the OpenAI weights
+            and the ``-quickgelu`` configs); refused, as our MLPs use exact GELU.
+        vision_pool: OpenCLIP's ``vision_cfg.pool_type``; only ``"tok"`` (class token).
+        text_pool: OpenCLIP's ``text_cfg.pool_type``; only ``"argmax"`` (the end-of-text
+            token, which has the highest id), our ``pool="last"`` with the mask of
+            ``open_clip_text_mask``.
+
+    Raises:
+        ValueError: naming the key or argument ``TextImageModel`` cannot express: QuickGELU,
+            another pooling, a ModifiedResNet / timm / Hugging Face tower, a non-square
+            position grid.
+    """
+    if quick_gelu:
+        raise ValueError("quick_gelu=True: TextImageModel's MLPs use exact GELU, so "
+                         "QuickGELU weights would load but compute something else; "
+                         "expected quick_gelu=False")
+    if vision_pool != "tok":
+        raise ValueError(f"vision_pool={vision_pool!r}: expected 'tok' (class-token pooling)")
+    if text_pool != "argmax":
+        raise ValueError(f"text_pool={text_pool!r}: expected 'argmax' (end-of-text pooling)")
+    for key in ("visual.conv1.weight", "visual.transformer.resblocks.0.ln_1.weight",
+                "token_embedding.weight"):
+        if key not in state:
+            other = next((f"{k} ({what})" for k in state for prefix, what in _OTHER_TOWERS
+                          if k.startswith(prefix)), "")
+            raise ValueError(f"state dict has no {key}: expected an open_clip.CLIP with a ViT "
+                             f"image tower and its own text transformer"
+                             + (f"; it has {other}" if other else ""))
+    pos = state["visual.positional_embedding"]
+    conv = state["visual.conv1.weight"]
+    width, in_chans, patch = conv.shape[0], conv.shape[1], conv.shape[-1]
+    grid = math.isqrt(pos.shape[0] - 1)
+    if grid * grid != pos.shape[0] - 1 or conv.shape[-2] != patch:
+        raise ValueError(f"visual.positional_embedding has {pos.shape[0] - 1} patches with "
+                         f"{tuple(conv.shape[-2:])} patches; expected a square grid of "
+                         f"square patches")
+    text_width = state["token_embedding.weight"].shape[1]
+    vision = dict(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=width,
+                  depth=_open_clip_depth(state, "visual."),
+                  num_heads=_open_clip_heads(vision_heads, width, "vision_heads"),
+                  mlp_ratio=_open_clip_mlp_ratio(state, "visual.", width), pool="token",
+                  pos_embed="learned", pre_norm="visual.ln_pre.weight" in state,
+                  qkv_bias=True, norm_eps=1e-5)
+    text = dict(vocab_size=state["token_embedding.weight"].shape[0], embed_dim=text_width,
+                depth=_open_clip_depth(state, ""),
+                num_heads=_open_clip_heads(text_heads, text_width, "text_heads"),
+                mlp_ratio=_open_clip_mlp_ratio(state, "", text_width),
+                max_len=state["positional_embedding"].shape[0], pos_embed="learned",
+                causal=True, pool="last", norm_eps=1e-5, qkv_bias=True)
+    return dict(vision=vision, text=text, embed_dim=state["visual.proj"].shape[1],
+                fusion_depth=0, proj_bias=False,
+                loss="siglip" if "logit_bias" in state else "clip")
+
+
+def _open_clip_tower(sd: dict[str, Tensor], src: str, dst: str, depth: int) -> dict:
+    out = {}
+    for i in range(depth):
+        for theirs, ours in _OPEN_CLIP_BLOCK.items():
+            a, b = f"{src}transformer.resblocks.{i}.{theirs}", f"{dst}encoder.blocks.{i}.{ours}"
+            # nn.MultiheadAttention's in_proj is (q; k; v) stacked, as our fused qkv_proj.
+            sep = "_" if theirs == "attn.in_proj" else "."
+            for p in ("weight", "bias"):
+                out[f"{b}.{p}"] = sd.pop(f"{a}{sep}{p}")
+    return out
+
+
+def clip_state_dict_from_open_clip(state: Mapping[str, Tensor], **kwargs
+                                   ) -> dict[str, Tensor]:
+    """Rename an OpenCLIP ``CLIP`` state dict into ``TextImageModel`` keys.
+
+    ``TextImageModel(**clip_kwargs_from_open_clip(state, **kwargs))`` loads the result
+    strictly. With ``fusion_depth > 0`` it loads with ``strict=False``, the fusion encoder
+    and its heads (``fusion.``, ``match_head.``, ``answer_head.``) being the only keys missing.
+    OpenCLIP's patch convolution has no bias: ours is set to zeros. Its ``proj`` and
+    ``text_projection`` (``x @ proj``) are our ``Linear`` weights transposed.
+
+    Args:
+        state: the ``open_clip.CLIP`` state dict (read it with
+            ``torch.load(path, weights_only=True)``).
+        kwargs: as ``clip_kwargs_from_open_clip`` (checked the same way).
+
+    Raises:
+        ValueError: what ``clip_kwargs_from_open_clip`` refuses, and any key left over
+            (LayerScale, an attentional pooler, a projection bias, qk-norm, ...).
+    """
+    arch = clip_kwargs_from_open_clip(state, **kwargs)
+    sd = dict(state)
+    width = arch["vision"]["embed_dim"]
+    conv = sd.pop("visual.conv1.weight")
+    out = {"visual.patch_embed.proj.weight": conv,
+           "visual.patch_embed.proj.bias": conv.new_zeros(width),
+           "visual.cls_token": sd.pop("visual.class_embedding").reshape(1, 1, width),
+           "visual.pos_embed": sd.pop("visual.positional_embedding")[None],
+           "visual.head.weight": sd.pop("visual.proj").T.contiguous(),
+           "text.token_embed.weight": sd.pop("token_embedding.weight"),
+           "text.pos_embed": sd.pop("positional_embedding")[None],
+           "text_proj.weight": sd.pop("text_projection").T.contiguous(),
+           "logit_scale": sd.pop("logit_scale").reshape(())}
+    if "logit_bias" in sd:
+        out["logit_bias"] = sd.pop("logit_bias").reshape(())
+    for p in ("weight", "bias"):
+        if arch["vision"]["pre_norm"]:
+            out[f"visual.norm_pre.{p}"] = sd.pop(f"visual.ln_pre.{p}")
+        out[f"visual.encoder.norm.{p}"] = sd.pop(f"visual.ln_post.{p}")
+        out[f"text.encoder.norm.{p}"] = sd.pop(f"ln_final.{p}")
+    out.update(_open_clip_tower(sd, "visual.", "visual.", arch["vision"]["depth"]))
+    out.update(_open_clip_tower(sd, "", "text.", arch["text"]["depth"]))
+    if sd:
+        raise ValueError(f"the OpenCLIP state dict has {sorted(sd)[0]} (and {len(sd) - 1} more "
+                         f"keys) that TextImageModel cannot express; expected a plain ViT "
+                         f"CLIP (no LayerScale, attentional pooler, projection bias, qk-norm)")
+    return out
+
+
+def open_clip_text_mask(ids: Tensor) -> Tensor:
+    """Padding mask ``(B, L)`` for OpenCLIP token ids: True up to and including the
+    end-of-text token (the highest id of each row), False on the zeros after it."""
+    return torch.arange(ids.shape[1], device=ids.device) <= ids.argmax(-1, keepdim=True)

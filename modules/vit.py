@@ -70,6 +70,7 @@ class VisionTransformer(nn.Module):
         stem_channels: optional convolutional stem (see ``PatchEmbed``).
         pool: ``"token"`` (class token) or ``"mean"`` (mean of patch tokens).
         pos_embed: ``"learned"`` or ``"sincos"``.
+        pre_norm: a LayerNorm on the embedded tokens before the encoder (CLIP's ``ln_pre``).
         qkv_bias: bias on the q/k/v projection.
         drop, attn_drop, drop_path_rate: regularisation.
         backend: attention kernel.
@@ -81,7 +82,7 @@ class VisionTransformer(nn.Module):
                  stem_channels: tuple[int, ...] | list[int] = (), pool: str = "token",
                  pos_embed: str = "learned", qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 backend: str = "auto"):
+                 pre_norm: bool = False, backend: str = "auto"):
         super().__init__()
         if pool not in ("token", "mean"):
             raise ValueError(f"pool must be 'token' or 'mean', got {pool!r}")
@@ -101,6 +102,7 @@ class VisionTransformer(nn.Module):
                 table = torch.cat([torch.zeros(1, embed_dim), table])
             self.register_buffer("pos_embed", table[None], persistent=False)
         self.pos_drop = nn.Dropout(drop)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.encoder = Transformer(
             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_hidden_dim=int(embed_dim * mlp_ratio), norm="layernorm", mlp="gelu",
@@ -123,7 +125,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.encoder(self.pos_drop(x + self.pos_embed), keep=keep)
+        return self.encoder(self.norm_pre(self.pos_drop(x + self.pos_embed)), keep=keep)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` -> logits ``(B, K)``.

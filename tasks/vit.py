@@ -31,7 +31,7 @@ from data.text import expand_files
 from modules.vit import resize_pos_embed
 
 from .framework import entry, training
-from .framework.checkpoints import CKPT_KEY, init_weights_from, model_state, safe_load
+from .framework.checkpoints import CKPT_KEY, init_weights_from, load_weights_file, model_state
 from .framework.errors import UserError
 from .framework.module import TaskModule
 from .framework.reporting import gather_to_all, plot_confusion
@@ -89,18 +89,6 @@ def model_config(cfg: DictConfig, num_classes: int) -> dict:
                                  in_chans=cfg.data.channels)
 
 
-def _timm_or_raw_state(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except Exception as exc:
-            raise UserError(f"init_from {path} cannot be read as safetensors "
-                            f"({type(exc).__name__}); expected a timm VisionTransformer state "
-                            f"dict") from None
-    return safe_load(path, "init_from")
-
-
 def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
     """A vit checkpoint or a timm state dict; a new class count replaces only the head, a
     new image size interpolates the position embeddings."""
@@ -108,9 +96,7 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         return None
     from modules.converters import vit_state_dict_from_timm
     src = Path(str(cfg.init_from)).expanduser()
-    if not src.is_file():
-        raise UserError(f"init_from={src} does not exist")
-    obj = _timm_or_raw_state(src)
+    obj = load_weights_file(src, "a timm VisionTransformer state dict")
     if isinstance(obj, dict) and CKPT_KEY in obj:
         state = model_state(src, ViTModule.task)
     elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:

@@ -17,7 +17,8 @@ PACKAGES = [
     ("torchmetrics", "torchmetrics"), ("sacrebleu", "sacrebleu"), ("pysword", "pysword"),
     ("safetensors", "safetensors"), ("matplotlib", "matplotlib"), ("rich", "rich"),
     ("numpy", "numpy"), ("PIL", "pillow"), ("transformers", "transformers"),
-    ("timm", "timm"), ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("timm", "timm"), ("open_clip", "open_clip_torch"),
+    ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     ("espeakng_loader", "espeakng-loader"),
 ]
 

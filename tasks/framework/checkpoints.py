@@ -34,6 +34,7 @@ MODEL_TARGETS = frozenset({
     "modules.seq2seq.Seq2SeqTransformer",
     "modules.vit.VisionTransformer",
     "modules.speech.SpeechEncoder",
+    "modules.fusion.TextImageModel",
 })
 
 
@@ -43,6 +44,26 @@ def check_model_target(model_cfg: dict, source: str) -> None:
     if target not in MODEL_TARGETS:
         raise UserError(f"{source} names model {target!r}; expected one of "
                         f"{sorted(MODEL_TARGETS)}")
+    nested = _nested_target(dict(model_cfg, _target_=None))
+    if nested is not None:  # instantiate would call it: sub-configs are plain arguments
+        raise UserError(f"{source} names {nested[1]!r} as _target_ of model.{nested[0]}; "
+                        f"expected plain arguments below the model's own _target_")
+
+
+def _nested_target(node, path: str = "") -> tuple[str, object] | None:
+    if isinstance(node, dict):
+        if node.get("_target_") is not None and path:
+            return path.lstrip("."), node["_target_"]
+        items = node.items()
+    elif isinstance(node, list | tuple):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return None
+    for k, v in items:
+        found = _nested_target(v, f"{path}.{k}")
+        if found is not None:
+            return found
+    return None
 
 
 def safe_load(path: str | os.PathLike, what: str) -> object:
@@ -64,6 +85,22 @@ def safe_load(path: str | os.PathLike, what: str) -> object:
         raise UserError(f"{what} {path} cannot be read ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); it may be "
                         f"truncated or not a checkpoint") from None
+
+
+def load_weights_file(path: str | os.PathLike, expected: str) -> object:
+    """A state dict from ``.safetensors`` (never code) or a torch file read weights-only;
+    ``expected`` names what the file should be, for the error message."""
+    path = Path(str(path)).expanduser()
+    if path.suffix != ".safetensors":
+        return safe_load(path, "init_from")
+    if not path.is_file():
+        raise UserError(f"init_from {path} does not exist")
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise UserError(f"init_from {path} cannot be read as safetensors "
+                        f"({type(exc).__name__}); expected {expected}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, task: str) -> dict:

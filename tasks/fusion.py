@@ -1,0 +1,825 @@
+"""Text-image fusion: ``python -m tasks.fusion`` trains a contrastive dual encoder and a
+cross-attention fusion encoder on emoji image-caption pairs and evaluates retrieval
+(contrastive, then re-ranked by the fusion encoder), zero-shot classification and an
+unseen artwork; ``data=shapes`` trains the fusion encoder to answer questions about
+procedurally drawn scenes.
+
+    python -m tasks.fusion                                   # Noto emoji, CPU
+    python -m tasks.fusion data=shapes                       # visual question answering
+    python -m tasks.fusion data.manifest=~/pairs/train.jsonl # your own image-caption pairs
+    python -m tasks.fusion mode=retrieve ckpt=CKPT images='x/*.png' texts=captions.txt
+    python -m tasks.fusion mode=classify ckpt=CKPT images='x/*.png' classes='[cat,dog]'
+    python -m tasks.fusion mode=answer ckpt=CKPT images='x/*.png' questions='[how many shapes?]'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from data.cache import atomic_write_text, cache_dir
+from data.fusion import PairSet, near_siblings, prepare_emoji, prepare_shapes, read_pairs
+from data.images import load_image, split_indices
+from data.sampling import ResumableLoader, SeededBatchSampler
+from data.text import Tokenizer, expand_files, train_or_load_tokenizer
+from modules.fusion import contrastive_loss, hard_negatives
+
+from .framework import entry, training
+from .framework.checkpoints import CKPT_KEY, init_weights_from, load_weights_file, model_state
+from .framework.errors import UserError
+from .framework.module import TaskModule
+from .framework.reporting import gather_to_all
+from .framework.runtime import is_rank_zero, run_dir
+
+OBJECTIVES = ("contrastive", "match", "answer")
+
+
+# ------------------------------------------------------------------------------- text
+def encode_texts(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor,
+                                                                          torch.Tensor]:
+    """Texts -> padded ids ``(B, L)`` ending in </s> (cut to ``max_len``) and the mask."""
+    rows = [tok.encode(t)[: max_len - 1] + [tok.EOS] for t in texts]
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), tok.PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, ids != tok.PAD
+
+
+def fill(template: str, caption: str, labels: dict[str, str]) -> str:
+    """A caption template such as ``"{caption} ({group})"``; label values have ``-`` read as
+    a space (``face-smiling`` -> ``face smiling``)."""
+    return template.format(caption=caption,
+                           **{k: v.replace("-", " ") for k, v in labels.items()})
+
+
+# ------------------------------------------------------------------------------- data
+@dataclass
+class Split:
+    """One split: its pairs and, for question answering, the flat (scene, question) list."""
+
+    pairs: PairSet
+    questions: list[tuple[int, str, str, str]]  # (scene index, question, answer, type)
+
+
+def _subset(pairs: PairSet, idx: list[int]) -> PairSet:
+    return PairSet(images=pairs.images[idx], captions=[pairs.captions[i] for i in idx],
+                   labels={k: [v[i] for i in idx] for k, v in pairs.labels.items()},
+                   ids=[pairs.ids[i] for i in idx], qa=[pairs.qa[i] for i in idx],
+                   files=[pairs.files[i] for i in idx], skipped=[])
+
+
+def load_splits(cfg: DictConfig, out: Path) -> tuple[dict[str, PairSet], dict[str, PairSet],
+                                                     str]:
+    """``{train, val, test}`` pair sets, extra test sets (other artwork), and a description
+    of the source. Splits by seed are saved to ``split.json``."""
+    d = cfg.data
+    kw = dict(img_size=d.img_size, on_bad_image=d.on_bad_image)
+    extra: dict[str, PairSet] = {}
+    if d.name == "shapes" and d.manifest is None:
+        root = prepare_shapes(d.train_scenes, d.val_scenes, d.test_scenes, d.scene_seed,
+                              img_size=d.img_size)
+        sets = {s: read_pairs(root / f"{s}.jsonl", **kw) for s in ("train", "val", "test")}
+        return sets, extra, f"procedural shapes (seed {d.scene_seed}): {root}"
+    if d.manifest is not None:
+        manifest, source = Path(str(d.manifest)).expanduser(), str(d.manifest)
+    else:
+        root = prepare_emoji()
+        manifest, source = root / "noto.jsonl", "Noto Color Emoji + Unicode emoji names"
+    pairs = read_pairs(manifest, **kw)
+    if len(pairs.captions) < 10:
+        raise UserError(f"data.manifest={manifest} has {len(pairs.captions)} readable pairs; "
+                        f"expected at least 10")
+    split = split_indices(len(pairs.captions), d.split, cfg.seed)
+    if is_rank_zero():
+        (out / "split.json").write_text(json.dumps(
+            {k: [pairs.ids[i] for i in v] for k, v in split.items()}) + "\n")
+    sets = {k: _subset(pairs, v) for k, v in split.items()}
+    sets["train"].skipped = pairs.skipped
+    if d.manifest is None and d.other_artwork:
+        other = read_pairs(prepare_emoji() / f"{d.other_artwork}.jsonl", **kw)
+        test_ids = set(sets["test"].ids)
+        extra[d.other_artwork] = _subset(other, [i for i, x in enumerate(other.ids)
+                                                 if x in test_ids])
+    return sets, extra, source
+
+
+def flat_questions(pairs: PairSet) -> list[tuple[int, str, str, str]]:
+    return [(i, q["question"], q["answer"], q.get("type", "all"))
+            for i, qa in enumerate(pairs.qa) for q in qa]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Items: (image index, caption text, [(question, answer id), ...]).
+
+    A caption is drawn from ``templates`` (filled with the item's caption and labels) anew
+    every time an item is read; every question of the scene comes along, since one image
+    encoding then serves all of them.
+    """
+
+    def __init__(self, pairs: PairSet, templates: list[str], answers: dict[str, int]):
+        self.pairs, self.templates, self.answers = pairs, list(templates), answers
+
+    def __len__(self) -> int:
+        return len(self.pairs.captions)
+
+    def __getitem__(self, i: int):
+        labels = {k: v[i] for k, v in self.pairs.labels.items()}
+        template = self.templates[int(torch.randint(len(self.templates), (1,)))]
+        return (i, fill(template, self.pairs.captions[i], labels),
+                [(q["question"], self.answers.get(q["answer"], -1)) for q in self.pairs.qa[i]])
+
+
+class Collate:
+    """Items -> a batch dict: normalised (and, in training, randomly shifted) images,
+    caption ids/mask, question ids/mask, answer ids, and keys of the texts and image files
+    (which pairs belong together, see ``same_pair``)."""
+
+    def __init__(self, pairs: PairSet, tok: Tokenizer, max_len: int, mean, std,
+                 shift: int = 0):
+        self.pairs, self.tok, self.max_len, self.shift = pairs, tok, max_len, shift
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def images(self, idx: list[int]) -> torch.Tensor:
+        x = self.pairs.images[idx].float() / 255
+        if self.shift:  # random translation by up to `shift` pixels, edges replicated
+            s = self.shift
+            x = F.pad(x, (s, s, s, s), mode="replicate")
+            h = x.shape[-1] - 2 * s
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            x = x[..., dy:dy + h, dx:dx + h]
+        return (x - self.mean) / self.std
+
+    def __call__(self, items):
+        idx, captions, qas = zip(*items)
+        ids, mask = encode_texts(self.tok, list(captions), self.max_len)
+        flat = [(row, q, a) for row, qa in enumerate(qas) for q, a in qa] or [(0, "", -1)]
+        rows, questions, answers = zip(*flat)
+        q_ids, q_mask = encode_texts(self.tok, list(questions), self.max_len)
+        return {"images": self.images(list(idx)), "ids": ids, "mask": mask,
+                "q_ids": q_ids, "q_mask": q_mask, "answers": torch.tensor(answers),
+                "q_image": torch.tensor(rows),
+                "text_key": text_keys(captions),
+                "image_key": text_keys([self.pairs.files[i] for i in idx])}
+
+
+def text_keys(texts) -> torch.Tensor:
+    """A stable 63-bit key per string (equal strings, equal keys, in every process)."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(),
+                                        "little") >> 1 for t in texts])
+
+
+def same_pair(batch: dict, gather=lambda x: x) -> torch.Tensor:
+    """``(B, B)``: True where image i and text j belong together: an identical text (a
+    template without the caption, a repeated caption) or the same image file."""
+    tk, ik = gather(batch["text_key"]), gather(batch["image_key"])
+    return (tk[:, None] == tk[None, :]) | (ik[:, None] == ik[None, :])
+
+
+# ------------------------------------------------------------------------------- module
+class FusionModule(TaskModule):
+    """Contrastive loss (gathered over DDP ranks with gradients), image-text matching on
+    hard negatives, and answer classification, weighted by ``objectives``.
+
+    ``meta``: ``tokenizer`` (sentencepiece model), ``max_text_len``, ``mean``/``std`` (per
+    channel), ``answers`` (the answer vocabulary), ``label_classes`` ({label: names}),
+    ``zero_shot_template``.
+    """
+
+    task = "fusion"
+
+    def __init__(self, *, objectives: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.objectives = {k: float(v) for k, v in (objectives or {}).items() if v}
+        self.tok = Tokenizer(self.meta["tokenizer"])
+        self.val_outputs: list[dict] = []
+
+    # training --------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        m, w = self.model, self.objectives
+        img_emb, img_tok = m.encode_image(batch["images"])
+        loss = torch.zeros((), device=img_emb.device)
+        if "contrastive" in w or "match" in w:
+            txt_emb, txt_tok = m.encode_text(batch["ids"], batch["mask"])
+        if "contrastive" in w:
+            # The negatives are the global batch: features from every rank, with gradients
+            # (this rank's loss covers its own rows; DDP's gradient mean then equals the
+            # gradient of the global-batch loss).
+            all_img, all_txt = self._gather(img_emb), self._gather(txt_emb)
+            b = img_emb.shape[0]
+            rows = torch.arange(b, device=img_emb.device) + self.global_rank * b
+            c = contrastive_loss(m.similarity(all_img, all_txt), m.loss_kind,
+                                 rows if all_img.shape[0] > b else None,
+                                 same_pair(batch, lambda k: self._gather(k, grads=False)))
+            self.log("train/contrastive", c, prog_bar=True)
+            loss = loss + w["contrastive"] * c
+        if "match" in w:
+            loss = loss + w["match"] * self._match_loss(batch, img_emb, img_tok, txt_emb,
+                                                        txt_tok)
+        if "answer" in w:
+            q_tok = m.text(batch["q_ids"], batch["q_mask"])
+            logits = m.answer_logits(q_tok, batch["q_mask"], img_tok, batch["q_image"])
+            a = F.cross_entropy(logits.float(), batch["answers"], ignore_index=-1)
+            self.log("train/answer", a, prog_bar=True)
+            loss = loss + w["answer"] * a
+        self.log("train/loss", loss)
+        return loss
+
+    def _gather(self, x: torch.Tensor, grads: bool = True) -> torch.Tensor:
+        """Rows from every rank, this rank's with their gradients."""
+        if self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=grads).flatten(0, 1)
+
+    def _match_loss(self, batch, img_emb, img_tok, txt_emb, txt_tok):
+        """ITM: each image with its caption (1), with a hard negative caption (0), and each
+        caption with a hard negative image (0); negatives drawn from the batch's
+        contrastive similarities, never a pair that belongs together (``same_pair``)."""
+        m = self.model
+        with torch.no_grad():
+            sim = img_emb @ txt_emb.T / 0.05
+            same = same_pair(batch)
+            neg_txt = hard_negatives(sim, same)
+            neg_img = hard_negatives(sim.T, same)
+        mask = batch["mask"]
+        b = img_emb.shape[0]
+        own = torch.arange(b, device=img_tok.device)
+        logits = m.match_logits(torch.cat([txt_tok, txt_tok[neg_txt], txt_tok]),
+                                torch.cat([mask, mask[neg_txt], mask]), img_tok,
+                                torch.cat([own, own, neg_img]))
+        target = torch.cat([torch.ones(b), torch.zeros(2 * b)]).to(logits)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+        self.log("train/match", loss, prog_bar=True)
+        return loss
+
+    # validation: figures over the whole validation split --------------------------------
+    def validation_step(self, batch, batch_idx):
+        m = self.model
+        img_emb, img_tok = m.encode_image(batch["images"])
+        out = {"img": img_emb.float()}
+        if "contrastive" in self.objectives or "match" in self.objectives:
+            out["txt"] = m.encode_text(batch["ids"], batch["mask"])[0].float()
+        if "answer" in self.objectives:
+            q_tok = m.text(batch["q_ids"], batch["q_mask"])
+            logits = m.answer_logits(q_tok, batch["q_mask"], img_tok, batch["q_image"])
+            out["right"] = (logits.argmax(-1) == batch["answers"]).float()
+        self.val_outputs.append({k: v.cpu() for k, v in out.items()})
+
+    def on_validation_epoch_end(self):
+        # Ranks hold unequal shares of the split: gathered as objects, then every rank
+        # computes the same figures over the whole validation split.
+        outs, self.val_outputs = gather_to_all(self.val_outputs), []
+        if not outs:
+            return
+        scores = []
+        if "txt" in outs[0]:
+            img, txt = torch.cat([o["img"] for o in outs]), torch.cat([o["txt"] for o in outs])
+            sim = txt @ img.T  # validation R@1 counts each caption's own image only
+            own = torch.arange(len(sim))
+            r1_t2i = (sim.argmax(1) == own).float().mean()
+            r1_i2t = (sim.argmax(0) == own).float().mean()
+            self.log("val/r1_t2i", r1_t2i)
+            self.log("val/r1_i2t", r1_i2t)
+            scores.append((r1_t2i + r1_i2t) / 2)
+        if "right" in outs[0]:
+            acc = torch.cat([o["right"] for o in outs]).mean()
+            self.log("val/answer_acc", acc)
+            scores.append(acc)
+        self.log("val/score", torch.stack(scores).mean(), prog_bar=True)
+
+
+# ------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def embed_images(module: FusionModule, collate: Collate, n: int, batch: int = 256):
+    embs, toks = [], []
+    for s in range(0, n, batch):
+        e, t = module.model.encode_image(collate.images(list(range(s, min(n, s + batch)))))
+        embs.append(e)
+        toks.append(t)
+    return torch.cat(embs), torch.cat(toks)
+
+
+@torch.no_grad()
+def embed_texts(module: FusionModule, texts: list[str], batch: int = 256):
+    embs, toks, masks = [], [], []
+    L = module.meta["max_text_len"]
+    for s in range(0, len(texts), batch):
+        ids, mask = encode_texts(module.tok, texts[s:s + batch], L)
+        e, t = module.model.encode_text(ids, mask)
+        embs.append(e)
+        toks.append(F.pad(t, (0, 0, 0, L - t.shape[1])))
+        masks.append(F.pad(mask, (0, L - mask.shape[1])))
+    return torch.cat(embs), torch.cat(toks), torch.cat(masks)
+
+
+def recall_at(scores: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """Share of queries (rows of ``scores``) with a positive candidate in their top k."""
+    order = scores.argsort(dim=1, descending=True)
+    hit = positive.gather(1, order)
+    return {f"r{k}": float(hit[:, :k].any(1).float().mean()) for k in ks}
+
+
+@torch.no_grad()
+def rerank(module: FusionModule, scores: torch.Tensor, query_is_text: bool, txt_tok, txt_mask,
+           img_tok, k: int, alpha: float, batch: int = 512) -> torch.Tensor:
+    """Scores with each query's contrastive top ``k`` re-scored by the fusion encoder:
+    match logit + ``alpha`` x contrastive logit, kept above every candidate outside the top
+    k (whose order is unchanged)."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1)
+    q = torch.arange(scores.shape[0]).repeat_interleave(k)
+    c = top.indices.flatten()
+    t_idx, i_idx = (q, c) if query_is_text else (c, q)
+    logits = torch.cat([module.model.match_logits(txt_tok[t_idx[s:s + batch]],
+                                                  txt_mask[t_idx[s:s + batch]],
+                                                  img_tok[i_idx[s:s + batch]])
+                        for s in range(0, len(q), batch)]).view(-1, k)
+    new = logits + alpha * top.values
+    out = scores - scores.max() - 1e4  # everything outside the top k below it
+    out.scatter_(1, top.indices, new - new.min() + 1)
+    return out
+
+
+@torch.no_grad()
+def retrieval_figures(module: FusionModule, pairs: PairSet, collate: Collate,
+                      cfg: DictConfig) -> tuple[dict, torch.Tensor]:
+    """Recall@1/5/10 both ways over the whole set, contrastive and re-ranked."""
+    img_emb, img_tok = embed_images(module, collate, len(pairs.captions))
+    txt_emb, txt_tok, txt_mask = embed_texts(module, pairs.captions)
+    sim = module.model.similarity(img_emb, txt_emb)  # (images, texts)
+    file_id = {f: i for i, f in enumerate(dict.fromkeys(pairs.files))}
+    fid = torch.tensor([file_id[f] for f in pairs.files])
+    positive = fid[:, None] == fid[None, :]  # the same image file
+    res = {"contrastive": {"t2i": recall_at(sim.T, positive), "i2t": recall_at(sim, positive)}}
+    if module.model.fusion is not None:
+        e = cfg.eval
+        res["reranked"] = {
+            "t2i": recall_at(rerank(module, sim.T, True, txt_tok, txt_mask, img_tok,
+                                    e.rerank_k, e.rerank_alpha), positive),
+            "i2t": recall_at(rerank(module, sim, False, txt_tok, txt_mask, img_tok,
+                                    e.rerank_k, e.rerank_alpha), positive)}
+    return res, sim
+
+
+@torch.no_grad()
+def zero_shot(module: FusionModule, img_emb: torch.Tensor, labels: dict[str, list[str]]
+              ) -> dict:
+    """Accuracy (and mean per-class recall) of choosing each image's label among the class
+    names, by the similarity of the image to the filled ``zero_shot_template``."""
+    out = {}
+    for name, classes in module.meta["label_classes"].items():
+        truth = [classes.index(v) if v in classes else -1 for v in labels.get(name, [])]
+        if not truth or max(truth) < 0:
+            continue
+        prompts = [fill(module.meta["zero_shot_template"], "", {"label": c}) for c in classes]
+        cls_emb = embed_texts(module, prompts)[0]
+        pred = (img_emb @ cls_emb.T).argmax(1)
+        t = torch.tensor(truth)
+        ok = t >= 0
+        recall = [float((pred[t == c] == c).float().mean()) for c in range(len(classes))
+                  if (t == c).any()]
+        out[name] = {"accuracy": float((pred[ok] == t[ok]).float().mean()),
+                     "balanced_accuracy": sum(recall) / len(recall),
+                     "classes": len(classes),
+                     "majority_rate": max((t == c).float().mean().item()
+                                          for c in range(len(classes)))}
+    return out
+
+
+def answer_figures(module: FusionModule, pairs: PairSet, collate: Collate,
+                   blank: bool = False) -> dict:
+    """VQA accuracy overall and per question type; ``blank``: every image replaced by the
+    mean image (the text-only baseline)."""
+    qs = flat_questions(pairs)
+    answers = module.meta["answers"]
+    right: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for s in range(0, len(qs), 256):
+            chunk = qs[s:s + 256]
+            scenes = list(dict.fromkeys(q[0] for q in chunk))  # each image encoded once
+            x = collate.images(scenes)
+            if blank:
+                x = torch.zeros_like(x)
+            img_tok = module.model.encode_image(x)[1]
+            ids, mask = encode_texts(module.tok, [q[1] for q in chunk],
+                                     module.meta["max_text_len"])
+            row = torch.tensor([scenes.index(q[0]) for q in chunk])
+            pred = module.model.answer_logits(module.model.text(ids, mask), mask,
+                                              img_tok, row).argmax(-1)
+            for (_, _, ans, typ), p in zip(chunk, pred.tolist()):
+                right.setdefault(typ, []).append(answers[p] == ans)
+    allr = [r for v in right.values() for r in v]
+    return {"accuracy": sum(allr) / len(allr),
+            "per_type": {t: sum(v) / len(v) for t, v in sorted(right.items())},
+            "questions": len(allr)}
+
+
+def majority_rates(train: PairSet, test: PairSet) -> dict[str, float]:
+    """Per question type: the test accuracy of always answering the type's most common
+    training answer."""
+    common: dict[str, dict[str, int]] = {}
+    for _, _, a, t in flat_questions(train):
+        common.setdefault(t, {}).setdefault(a, 0)
+        common[t][a] += 1
+    best = {t: max(c, key=c.get) for t, c in common.items()}
+    right: dict[str, list[bool]] = {}
+    for _, _, a, t in flat_questions(test):
+        right.setdefault(t, []).append(best.get(t) == a)
+    return {t: sum(v) / len(v) for t, v in sorted(right.items())}
+
+
+# ------------------------------------------------------------------------------- pictures
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _show(ax, img: torch.Tensor) -> None:
+    ax.imshow(img.permute(1, 2, 0).numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_retrieval(pairs: PairSet, scores: torch.Tensor, path: Path, rows: int = 8,
+                   seed: int = 0) -> Path:
+    """Captions (rows) with their top-5 images by ``scores`` ``(texts, images)``; the true
+    image framed in green."""
+    plt = _plt()
+    pick = random.Random(seed).sample(range(len(pairs.captions)), min(rows, len(pairs.captions)))
+    fig, axes = plt.subplots(len(pick), 6, figsize=(9, 1.5 * len(pick)), dpi=110,
+                             squeeze=False)
+    for r, q in enumerate(pick):
+        axes[r, 0].axis("off")
+        axes[r, 0].text(0, 0.5, pairs.captions[q][:40], fontsize=7, va="center", wrap=True)
+        for c, i in enumerate(scores[q].topk(5).indices.tolist()):
+            ax = axes[r, c + 1]
+            _show(ax, pairs.images[i])
+            hit = pairs.files[i] == pairs.files[q]
+            for s in ax.spines.values():
+                s.set_edgecolor("green" if hit else "lightgray")
+                s.set_linewidth(3 if hit else 1)
+    fig.suptitle("text -> image: top 5 test images per caption (true image framed green)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_similarity(sim: torch.Tensor, captions: list[str], path: Path, n: int = 24) -> Path:
+    plt = _plt()
+    n = min(n, sim.shape[0])
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
+    im = ax.imshow(sim[:n, :n].T.numpy(), cmap="viridis")
+    ax.set_yticks(range(n), [c[:28] for c in captions[:n]], fontsize=6)
+    ax.set_xlabel("test images (same order as the captions)")
+    ax.set_title("cosine similarity x scale: captions (rows) against images")
+    fig.colorbar(im)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_answers(module: FusionModule, pairs: PairSet, collate: Collate, path: Path,
+                 n: int = 8) -> Path:
+    plt = _plt()
+    qs = flat_questions(pairs)[: n * 2]
+    fig, axes = plt.subplots(2, n // 2, figsize=(2.4 * n // 2, 5.6), dpi=110)
+    with torch.no_grad():
+        img_tok = module.model.encode_image(collate.images([q[0] for q in qs]))[1]
+        ids, mask = encode_texts(module.tok, [q[1] for q in qs], module.meta["max_text_len"])
+        pred = module.model.answer_logits(module.model.text(ids, mask), mask, img_tok).argmax(-1)
+    for ax, (i, q, a, _), p in zip(axes.flat, qs[::2], pred[::2].tolist()):
+        _show(ax, pairs.images[i])
+        guess = module.meta["answers"][p]
+        ax.set_title(f"{q}\n{guess} ({'right' if guess == a else 'truth: ' + a})", fontsize=6,
+                     color="green" if guess == a else "red")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------- task
+def build_tokenizer(cfg: DictConfig, train: PairSet) -> Tokenizer:
+    d = cfg.data
+    if d.tokenizer is not None:
+        return Tokenizer.load(d.tokenizer)
+    lines = list(train.captions) + [q["question"] for qa in train.qa for q in qa]
+    for vals in train.labels.values():
+        lines += sorted({v.replace("-", " ") for v in vals if v})
+    lines += [t.format(caption="", **{k: "" for k in train.labels}) for t in d.templates]
+    return train_or_load_tokenizer("\n".join(lines), d.vocab_size, cache_dir() / "tokenized")
+
+
+def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
+    """A fusion checkpoint, or an OpenCLIP ``CLIP`` state dict (ViT image tower + text
+    transformer of this model's shape; the fusion encoder keeps its initialisation). A
+    different vocabulary or answer set re-initialises the token embedding or answer head."""
+    from modules.converters import clip_state_dict_from_open_clip
+    src = Path(str(cfg.init_from)).expanduser()
+    obj = load_weights_file(src, "an attnkit fusion checkpoint or an OpenCLIP state dict")
+    fresh: tuple[str, ...] = ()
+    if isinstance(obj, dict) and CKPT_KEY in obj:
+        state = model_state(src, FusionModule.task)
+    elif isinstance(obj, dict) and "visual.conv1.weight" in obj:
+        m = module.model_cfg
+        try:
+            state = clip_state_dict_from_open_clip(
+                obj, vision_heads=m["vision"]["num_heads"], text_heads=m["text"]["num_heads"])
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"init_from {src}: {exc}") from None
+        fresh = ("fusion.", "match_head.", "answer_head.")
+    else:
+        raise UserError(f"init_from {src} is neither an attnkit fusion checkpoint nor an "
+                        f"OpenCLIP CLIP state dict (no visual.conv1.weight)")
+    own = module.model.state_dict()
+    fresh += tuple(k for k in ("text.token_embed.weight", "answer_head.weight",
+                               "answer_head.bias")
+                   if k in state and k in own and state[k].shape != own[k].shape)
+    return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
+                             skip=lambda k: k.startswith(fresh))
+
+
+def check_templates(d: DictConfig, train: PairSet) -> None:
+    labels = {k: "x" for k in train.labels}
+    for key, templates in (("data.templates", d.templates),
+                           ("data.zero_shot_template", [d.zero_shot_template])):
+        for t in templates:
+            try:
+                t.format(caption="x", label="x", **labels)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise UserError(f"{key} has {t!r}, which names {exc}; expected fields among "
+                                f"{['caption', 'label', *labels]}") from None
+
+
+class FusionTask(training.Task):
+    name, module_class = "fusion", FusionModule
+    monitor, monitor_mode = "val/score", "max"
+    curves = [(["train/loss", "train/contrastive", "train/match", "train/answer"],
+               "loss_curves.png", "fusion: training losses"),
+              (["val/r1_t2i", "val/r1_i2t", "val/answer_acc"], "val_curves.png",
+               "validation")]
+
+    def init_from(self, module, cfg, prep):
+        return apply_init_from(module, cfg)
+
+    def modes(self):
+        return {"retrieve": run_retrieve, "classify": run_classify, "answer": run_answer}
+
+    def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
+        d = cfg.data
+        unknown = set(d.objectives) - set(OBJECTIVES)
+        if unknown:
+            raise UserError(f"data.objectives has {sorted(unknown)}; expected some of "
+                            f"{list(OBJECTIVES)}")
+        sets, extra, source = load_splits(cfg, out)
+        train = sets["train"]
+        has_qa = any(train.qa)
+        if "answer" in d.objectives and not has_qa:
+            raise UserError("data.objectives includes 'answer' but the training pairs have no "
+                            "'qa' questions; remove it or give data with questions")
+        check_templates(d, train)
+        tok = build_tokenizer(cfg, train)
+        if is_rank_zero():
+            tok.save(out / "tokenizer.model")
+        answers = sorted({q["answer"] for qa in train.qa for q in qa}) if has_qa else []
+        x = train.images.float() / 255
+        mean = x.mean(dim=(0, 2, 3)).tolist()
+        std = x.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
+        label_classes = {k: sorted({v for s in (*sets.values(), *extra.values())
+                                    for v in s.labels.get(k, []) if v})
+                         for k in d.zero_shot_labels if k in train.labels}
+        model_cfg = training.model_config(cfg, num_answers=len(answers))
+        model_cfg["text"]["vocab_size"] = tok.vocab_size
+        loaders = {}
+        index = {a: i for i, a in enumerate(answers)}
+        for name, pairs in sets.items():
+            is_train = name == "train"
+            ds = PairDataset(pairs, d.templates if is_train else ["{caption}"], index)
+            sampler = SeededBatchSampler(ds, d.batch_size, seed=cfg.seed, shuffle=is_train,
+                                         drop_last=is_train)
+            loaders[name] = ResumableLoader(
+                ds, sampler, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
+                collate_fn=Collate(pairs, tok, d.max_text_len, mean, std,
+                                   d.shift if is_train else 0))
+        siblings = (near_siblings(train.captions, sets["test"].captions)
+                    if d.name == "emoji" else [])
+        return training.Prepared(
+            loaders["train"], loaders["val"], model_cfg,
+            meta={"tokenizer": tok.proto, "max_text_len": d.max_text_len, "mean": mean,
+                  "std": std, "answers": answers, "label_classes": label_classes,
+                  "zero_shot_template": d.zero_shot_template},
+            options={"objectives": {k: cfg.loss[k] for k in d.objectives}},
+            info={"data": source, "train_items": len(train.captions),
+                  "val_items": len(sets["val"].captions),
+                  "test_items": len(sets["test"].captions), "skipped_images": len(train.skipped),
+                  "objectives": list(d.objectives),
+                  **({"test_with_near_sibling_in_train": sum(siblings)} if siblings else {}),
+                  **{f"{k}_items": len(v.captions) for k, v in extra.items()}},
+            data={"sets": sets, "extra": extra, "tok": tok, "siblings": siblings,
+                  "mean": mean, "std": std})
+
+    @torch.no_grad()
+    def evaluate(self, trainer, module, prep, cfg, out):
+        # Every rank holds the whole (small) test split; rank zero computes the figures.
+        if not trainer.is_global_zero:
+            return {}
+        module.eval()
+        sets, extra = prep.data["sets"], prep.data["extra"]
+        mean, std = prep.data["mean"], prep.data["std"]
+        figures: dict = {"best_val_score": float(trainer.checkpoint_callback.best_model_score
+                                                 or float("nan"))}
+        plots = []
+        objectives = module.objectives
+        for name, pairs in {"test": sets["test"], **extra}.items():
+            collate = Collate(pairs, module.tok, module.meta["max_text_len"], mean, std)
+            res: dict = {}
+            if "contrastive" in objectives:
+                res["retrieval"], sim = retrieval_figures(module, pairs, collate, cfg)
+                img_emb = embed_images(module, collate, len(pairs.captions))[0]
+                res["zero_shot"] = zero_shot(module, img_emb, pairs.labels)
+                if name == "test":
+                    plots += [plot_retrieval(pairs, sim.T, out / "retrieval_grid.png"),
+                              plot_similarity(sim, pairs.captions, out / "similarity.png")]
+                    res.update(_sibling_split(sim, pairs, prep.data["siblings"]))
+            if "answer" in objectives:
+                res["answer"] = answer_figures(module, pairs, collate)
+                res["answer_image_blanked"] = answer_figures(module, pairs, collate, blank=True)
+                res["answer_majority_rate"] = majority_rates(sets["train"], pairs)
+                if name == "test":
+                    plots.append(plot_answers(module, pairs, collate, out / "answers.png"))
+            figures[name] = res
+        figures["plots"] = plots
+        return figures
+
+
+def _sibling_split(sim: torch.Tensor, pairs: PairSet, siblings: list[bool]) -> dict:
+    """Contrastive R@1 for test captions with and without a near sibling in training."""
+    if not siblings:
+        return {}
+    hit_t = (sim.argmax(0) == torch.arange(sim.shape[1])).tolist()  # text -> image
+    out = {}
+    for name, want in (("with_sibling", True), ("without_sibling", False)):
+        idx = [i for i, s in enumerate(siblings) if s == want]
+        if idx:
+            out[f"r1_t2i_{name}"] = sum(hit_t[i] for i in idx) / len(idx)
+            out[f"count_{name}"] = len(idx)
+    return {"siblings": out}
+
+
+# ------------------------------------------------------------------------------- modes
+def _load(cfg: DictConfig, mode: str) -> FusionModule:
+    if not cfg.ckpt:
+        raise UserError(f"mode={mode} needs ckpt=PATH, a checkpoint of the fusion task")
+    if not cfg.images:
+        raise UserError(f"mode={mode} needs images=GLOB, the image files")
+    return FusionModule.from_checkpoint(cfg.ckpt)
+
+
+def _read_images(module: FusionModule, pattern, on_bad: str) -> tuple[list[str], torch.Tensor,
+                                                                         list[str]]:
+    size = module.model_cfg["vision"]["img_size"]
+    files, imgs, skipped = [], [], []
+    for f in expand_files(pattern, "images"):
+        try:
+            imgs.append(load_image(f, size, 3))
+            files.append(str(f))
+        except Exception as exc:
+            if on_bad == "error":
+                raise UserError(f"image {f} cannot be read ({type(exc).__name__}); expected "
+                                f"an image file") from None
+            skipped.append(str(f))
+    if not imgs:
+        raise UserError(f"images={pattern}: none of the {len(skipped)} files could be read")
+    x = torch.stack(imgs).float() / 255
+    mean = torch.tensor(module.meta["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(module.meta["std"]).view(1, -1, 1, 1)
+    return files, (x - mean) / std, skipped
+
+
+def _as_list(value, what: str) -> list[str]:
+    if isinstance(value, str):
+        p = Path(value).expanduser()
+        if p.is_file():
+            return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+        return [value]
+    items = [str(v) for v in OmegaConf.to_container(value)] if value is not None else []
+    if not items:
+        raise UserError(f"{what} is empty; expected a list or a file with one per line")
+    return items
+
+
+def run_retrieve(cfg: DictConfig) -> dict:
+    module = _load(cfg, "retrieve")
+    if not cfg.texts:
+        raise UserError("mode=retrieve needs texts=FILE (one caption per line) or a list")
+    files, x, skipped = _read_images(module, cfg.images, cfg.data.on_bad_image)
+    texts = _as_list(cfg.texts, "texts")
+    with torch.no_grad():
+        img_emb = module.model.encode_image(x)[0]
+        sim = module.model.similarity(img_emb, embed_texts(module, texts)[0])
+    k_img, k_txt = min(cfg.top_k, len(files)), min(cfg.top_k, len(texts))
+    result = {"text_to_image": {t: [files[i] for i in sim[:, j].topk(k_img).indices]
+                                for j, t in enumerate(texts)},
+              "image_to_text": {f: [texts[j] for j in sim[i].topk(k_txt).indices]
+                                for i, f in enumerate(files)},
+              "skipped_images": skipped}
+    for t, best in result["text_to_image"].items():
+        print(f"{t}: {', '.join(Path(b).name for b in best)}")
+    out = run_dir(cfg)
+    result["picture"] = str(plot_ranked(texts, files, x, sim.T, module.meta, out / "retrieve.png"))
+    return _write_mode_result(out / "retrieve.json", result)
+
+
+def _write_mode_result(path: Path, result: dict) -> dict:
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"results: {path}")
+    return result
+
+
+def plot_ranked(texts: list[str], files: list[str], x: torch.Tensor, scores: torch.Tensor,
+                meta: dict, path: Path, rows: int = 8) -> Path:
+    """Each text (up to ``rows``) with its top-5 images by ``scores`` ``(texts, images)``."""
+    plt = _plt()
+    mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
+    std = torch.tensor(meta["std"]).view(-1, 1, 1)
+    k = min(5, len(files))
+    n = min(rows, len(texts))
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.5 * (k + 1), 1.5 * n), dpi=110,
+                             squeeze=False)
+    for r in range(n):
+        axes[r, 0].axis("off")
+        axes[r, 0].text(0, 0.5, texts[r][:40], fontsize=7, va="center", wrap=True)
+        top = scores[r].topk(k)
+        for c, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            _show(axes[r, c + 1], (x[i] * std + mean).clamp(0, 1))
+            axes[r, c + 1].set_title(f"{Path(files[i]).name[:14]} {v:.1f}", fontsize=6)
+    fig.suptitle("texts and their top images (score: scaled cosine similarity)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run_classify(cfg: DictConfig) -> dict:
+    module = _load(cfg, "classify")
+    classes = _as_list(cfg.classes, "classes")
+    files, x, skipped = _read_images(module, cfg.images, cfg.data.on_bad_image)
+    prompts = [fill(module.meta["zero_shot_template"], "", {"label": c}) for c in classes]
+    with torch.no_grad():
+        probs = module.model.similarity(module.model.encode_image(x)[0],
+                                        embed_texts(module, prompts)[0]).softmax(-1)
+    out = []
+    for f, p in zip(files, probs):
+        top = p.topk(min(cfg.top_k, len(classes)))
+        ranked = [(classes[i], float(v)) for v, i in zip(top.values, top.indices)]
+        print(f"{f}: " + ", ".join(f"{c} {v:.3f}" for c, v in ranked))
+        out.append({"file": f, "top": ranked})
+    return _write_mode_result(run_dir(cfg) / "classify.json",
+                              {"classes": classes, "predictions": out, "skipped_images": skipped})
+
+
+def run_answer(cfg: DictConfig) -> dict:
+    module = _load(cfg, "answer")
+    if module.model.answer_head is None:
+        raise UserError(f"checkpoint {cfg.ckpt} has no answer head (trained without "
+                        f"questions); train with data=shapes or data with 'qa'")
+    questions = _as_list(cfg.questions, "questions")
+    files, x, skipped = _read_images(module, cfg.images, cfg.data.on_bad_image)
+    out = []
+    with torch.no_grad():
+        img_tok = module.model.encode_image(x)[1]
+        ids, mask = encode_texts(module.tok, questions, module.meta["max_text_len"])
+        q_tok = module.model.text(ids, mask)
+        for i, f in enumerate(files):
+            logits = module.model.answer_logits(
+                q_tok, mask, img_tok[i:i + 1].expand(len(questions), -1, -1))
+            answers = [module.meta["answers"][a] for a in logits.argmax(-1).tolist()]
+            for q, a in zip(questions, answers):
+                print(f"{f}: {q} -> {a}")
+            out.append({"file": f, "answers": dict(zip(questions, answers))})
+    return _write_mode_result(run_dir(cfg) / "answer.json",
+                              {"answers": out, "skipped_images": skipped})
+
+
+TASK = FusionTask()
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or retrieve, classify, answer with a checkpoint) and return the results."""
+    return training.run(TASK, cfg)
+
+
+if __name__ == "__main__":
+    entry.main("fusion", run)

@@ -1,0 +1,221 @@
+"""The fusion task end to end on small data in the user format (training, figures, pictures,
+the inference modes, init_from from OpenCLIP weights, errors), the retrieval metrics against
+a direct count, and (slow) two DDP processes against one process at the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from tasks import fusion as fusion_task
+from tasks.framework.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
+          "yellow": (230, 210, 20), "black": (10, 10, 10), "purple": (140, 40, 170)}
+
+
+@pytest.fixture()
+def pairs_dir(tmp_path):
+    """72 images in the user format: a coloured square or disc on white, captioned with its
+    colour and shape; one broken file."""
+    from PIL import ImageDraw
+    root = tmp_path / "pairs"
+    (root / "img").mkdir(parents=True)
+    rows, g = [], torch.Generator().manual_seed(0)
+    for i in range(72):
+        color = list(COLORS)[i % 6]
+        shape = ["square", "disc"][(i // 6) % 2]
+        img = Image.new("RGB", (24, 24), "white")
+        x, y = torch.randint(0, 8, (2,), generator=g).tolist()
+        box = (x, y, x + 14, y + 14)
+        draw = ImageDraw.Draw(img)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLORS[color])
+        img.save(root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": f"a {color} {shape} number {i}",
+                     "labels": {"color": color, "shape": shape}})
+    (root / "img" / "broken.png").write_bytes(b"not an image")
+    rows.append({"image": "img/broken.png", "caption": "broken", "labels": {}})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_cfg(run_dir, *overrides):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("fusion", overrides=[
+            "model=fusion_tiny", "data.img_size=16", "data.batch_size=16", "data.vocab_size=300",
+            "data.templates=['{caption}','{color} {shape}: {caption}']",
+            "data.zero_shot_labels=[color,shape]", "trainer.max_steps=40",
+            "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
+            "scheduler.warmup_steps=3", "optimizer.lr=3e-3", f"run_dir={run_dir}",
+            *overrides])
+
+
+def test_train_figures_pictures_and_modes(tmp_path, pairs_dir):
+    out = tmp_path / "run"
+    res = fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl"))
+    assert res["skipped_images"] == 1 and res["train_items"] + res["val_items"] + res["test_items"] == 72
+    test = res["test"]
+    for kind in ("contrastive", "reranked"):
+        for way in ("t2i", "i2t"):
+            r = test["retrieval"][kind][way]
+            assert 0 <= r["r1"] <= r["r5"] <= r["r10"] <= 1
+    assert set(test["zero_shot"]) == {"color", "shape"}
+    assert test["zero_shot"]["color"]["classes"] == 6
+    for name in ("results.json", "retrieval_grid.png", "similarity.png", "loss_curves.png",
+                 "split.json", "tokenizer.model", "checkpoints/best.ckpt"):
+        assert (out / name).is_file(), name
+    ckpt = out / "checkpoints" / "best.ckpt"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red square\na blue disc\n")
+    got = fusion_task.run(make_cfg(tmp_path / "m", "mode=retrieve", f"ckpt={ckpt}",
+                                   f"images={pairs_dir}/img/*.png", f"texts={texts}"))
+    assert got["skipped_images"] == [str(pairs_dir / "img" / "broken.png")]
+    assert len(got["text_to_image"]["a red square"]) == 5
+    assert len(got["image_to_text"]) == 72
+    assert json.loads((tmp_path / "m" / "retrieve.json").read_text())["text_to_image"] == \
+        got["text_to_image"]
+    assert (tmp_path / "m" / "retrieve.png").is_file()
+    cls = fusion_task.run(make_cfg(tmp_path / "m", "mode=classify", f"ckpt={ckpt}",
+                                   f"images={pairs_dir}/img/1*.png", "classes=[red,blue]"))
+    assert len(cls["predictions"]) == 11  # 1.png, 10.png ... 19.png
+    with pytest.raises(UserError, match="no answer head"):
+        fusion_task.run(make_cfg(tmp_path / "m", "mode=answer", f"ckpt={ckpt}",
+                                 f"images={pairs_dir}/img/1.png", "questions=[what?]"))
+    with pytest.raises(UserError, match="broken.png cannot be read"):
+        fusion_task.run(make_cfg(tmp_path / "m", "mode=classify", f"ckpt={ckpt}",
+                                 f"images={pairs_dir}/img/*.png", "classes=[red]",
+                                 "data.on_bad_image=error"))
+
+
+def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    shapes = ["data=shapes", "data.templates=['{caption}']", "data.zero_shot_labels=[]"]
+    res = fusion_task.run(make_cfg(out, *shapes, "data.train_scenes=64",
+                                   "data.val_scenes=16", "data.test_scenes=16",
+                                   "data.img_size=32", "data.vocab_size=320",
+                                   "trainer.max_steps=6", "trainer.val_check_interval=3"))
+    ans = res["test"]["answer"]
+    assert ans["questions"] == 16 * 4 and 0 <= ans["accuracy"] <= 1
+    assert set(ans["per_type"]) <= {"color", "shape", "count", "exists", "left_of"}
+    assert set(res["test"]["answer_image_blanked"]["per_type"]) == set(ans["per_type"])
+    assert (out / "answers.png").is_file()
+    scene = sorted((tmp_path / "cache").glob("shapes-*/test/*.png"))[0]
+    got = fusion_task.run(make_cfg(tmp_path / "m", *shapes, "mode=answer",
+                                   f"ckpt={out}/checkpoints/best.ckpt", f"images={scene}",
+                                   "questions=[how many shapes are there?]"))
+    answer = got["answers"][0]["answers"]["how many shapes are there?"]
+    vocab = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "best.ckpt").meta
+    assert answer in vocab["answers"] and "yes" in vocab["answers"]
+
+
+def test_recall_and_rerank_against_a_direct_count():
+    torch.manual_seed(1)
+    scores = torch.randn(30, 30)
+    positive = torch.eye(30, dtype=torch.bool)
+    positive[3, 7] = True  # a query with two right answers
+    got = fusion_task.recall_at(scores, positive, ks=(1, 5))
+    for k in (1, 5):
+        direct = sum(any(positive[q, c] for c in scores[q].topk(k).indices.tolist())
+                     for q in range(30)) / 30
+        assert got[f"r{k}"] == pytest.approx(direct)
+
+    class Stub:  # a match head preferring the candidate with the highest index
+        class model:
+            @staticmethod
+            def match_logits(t, m, i):
+                return i[:, 0, 0] * 100.0
+    img_tok = torch.arange(30.0).view(30, 1, 1)
+    txt_tok, txt_mask = torch.zeros(30, 2, 1), torch.ones(30, 2, dtype=torch.bool)
+    new = fusion_task.rerank(Stub, scores, True, txt_tok, txt_mask, img_tok, k=4, alpha=0.0)
+    for q in range(30):
+        top4 = set(scores[q].topk(4).indices.tolist())
+        assert new[q].argmax().item() == max(top4)  # re-ordered by the match head
+        assert set(new[q].topk(4).indices.tolist()) == top4  # the same four on top
+        rest = [c for c in scores[q].argsort(descending=True).tolist() if c not in top4]
+        assert new[q, rest].argsort(descending=True).tolist() == list(range(26))
+
+
+def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
+    open_clip = pytest.importorskip("open_clip")
+    from tasks.framework.checkpoints import safe_load
+    ref = open_clip.CLIP(embed_dim=32, vision_cfg=open_clip.CLIPVisionCfg(
+        layers=1, width=32, head_width=16, patch_size=8, image_size=16, mlp_ratio=2.0),
+        text_cfg=open_clip.CLIPTextCfg(context_length=32, vocab_size=300, width=32, heads=2,
+                                       layers=1, mlp_ratio=2.0))
+    torch.save(ref.state_dict(), tmp_path / "clip.pt")
+    res = fusion_task.run(make_cfg(
+        tmp_path / "r", f"data.manifest={pairs_dir}/pairs.jsonl", f"init_from={tmp_path}/clip.pt",
+        "model.vision.pool=token", "model.vision.pre_norm=true", "model.vision.pos_embed=learned",
+        "model.text.causal=true", "model.text.pool=last", "model.proj_bias=false",
+        "trainer.max_steps=1"))
+    missing = res["init_from"]["missing"]
+    assert missing and all(k.startswith(("fusion.", "match_head.")) for k in missing)
+    assert res["init_from"]["loaded"] >= 20
+    # with another shape: one line naming a tensor
+    with pytest.raises(UserError, match="differ in shape"):
+        fusion_task.run(make_cfg(tmp_path / "r2", f"data.manifest={pairs_dir}/pairs.jsonl",
+                                 f"init_from={tmp_path}/clip.pt", "model.vision.pool=token",
+                                 "model.vision.pre_norm=true", "model.text.causal=true",
+                                 "model.text.pool=last", "model.proj_bias=false",
+                                 "model.embed_dim=48", "trainer.max_steps=1"))
+    assert safe_load(tmp_path / "clip.pt", "x")  # the file itself is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.objectives=[contrastive,caption]", "data.objectives has \\['caption'\\]"),
+    ("data.templates=['{caption} {colour}']", "names 'colour'"),
+    ("data.objectives=[answer]", "no 'qa' questions"),
+    ("model.loss=softmax", "loss must be 'clip' or 'siglip'"),
+])
+def test_user_errors_name_the_value(tmp_path, pairs_dir, override, message):
+    with pytest.raises(UserError, match=message):
+        fusion_task.run(make_cfg(tmp_path / "r", f"data.manifest={pairs_dir}/pairs.jsonl",
+                                 override))
+
+
+def test_checkpoint_with_a_nested_target_is_refused(tmp_path, pairs_dir):
+    out = tmp_path / "run"
+    fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl",
+                             "trainer.max_steps=1"))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    victim = tmp_path / "written"
+    ckpt["attnkit"]["model"]["text"] = {"_target_": "builtins.open", "file": str(victim),
+                                        "mode": "w"}
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(UserError, match="builtins.open.*model.text"):
+        fusion_task.run(make_cfg(tmp_path / "m", "mode=classify", f"ckpt={tmp_path}/bad.ckpt",
+                                 f"images={pairs_dir}/img/1.png", "classes=[red]"))
+    assert not victim.exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, pairs_dir):
+    """The contrastive loss gathers features across ranks with gradients: two processes at
+    batch 8 train the same weights as one process at batch 16."""
+    common = ["model=fusion_tiny", f"data.manifest={pairs_dir}/pairs.jsonl", "data.img_size=16",
+              "data.vocab_size=300", "data.objectives=[contrastive]", "data.templates=['{caption}']",
+              "data.shift=0", "model.vision.drop_path_rate=0", "trainer.max_steps=6",
+              "trainer.val_check_interval=3", "scheduler.warmup_steps=2", "optimizer.lr=3e-3",
+              "data.zero_shot_labels=[color]"]
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    weights = {}
+    for name, extra in (("ddp", ["trainer=ddp", "data.batch_size=8"]),
+                        ("one", ["data.batch_size=16"])):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "tasks.fusion", *common, *extra,
+                               f"run_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[name] = torch.load(out / "checkpoints" / "last.ckpt",
+                                   weights_only=True)["state_dict"]
+        assert json.loads((out / "results.json").read_text())["steps"] == 6
+    for k, v in weights["one"].items():
+        torch.testing.assert_close(weights["ddp"][k], v, rtol=1e-4, atol=1e-5, msg=k)
