@@ -40,7 +40,7 @@ from scripts.timing import interleaved  # noqa: E402
 # depth, heads, mlp). "emoji" is conf/model/fusion_cpu.yaml's size with OpenCLIP's text
 # tower (causal, end-of-text pooling) and class-token pooling.
 SHAPES = {
-    "emoji": dict(embed_dim=128, batch=128, vision=(32, 4, 128, 4, 4, 2.0),
+    "emoji": dict(embed_dim=128, batch=128, vision=(40, 8, 128, 4, 4, 2.0),
                   text=(24, 1000, 128, 3, 4, 2.0)),
     "b32": dict(embed_dim=512, batch=32, vision=(224, 32, 768, 12, 12, 4.0),
                 text=(77, 49408, 512, 12, 8, 4.0)),

@@ -120,12 +120,14 @@ class PairDataset(torch.utils.data.Dataset):
     """Items: (image index, caption text, [(question, answer id), ...]).
 
     A caption is drawn from ``templates`` (filled with the item's caption and labels) anew
-    every time an item is read; every question of the scene comes along, since one image
-    encoding then serves all of them.
+    every time an item is read, and ``questions`` of the scene's questions (None: all),
+    which then share one encoding of the image.
     """
 
-    def __init__(self, pairs: PairSet, templates: list[str], answers: dict[str, int]):
+    def __init__(self, pairs: PairSet, templates: list[str], answers: dict[str, int],
+                 questions: int | None = None):
         self.pairs, self.templates, self.answers = pairs, list(templates), answers
+        self.questions = questions
 
     def __len__(self) -> int:
         return len(self.pairs.captions)
@@ -133,8 +135,11 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         labels = {k: v[i] for k, v in self.pairs.labels.items()}
         template = self.templates[int(torch.randint(len(self.templates), (1,)))]
+        qa = self.pairs.qa[i]
+        if self.questions is not None and len(qa) > self.questions:
+            qa = [qa[j] for j in torch.randperm(len(qa))[: self.questions].tolist()]
         return (i, fill(template, self.pairs.captions[i], labels),
-                [(q["question"], self.answers.get(q["answer"], -1)) for q in self.pairs.qa[i]])
+                [(q["question"], self.answers.get(q["answer"], -1)) for q in qa])
 
 
 class Collate:
@@ -199,6 +204,23 @@ class FusionModule(TaskModule):
     def __init__(self, *, objectives: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.objectives = {k: float(v) for k, v in (objectives or {}).items() if v}
+        # Parts no objective trains stay fixed (DDP requires every trained parameter to get
+        # a gradient): the joint-space projections and temperature without the contrastive
+        # loss, the matching head without matching, the answer head without questions, the
+        # fusion encoder without either.
+        m, unused = self.model, []
+        if "contrastive" not in self.objectives:
+            unused += [m.text_proj, m.visual.head, m.logit_scale, m.logit_bias]
+        if "match" not in self.objectives:
+            unused.append(m.match_head)
+        if "answer" not in self.objectives:
+            unused.append(m.answer_head)
+            if "match" not in self.objectives:
+                unused.append(m.fusion)
+        for part in unused:
+            for p in ([part] if isinstance(part, torch.nn.Parameter) else
+                      part.parameters() if part is not None else []):
+                p.requires_grad_(False)
         self.tok = Tokenizer(self.meta["tokenizer"])
         self.val_outputs: list[dict] = []
 
@@ -606,7 +628,8 @@ class FusionTask(training.Task):
         index = {a: i for i, a in enumerate(answers)}
         for name, pairs in sets.items():
             is_train = name == "train"
-            ds = PairDataset(pairs, d.templates if is_train else ["{caption}"], index)
+            ds = (PairDataset(pairs, d.templates, index, d.questions_per_image) if is_train
+                  else PairDataset(pairs, ["{caption}"], index))
             sampler = SeededBatchSampler(ds, d.batch_size, seed=cfg.seed, shuffle=is_train,
                                          drop_last=is_train)
             loaders[name] = ResumableLoader(

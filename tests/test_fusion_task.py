@@ -218,4 +218,12 @@ def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, 
                                    weights_only=True)["state_dict"]
         assert json.loads((out / "results.json").read_text())["steps"] == 6
     for k, v in weights["one"].items():
-        torch.testing.assert_close(weights["ddp"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        got = weights["ddp"][k]
+        if k.endswith("qkv_proj.bias"):
+            # The key bias's gradient is zero in exact arithmetic (a softmax does not change
+            # when every score of a query moves by the same amount), so AdamW turns the
+            # round-off of two summation orders into steps of the learning rate's size.
+            keep = torch.ones_like(v, dtype=torch.bool)
+            keep[v.numel() // 3: 2 * v.numel() // 3] = False
+            got, v = got[keep], v[keep]
+        torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-5, msg=k)
