@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -478,11 +479,12 @@ def plot_retrieval(pairs: PairSet, scores: torch.Tensor, path: Path, rows: int =
     image framed in green."""
     plt = _plt()
     pick = random.Random(seed).sample(range(len(pairs.captions)), min(rows, len(pairs.captions)))
-    fig, axes = plt.subplots(len(pick), 6, figsize=(9, 1.5 * len(pick)), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(len(pick), 6, figsize=(9, 1.3 * len(pick)), dpi=110,
+                             squeeze=False, gridspec_kw={"width_ratios": [2.4] + [1] * 5})
     for r, q in enumerate(pick):
         axes[r, 0].axis("off")
-        axes[r, 0].text(0, 0.5, pairs.captions[q][:40], fontsize=7, va="center", wrap=True)
+        axes[r, 0].text(0, 0.5, "\n".join(textwrap.wrap(pairs.captions[q], 26)[:3]),
+                        fontsize=8, va="center")
         for c, i in enumerate(scores[q].topk(5).indices.tolist()):
             ax = axes[r, c + 1]
             _show(ax, pairs.images[i])
