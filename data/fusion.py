@@ -57,6 +57,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from .cache import cache_dir, prepare_lock
 from .errors import UserError
+from .manifest import jsonl_objects
 from .parallel import apt_extract
 
 NOTO_FONT = "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -167,19 +168,8 @@ def read_pairs(manifest: str | Path, *, img_size: int, on_bad_image: str = "skip
 
 def _manifest_rows(path: Path) -> list[dict]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, item in jsonl_objects(path, ("image", "caption"), _FORMAT):
         where = f"{path} line {n}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where} is not JSON ({exc.msg}); expected one object a line: "
-                            f"{_FORMAT}") from None
-        missing = [k for k in ("image", "caption") if not isinstance(item, dict) or k not in item]
-        if missing:
-            raise UserError(f"{where} lacks {' and '.join(repr(k) for k in missing)}; expected "
-                            f"{_FORMAT}")
         labels = item.get("labels") or {}
         if not isinstance(labels, dict):
             raise UserError(f"{where} has labels={labels!r}; expected an object of name: text")

@@ -49,6 +49,7 @@ from rich import progress
 
 from .cache import cache_dir, prepare_lock
 from .errors import UserError
+from .manifest import jsonl_objects
 from .parallel import apt_extract, prepare_ding
 
 SAMPLE_RATE = 16_000
@@ -256,18 +257,7 @@ def read_manifest(source: str | Path, *, on_bad_audio: str = "skip") -> SpeechSe
 
 def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str]]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} line {n} is not JSON ({exc.msg}); expected one object "
-                            f"a line: {_MANIFEST_FORMAT}") from None
-        missing = [k for k in ("audio", "text") if not isinstance(item, dict) or k not in item]
-        if missing:
-            raise UserError(f"{path} line {n} lacks {', '.join(missing)}; expected "
-                            f"{_MANIFEST_FORMAT}")
+    for n, item in jsonl_objects(path, ("audio", "text"), _MANIFEST_FORMAT):
         duration = item.get("duration")
         if duration is not None and not isinstance(duration, (int, float)):
             raise UserError(f"{path} line {n} has duration={duration!r}; expected seconds")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from modules.converters import (  # noqa: E402
 )
 from modules.fusion import TextImageModel, contrastive_loss  # noqa: E402
 from scripts.bench_attention import matmul_peak  # noqa: E402
-from scripts.timing import interleaved  # noqa: E402
+from scripts.timing import side_by_side  # noqa: E402
 
 # embed_dim, batch, vision (img, patch, width, depth, heads, mlp), text (ctx, vocab, width,
 # depth, heads, mlp). "emoji" is conf/model/fusion_cpu.yaml's size with OpenCLIP's text
@@ -136,17 +135,12 @@ def report(label: str, steps: dict, items: int, gflop: float, peak: float, args)
     """Time the steps interleaved; one row each: median, spread, items/s, GFLOP/s, MFU,
     ratio of medians to open_clip and the paired ratio (open_clip's time / ours in the
     same repeat, median and quartiles over repeats, so drift of the machine cancels)."""
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = interleaved(steps, args.repeats)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    timing = side_by_side(steps, args.repeats, args.warmup)
+    med = timing.median
     for n in steps:
-        spread = (max(times[n]) - min(times[n])) / med[n]
-        pairs = sorted(a / b for a, b in zip(times["open_clip"], times[n]))
-        q1, q2, q3 = statistics.quantiles(pairs, n=4)
+        q1, q2, q3 = timing.paired("open_clip", n)
         rate = gflop / med[n]
-        print(f"{label:12} {n:10} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
+        print(f"{label:12} {n:10} {med[n] * 1e3:8.1f} {100 * timing.spread(n):6.0f}% "
               f"{items / med[n]:9.0f} {rate:8.1f} {100 * rate / peak:4.0f}% "
               f"{med['open_clip'] / med[n]:11.2f}x  {q2:17.3f}x [{q1:.3f}, {q3:.3f}]",
               flush=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from modules.speech import Conformer  # noqa: E402
 from scripts.bench_attention import matmul_peak  # noqa: E402
-from scripts.timing import interleaved  # noqa: E402
+from scripts.timing import side_by_side  # noqa: E402
 
 
 class TorchaudioCTC(torch.nn.Module):
@@ -144,18 +143,13 @@ def main():
         for n, m in models.items():
             m.to(dev).train(train)
             steps[n] = make_step(m, x, lengths, targets, target_lengths, ac, train)
-        for step in steps.values():
-            for _ in range(args.warmup):
-                step()
-        times = interleaved(steps, args.repeats)
-        med = {n: statistics.median(t) for n, t in times.items()}
+        timing = side_by_side(steps, args.repeats, args.warmup)
+        med = timing.median
         frames = float(lengths.sum())
         for n, m in models.items():
-            spread = (max(times[n]) - min(times[n])) / med[n]
             gflops = flops(m, lengths, args.embed_dim, args.depth, train) / med[n] / 1e9
-            pairs = sorted(a / b for a, b in zip(times["torchaudio"], times[n]))
-            q1, q2, q3 = statistics.quantiles(pairs, n=4)
-            print(f"{label:10} {n:18} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
+            q1, q2, q3 = timing.paired("torchaudio", n)
+            print(f"{label:10} {n:18} {med[n] * 1e3:8.1f} {100 * timing.spread(n):6.0f}% "
                   f"{frames / med[n]:9.0f} {gflops:8.1f} {100 * gflops / (peak * 1e3):4.0f}% "
                   f"{med['torchaudio'] / med[n]:12.2f}x  {q2:17.3f}x [{q1:.3f}, {q3:.3f}]",
                   flush=True)

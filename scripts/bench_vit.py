@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from modules.vit import VisionTransformer  # noqa: E402
-from scripts.timing import interleaved  # noqa: E402
+from scripts.timing import side_by_side  # noqa: E402
 
 
 def train_step(m, x, y, autocast, compiled=False):
@@ -64,17 +63,12 @@ def report(label, steps, args):
     to timm eager, and the paired ratio (timm's time / ours for the two steps run back to
     back in each repeat, so drift of the machine cancels out; compiled models are paired
     with each other)."""
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = interleaved(steps, args.repeats)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    timing = side_by_side(steps, args.repeats, args.warmup)
+    med = timing.median
     for n in steps:
-        spread = (max(times[n]) - min(times[n])) / med[n]
         peer = "timm+compile" if n.endswith("+compile") else "timm"
-        pairs = sorted(a / b for a, b in zip(times[peer], times[n]))
-        q1, q2, q3 = statistics.quantiles(pairs, n=4)
-        print(f"{label:10} {n:15} {med[n] * 1e3:8.1f} {100 * spread:6.0f}% "
+        q1, q2, q3 = timing.paired(peer, n)
+        print(f"{label:10} {n:15} {med[n] * 1e3:8.1f} {100 * timing.spread(n):6.0f}% "
               f"{args.batch / med[n]:9.1f} {med['timm'] / med[n]:7.2f}x"
               f"  {q2:18.3f}x [{q1:.3f}, {q3:.3f}]", flush=True)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -20,3 +22,34 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
             fns[n]()
             times[n].append(time.perf_counter() - t0)
     return times
+
+
+@dataclass
+class Timing:
+    """Seconds per call of each variant (``times``) and their medians."""
+
+    times: dict[str, list[float]]
+
+    @property
+    def median(self) -> dict[str, float]:
+        return {n: statistics.median(t) for n, t in self.times.items()}
+
+    def spread(self, name: str) -> float:
+        """(slowest - fastest) / median of one variant."""
+        t = self.times[name]
+        return (max(t) - min(t)) / statistics.median(t)
+
+    def paired(self, peer: str, name: str) -> tuple[float, float, float]:
+        """Quartiles (25%, median, 75%) of the per-repeat ratios peer time / ``name`` time:
+        the two ran back to back in each repeat, so drift of the machine cancels out."""
+        ratios = sorted(a / b for a, b in zip(self.times[peer], self.times[name]))
+        q1, q2, q3 = statistics.quantiles(ratios, n=4)
+        return q1, q2, q3
+
+
+def side_by_side(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> Timing:
+    """Warm every function up ``warmup`` times, then time them ``interleaved``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    return Timing(interleaved(fns, repeats))

@@ -197,7 +197,7 @@ def test_bad_manifest_lines_name_file_and_line(tmp_path):
     with pytest.raises(UserError, match=r"m\.jsonl line 3 is not JSON"):
         read_manifest(manifest)
     manifest.write_text(f"{good}\n" + json.dumps({"audio": "a.wav"}) + "\n")
-    with pytest.raises(UserError, match=r"m\.jsonl line 2 lacks text"):
+    with pytest.raises(UserError, match=r"m\.jsonl line 2 lacks 'text'"):
         read_manifest(manifest)
     manifest.write_text(f"{good}\n")
     assert read_manifest(manifest).utterances[0].duration == 0.5  # from the header

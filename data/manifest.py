@@ -1,0 +1,32 @@
+"""JSONL manifests, the plain format of a user's own data: one JSON object a line, paths
+relative to the manifest's folder (speech: audio + transcript; fusion: image + caption)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import UserError
+
+
+def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-empty line of ``path``.
+
+    A line that is not JSON, or not an object holding every key of ``required``, is a
+    ``UserError`` naming the file, the line and the keys missing, with ``fmt`` (the expected
+    line) as the example.
+    """
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} line {n} is not JSON ({exc.msg}); expected one object "
+                            f"a line: {fmt}") from None
+        missing = [k for k in required if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise UserError(f"{path} line {n} lacks {' and '.join(repr(k) for k in missing)}; "
+                            f"expected {fmt}")
+        yield n, item
