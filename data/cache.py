@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A fresh staging folder beside ``path``; it replaces ``path`` (and whatever was there)
+    when the block ends without an error, and is removed when the block raises, so a reader
+    never sees a half-built folder. Staging folders left by killed runs are removed first:
+    call it under the ``prepare_lock`` of ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = path.parent / f".{path.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        yield staging
+        shutil.rmtree(path, ignore_errors=True)
+        staging.replace(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

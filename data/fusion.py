@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -55,7 +54,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from .cache import cache_dir, prepare_lock
+from .cache import atomic_dir, cache_dir, prepare_lock
 from .errors import UserError
 from .manifest import jsonl_objects
 from .parallel import apt_extract
@@ -244,11 +243,8 @@ def prepare_emoji(root: Path | None = None) -> Path:
 
 
 def _write_emoji(out: Path) -> None:
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     start = time.perf_counter()
-    try:
+    with atomic_dir(out) as staging:
         with tempfile.TemporaryDirectory() as tmp:
             debs = apt_extract(["fonts-noto-color-emoji", "unicode-data"], Path(tmp) / "deb")
             emoji = read_emoji_test((debs / EMOJI_TEST).read_text(encoding="utf-8"))
@@ -266,11 +262,6 @@ def _write_emoji(out: Path) -> None:
         seconds = time.perf_counter() - start
         (staging / "README.txt").write_text(_emoji_readme(emoji, counts, empty, seconds),
                                             encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"prepared {counts} emoji images ({empty} empty glyphs skipped) in {seconds:.1f} s "
           f"into {out}", file=sys.stderr)
 
@@ -651,12 +642,10 @@ def prepare_shapes(n_train: int, n_val: int, n_test: int, seed: int, root: Path 
 
 
 def _write_shapes(out: Path, sizes: dict[str, int], seed: int, img_size: int) -> None:
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     start = time.perf_counter()
     info = {"seed": seed, "img_size": img_size, "colors": list(COLORS), "shapes": list(SHAPES),
             "splits": {}}
-    try:
+    with atomic_dir(out) as staging:
         for split, n in sizes.items():
             scenes = shape_scenes(n, split_seed(seed, split))
             (staging / split).mkdir(parents=True)
@@ -672,11 +661,6 @@ def _write_shapes(out: Path, sizes: dict[str, int], seed: int, img_size: int) ->
                                      "answers": answer_balance(s.qa for s in scenes)}
         info["seconds"] = round(time.perf_counter() - start, 2)
         (staging / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def answer_balance(pairs: PairSet | Iterable[Sequence[dict]]) -> dict[str, dict[str, int]]:

@@ -47,7 +47,7 @@ import torch
 import torchaudio
 from rich import progress
 
-from .cache import cache_dir, prepare_lock
+from .cache import atomic_dir, cache_dir, prepare_lock
 from .errors import UserError
 from .manifest import jsonl_objects
 from .parallel import apt_extract, prepare_ding
@@ -503,11 +503,8 @@ def _flite_jobs(texts: Sequence[str], program: Path, folder: str,
 def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int) -> Path:
     """Synthesise every split of ``plan`` into a staging folder beside ``out``, write the
     manifests and ``info.json``, then move it into place."""
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     start = time.perf_counter()
-    try:
+    with atomic_dir(out) as staging:
         jobs = []
         for split, split_jobs in plan.items():
             (staging / "wav" / split).mkdir(parents=True)
@@ -524,11 +521,6 @@ def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int)
         info["synthesis"] = {"seconds": round(seconds, 1), "workers": workers,
                              "utterances_per_second": round(len(jobs) / seconds, 1)}
         (staging / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     hours = sum(s["hours"] for s in info["splits"].values())
     print(f"prepared {len(jobs)} utterances ({hours:.2f} h of audio) in {seconds:.0f} s "
           f"({len(jobs) / seconds:.0f}/s) into {out}", file=sys.stderr)

@@ -76,3 +76,19 @@ def test_tokenizer_is_trained_once_then_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(Tokenizer, "train", no_training)
     assert train_or_load_tokenizer(text, 400, tmp_path).proto == tok.proto
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_atomic_dir_replaces_on_success_and_keeps_the_old_folder_on_error(tmp_path):
+    from data.cache import atomic_dir
+    out = tmp_path / "set"
+    (tmp_path / ".set.partial-99999").mkdir()  # left by a killed run
+    with atomic_dir(out) as staging:
+        (staging / "a.txt").write_text("one")
+        assert not out.exists()  # nothing visible until the block ends
+    assert (out / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as staging:
+            (staging / "a.txt").write_text("two")
+            raise RuntimeError("interrupted")
+    assert (out / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
