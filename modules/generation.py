@@ -256,9 +256,33 @@ def _limits(max_len: int | Tensor, batch_size: int, device) -> Tensor:
     return limit
 
 
+def block_repeated_ngrams(tokens: Tensor, logp: Tensor, n: int) -> Tensor:
+    """``logp (rows, V)`` with -inf for every token that would repeat an n-gram already in
+    its row's prefix ``tokens (rows, t)`` (fairseq's ``no_repeat_ngram_size``); n < 1 or a
+    prefix shorter than n - 1 tokens changes nothing."""
+    t = tokens.shape[1]
+    if n < 1 or t < max(n - 1, 1):
+        return logp
+    if n == 1:
+        seen = tokens[:, 1:]  # BOS is never a candidate
+        if seen.shape[1] == 0:
+            return logp
+        hits = torch.ones_like(seen, dtype=logp.dtype)
+    else:
+        windows = tokens.unfold(1, n - 1, 1)  # (rows, t - n + 2, n - 1)
+        # A window that equals the last n - 1 tokens bans the token that followed it.
+        hits = (windows[:, :-1] == windows[:, -1:]).all(-1).to(logp.dtype)
+        seen = tokens[:, n - 1:]
+        if seen.shape[1] == 0:
+            return logp
+    banned = torch.zeros_like(logp).scatter_add_(1, seen, hits)
+    return logp.masked_fill(banned > 0, float("-inf"))
+
+
 @torch.no_grad()
 def greedy_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tensor,
-                  bos_id: int, eos_id: int, device=None) -> list[list[int]]:
+                  bos_id: int, eos_id: int, no_repeat_ngram_size: int = 0,
+                  device=None) -> list[list[int]]:
     """Greedy decoding (the argmax each step) of ``batch_size`` sentences.
 
     Args:
@@ -267,6 +291,7 @@ def greedy_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tenso
         max_len: at most this many tokens per sentence, an int or ``(B,)``; a sentence
             that reaches it ends there with its last token kept.
         bos_id, eos_id: the first token fed, and the token that ends a sentence.
+        no_repeat_ngram_size: n > 0 never repeats an n-gram within a sentence.
         device: of the token tensors (default: that of a ``max_len`` tensor, else CPU).
 
     Returns:
@@ -280,7 +305,8 @@ def greedy_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tenso
     out: list[list[int]] = [[] for _ in range(batch_size)]
     alive = [True] * batch_size
     for step in range(1, steps + 1):
-        nxt = decoder.step(tokens, state).argmax(-1).tolist()
+        logp = block_repeated_ngrams(tokens, decoder.step(tokens, state), no_repeat_ngram_size)
+        nxt = logp.argmax(-1).tolist()
         for b in range(batch_size):
             if not alive[b]:
                 continue
@@ -298,7 +324,7 @@ def greedy_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tenso
 @torch.no_grad()
 def beam_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tensor, bos_id: int,
                 eos_id: int, pad_id: int = 0, beam_size: int = 4, length_penalty: float = 1.0,
-                device=None) -> list[Hypothesis]:
+                no_repeat_ngram_size: int = 0, device=None) -> list[Hypothesis]:
     """Batched beam search; the best finished hypothesis of each sentence.
 
     Each step ranks the 2K best continuations of a sentence's K beams. An EOS among the K
@@ -315,6 +341,9 @@ def beam_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tensor,
         beam_size: K; 1 gives the greedy decode.
         length_penalty: alpha; a finished hypothesis scores ``logp / length ** alpha``,
             its length counting the EOS (0 ranks by the sum of log-probabilities).
+        no_repeat_ngram_size: n > 0 never repeats an n-gram within a hypothesis (a
+            continuation that would is scored -inf), against the loops of an undertrained
+            model.
         device: of the token tensors (default: that of a ``max_len`` tensor, else CPU).
     """
     K, B = beam_size, batch_size
@@ -331,7 +360,8 @@ def beam_search(decoder: BeamDecoder, batch_size: int, *, max_len: int | Tensor,
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     done = [False] * B
     for step in range(1, steps + 1):
-        logp = decoder.step(tokens, state).float()  # (rows, V)
+        logp = block_repeated_ngrams(tokens, decoder.step(tokens, state).float(),
+                                     no_repeat_ngram_size)  # (rows, V)
         V = logp.shape[-1]
         cand = (scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)
         top_scores, top_idx = cand.topk(2 * K, dim=-1)  # (B, 2K)

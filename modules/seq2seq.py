@@ -81,19 +81,19 @@ class Seq2SeqTransformer(nn.Module):
 
     @torch.no_grad()
     def greedy(self, src: Tensor, *, max_len_a: float = 1.5, max_len_b: int = 10,
-               use_cache: bool = True) -> list[list[int]]:
+               use_cache: bool = True, no_repeat_ngram_size: int = 0) -> list[list[int]]:
         """Greedy decoding (the argmax each step); ids per sentence, without BOS/EOS.
         Arguments as in ``beam_search``."""
         memory, src_mask = self.encode(src)
         limit = self._decode_limits(src_mask, max_len_a, max_len_b)
         return greedy_search(Seq2SeqSteps(self, memory, src_mask, use_cache=use_cache),
                              src.shape[0], max_len=limit, bos_id=self.bos_id,
-                             eos_id=self.eos_id)
+                             eos_id=self.eos_id, no_repeat_ngram_size=no_repeat_ngram_size)
 
     @torch.no_grad()
     def beam_search(self, src: Tensor, *, beam_size: int = 4, length_penalty: float = 1.0,
-                    max_len_a: float = 1.5, max_len_b: int = 10,
-                    use_cache: bool = True) -> list[list[int]]:
+                    max_len_a: float = 1.5, max_len_b: int = 10, use_cache: bool = True,
+                    no_repeat_ngram_size: int = 0) -> list[list[int]]:
         """Batched beam search (``modules.generation.beam_search``).
 
         Args:
@@ -104,6 +104,7 @@ class Seq2SeqTransformer(nn.Module):
                 most ``max_seq_len - 1``).
             use_cache: decode incrementally with the KV cache (False recomputes the
                 whole prefix and the cross-attention each step).
+            no_repeat_ngram_size: n > 0 never repeats an n-gram within a hypothesis.
 
         Returns:
             the best hypothesis of each sentence, as ids without BOS/EOS.
@@ -113,7 +114,8 @@ class Seq2SeqTransformer(nn.Module):
         hyps = beam_search(Seq2SeqSteps(self, memory, src_mask, use_cache=use_cache),
                            src.shape[0], max_len=limit, bos_id=self.bos_id,
                            eos_id=self.eos_id, pad_id=self.pad_id, beam_size=beam_size,
-                           length_penalty=length_penalty)
+                           length_penalty=length_penalty,
+                           no_repeat_ngram_size=no_repeat_ngram_size)
         return [h.tokens for h in hyps]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn.functional as F
 import torchmetrics
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from data.batching import bucketed_loader
 from data.cache import cache_dir
@@ -115,6 +115,8 @@ def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) ->
     d = cfg.decode
     require(d.beam_size >= 1, "decode.beam_size", d.beam_size, "at least 1")
     require(d.batch_size >= 1, "decode.batch_size", d.batch_size, "at least 1")
+    require(d.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size", d.no_repeat_ngram_size,
+            "0 (off) or a positive n-gram length")
     model.eval()
     ids = [tok.encode(s)[:model.max_seq_len - 1] + [tok.EOS] for s in lines]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -124,22 +126,29 @@ def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) ->
         src = pad([ids[i] for i in chunk])
         if d.beam_size == 1:
             hyps = model.greedy(src, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
-                                use_cache=d.use_cache)
+                                use_cache=d.use_cache,
+                                no_repeat_ngram_size=d.no_repeat_ngram_size)
         else:
             hyps = model.beam_search(src, beam_size=d.beam_size,
                                      length_penalty=d.length_penalty, max_len_a=d.max_len_a,
-                                     max_len_b=d.max_len_b, use_cache=d.use_cache)
+                                     max_len_b=d.max_len_b, use_cache=d.use_cache,
+                                     no_repeat_ngram_size=d.no_repeat_ngram_size)
         for i, h in zip(chunk, hyps):
             out[i] = tok.decode(h)
     return out
 
 
 def score(hyps: list[str], refs: list[str]) -> dict:
+    """sacreBLEU's BLEU and chrF, the length ratio, and ``long_share``: the share of
+    hypotheses with more than 1.5x their reference's words (runaway repetition)."""
     import sacrebleu
     bleu = sacrebleu.metrics.BLEU()
     chrf = sacrebleu.metrics.CHRF()
     b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
-    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
+    long = sum(len(h.split()) > 1.5 * len(r.split()) for h, r in zip(hyps, refs))
+    return {"bleu": b.score, "chrf": c.score, "length_ratio": b.sys_len / max(b.ref_len, 1),
+            "long_share": long / max(len(hyps), 1),
+            "bleu_signature": str(bleu.get_signature()),
             "chrf_signature": str(chrf.get_signature())}
 
 
@@ -183,12 +192,14 @@ class TranslationTask(training.Task):
         (out / "test.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
         (out / "test.ref").write_text("\n".join(refs) + "\n", encoding="utf-8")
         scores = score(hyps, refs)
-        print(f"\n{scores['bleu_signature']}\nBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}")
+        print(f"\n{scores['bleu_signature']}\nBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
+              f"length ratio {scores['length_ratio']:.3f}  over 1.5x the reference "
+              f"{scores['long_share']:.1%}")
         examples = list(zip(test_src, hyps, refs))[:cfg.show_examples]
         for s, h, r in examples:
             print(f"\nsrc: {s}\nhyp: {h}\nref: {r}")
         return {"val_loss": float(trainer.checkpoint_callback.best_model_score or float("nan")),
-                **scores, "beam_size": cfg.decode.beam_size,
+                **scores, "decode": OmegaConf.to_container(cfg.decode),
                 "test_sentences_per_second": len(hyps) / max(decode_seconds, 1e-9),
                 "examples": [{"src": s, "hyp": h, "ref": r} for s, h, r in examples]}
 

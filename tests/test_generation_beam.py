@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.generation import beam_search, generate, greedy_search
+from modules.generation import beam_search, block_repeated_ngrams, generate, greedy_search
 from modules.lm import CausalLM
 from modules.seq2seq import Seq2SeqTransformer
 from modules.transformer import reorder_caches
@@ -47,22 +47,37 @@ class TableDecoder:
         return {k: v[rows] for k, v in state.items()}
 
 
-def exhaustive_best(logp, limit: int, alpha: float):
-    """Every hypothesis up to ``limit`` tokens, scored as beam search scores them."""
+def repeats_ngram(tokens: list[int], n: int) -> bool:
+    """Whether an n-gram occurs twice in the hypothesis (for n >= 2 counted from BOS)."""
+    seq = tokens if n == 1 else [BOS, *tokens]
+    grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def exhaustive_best(logp, limit: int, alpha: float, no_repeat: int = 0):
+    """Every hypothesis up to ``limit`` tokens, scored as beam search scores them; with
+    ``no_repeat`` only those without a repeated n-gram of that size."""
     best = (float("-inf"), None)
     for n in range(1, limit + 1):
         for seq in itertools.product(range(V), repeat=n):
             if EOS in seq[:-1] or (n < limit and seq[-1] != EOS):
                 continue  # only an EOS ends a hypothesis before the limit
+            if no_repeat and repeats_ngram([t for t in seq if t != EOS], no_repeat):
+                continue
             total = sum(float(logp[code([BOS, *seq[:i]]), t]) for i, t in enumerate(seq))
             tokens = list(seq[:-1]) if seq[-1] == EOS else list(seq)
             best = max(best, (total / n ** alpha, tokens), key=lambda x: x[0])
     return best
 
 
-def table(B=2):
+def table(B=2, favour: int | None = None):
+    """Random log-probabilities per (sentence, prefix); ``favour`` boosts one token so
+    the best hypotheses repeat it."""
     g = torch.Generator().manual_seed(0)
-    return F.log_softmax(2.0 * torch.randn(B, code([BOS, 4, 4]) + 1, V, generator=g), -1)
+    logits = 2.0 * torch.randn(B, code([BOS, 4, 4]) + 1, V, generator=g)
+    if favour is not None:
+        logits[..., favour] += 8.0
+    return F.log_softmax(logits, -1)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
@@ -74,6 +89,44 @@ def test_wide_beam_finds_exhaustive_optimum(alpha):
         score, tokens = exhaustive_best(logp[b], limit, alpha)
         assert hyps[b].tokens == tokens
         assert hyps[b].score == pytest.approx(score, rel=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_wide_beam_with_ngram_blocking_finds_constrained_optimum(n):
+    logp, limits = table(favour=2), torch.tensor([3, 3])
+    hyps = beam_search(TableDecoder(logp), 2, max_len=limits, bos_id=BOS, eos_id=EOS,
+                       pad_id=PAD, beam_size=V ** 3, length_penalty=1.0,
+                       no_repeat_ngram_size=n)
+    for b, limit in enumerate(limits.tolist()):
+        score, tokens = exhaustive_best(logp[b], limit, 1.0, no_repeat=n)
+        assert not repeats_ngram(hyps[b].tokens, n)
+        assert hyps[b].tokens == tokens
+        assert hyps[b].score == pytest.approx(score, rel=1e-5)
+    # the unconstrained optima repeat: the blocking changed them
+    assert all(repeats_ngram(exhaustive_best(logp[b], 3, 1.0)[1], n) for b in range(2))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_block_repeated_ngrams_matches_a_direct_count(n):
+    g = torch.Generator().manual_seed(n)
+    tokens = torch.randint(2, 6, (16, 9), generator=g)
+    tokens[:, 0] = BOS
+    out = block_repeated_ngrams(tokens, torch.zeros(16, 8), n)
+    for row, prefix in enumerate(tokens.tolist()):
+        for tok in range(8):
+            seq = (prefix[1:] if n == 1 else prefix) + [tok]
+            grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+            assert (out[row, tok] == float("-inf")) == (grams[-1] in grams[:-1]), (row, tok)
+
+
+def test_greedy_with_ngram_blocking_never_repeats():
+    # a decoder that always prefers token 2 then 3: unblocked it loops "2 2 2 ..."
+    logp = torch.full((1, code([BOS, 4, 4]) + 1, V), -5.0)
+    logp[..., 2], logp[..., 3], logp[..., 4] = -0.1, -1.0, -2.0
+    plain = greedy_search(TableDecoder(logp), 1, max_len=3, bos_id=BOS, eos_id=EOS)
+    blocked = greedy_search(TableDecoder(logp), 1, max_len=3, bos_id=BOS, eos_id=EOS,
+                            no_repeat_ngram_size=1)
+    assert plain == [[2, 2, 2]] and blocked == [[2, 3, 4]]
 
 
 def test_narrow_beam_on_table_decoder():
