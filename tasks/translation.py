@@ -10,6 +10,7 @@ a file (or stdin) line by line.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -110,8 +111,19 @@ class TranslationModule(TaskModule):
         self.val_tokens.reset()
 
 
+LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every character ``str.splitlines`` breaks at made a space, so each
+    translation stays one line of the output (an undertrained model, decoding byte
+    pieces, can emit a form feed or a newline)."""
+    return LINE_BREAKS.sub(" ", text)
+
+
 def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) -> list[str]:
-    """Beam search over lines, batched by length; detokenized output in input order."""
+    """Beam search over lines, batched by length; detokenized output in input order, one
+    line each."""
     d = cfg.decode
     require(d.beam_size >= 1, "decode.beam_size", d.beam_size, "at least 1")
     require(d.batch_size >= 1, "decode.batch_size", d.batch_size, "at least 1")
@@ -134,7 +146,7 @@ def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) ->
                                      max_len_b=d.max_len_b, use_cache=d.use_cache,
                                      no_repeat_ngram_size=d.no_repeat_ngram_size)
         for i, h in zip(chunk, hyps):
-            out[i] = tok.decode(h)
+            out[i] = one_line(tok.decode(h))
     return out
 
 

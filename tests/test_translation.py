@@ -167,3 +167,13 @@ def test_ddp_two_processes_train_and_score_once(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 8
     assert len((out / "test.hyp").read_text().splitlines()) == 20
+
+
+def test_translations_stay_one_line_each():
+    one_line = tr_task.one_line
+    breaks = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+    text = "a" + "b".join(breaks) + "c"
+    assert len(text.splitlines()) > 1
+    assert one_line(text).splitlines() == [text.translate({ord(c): " " for c in breaks})]
+    assert one_line("¿Qué es esto?\tbien") == "¿Qué es esto?\tbien"
+
