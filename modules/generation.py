@@ -260,21 +260,16 @@ def block_repeated_ngrams(tokens: Tensor, logp: Tensor, n: int) -> Tensor:
     """``logp (rows, V)`` with -inf for every token that would repeat an n-gram already in
     its row's prefix ``tokens (rows, t)`` (fairseq's ``no_repeat_ngram_size``); n < 1 or a
     prefix shorter than n - 1 tokens changes nothing."""
-    t = tokens.shape[1]
-    if n < 1 or t < max(n - 1, 1):
+    if n < 1 or tokens.shape[1] < max(n, 2):  # no n-gram (besides BOS) to repeat yet
         return logp
     if n == 1:
         seen = tokens[:, 1:]  # BOS is never a candidate
-        if seen.shape[1] == 0:
-            return logp
         hits = torch.ones_like(seen, dtype=logp.dtype)
     else:
         windows = tokens.unfold(1, n - 1, 1)  # (rows, t - n + 2, n - 1)
         # A window that equals the last n - 1 tokens bans the token that followed it.
         hits = (windows[:, :-1] == windows[:, -1:]).all(-1).to(logp.dtype)
         seen = tokens[:, n - 1:]
-        if seen.shape[1] == 0:
-            return logp
     banned = torch.zeros_like(logp).scatter_add_(1, seen, hits)
     return logp.masked_fill(banned > 0, float("-inf"))
 
