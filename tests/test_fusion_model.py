@@ -251,3 +251,37 @@ def test_bidirectional_text_encoder_ignores_padding():
     torch.testing.assert_close(enc.pooled(appended, longer_mask), enc.pooled(ref, mask),
                                atol=1e-6, rtol=0)
     assert (unmasked[mask] - ref[mask]).abs().max() > 1e-3  # without the mask it leaks
+
+
+@pytest.mark.parametrize("image_pos", [False, True])
+def test_fusion_encoder_sees_where_image_tokens_are(image_pos):
+    """Cross-attention treats its keys as a set: without position embeddings added where
+    the fusion encoder reads the image tokens, mirroring the tokens left to right leaves
+    its output unchanged, and "is the red circle left of the blue square?" cannot be
+    answered. With ``fusion_image_pos`` the output changes, and equals the fusion encoder
+    run on the tokens plus the ViT's position table (with one image shared by several
+    questions too)."""
+    torch.manual_seed(0)
+    model = TextImageModel(
+        vision=dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=4,
+                    pos_embed="sincos", pool="mean"),
+        text=dict(vocab_size=50, embed_dim=32, depth=1, num_heads=4, max_len=8),
+        embed_dim=16, fusion_depth=1, num_answers=3, fusion_image_pos=image_pos).eval()
+    _, tokens = model.encode_image(torch.randn(2, 3, 16, 16))
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.arange(6) < torch.tensor([6, 4, 5])[:, None]
+    index = torch.tensor([0, 1, 1])
+    mirrored = tokens.unflatten(1, (4, 4)).flip(2).flatten(1, 2)
+    with torch.no_grad():
+        text = model.text(ids, mask)
+        out = model.answer_logits(text, mask, tokens, index)
+        out_mirrored = model.answer_logits(text, mask, mirrored, index)
+        plain = model.answer_head(model.fusion(text, mask, tokens[index]))
+        with_pos = model.answer_head(model.fusion(text, mask,
+                                                  tokens[index] + model.visual.pos_embed))
+    if image_pos:
+        assert (out - out_mirrored).abs().max() > 1e-3
+        torch.testing.assert_close(out, with_pos, atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(out, out_mirrored, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
