@@ -14,7 +14,7 @@ cache, in the same format:
   GPL-2+; ``data.parallel.prepare_ding``), 4-12 words, normalised to ``CHARSET``, split
   sentence-disjointly into train / val / test / flite.
 - espeak-ng 1.52 (PyPI ``espeakng-loader``, GPL-3+), driven through ctypes: training audio
-  from 92 accent+variant voices at random speed and pitch; validation and test each from
+  from 644 accent+variant voices at random speed and pitch; validation and test each from
   two accent+variant voices never used in training (``HELD_OUT``).
 - flite 2.2 (Debian ``flite``, BSD-like licence), a different synthesiser used for one test
   set only, so a model is also measured on a synthesiser it never heard.
@@ -59,11 +59,22 @@ KEYWORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eigh
             "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 
 # espeak-ng voices: the English accents of its lang/gmw folder (``en`` is British English)
-# times the male and female variants of voices/!v. Unknown variant names are accepted
-# silently and change nothing, so only these checked names are used.
+# times the human-sounding variants of voices/!v: the numbered male and female ones, the
+# Klatt voice sources and the named ones, which move the formants, breathiness and tone
+# (left out: robots, whisper, croak, "Storm", which sets its own accent). Unknown variant
+# names are accepted silently and change nothing, so only these checked names are used.
 ACCENTS = ("en", "en-us", "en-029", "en-gb-x-rp", "en-us-nyc", "en-gb-scotland",
            "en-gb-x-gbclan", "en-gb-x-gbcwmd")
-VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+            "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6",
+            "Alex", "Alicia", "Andrea", "Andy", "Annie", "Denis", "Diogo", "Gene", "Gene2",
+            "Henrique", "Hugo", "Jacky", "Lee", "Marco", "Mario", "Michael", "Mike", "Nguyen",
+            "Reed", "adam", "anika", "announcer", "antonio", "aunty", "belinda", "benjamin",
+            "boris", "caleb", "david", "ed", "edward", "edward2", "grandma", "grandpa",
+            "gustave", "ian", "iven", "iven2", "iven3", "iven4", "john", "linda", "marcelo",
+            "max", "michel", "miguel", "mike2", "norbert", "pablo", "paul", "pedro", "quincy",
+            "rob", "robert", "sandro", "shelby", "steph", "steph2", "steph3", "travis",
+            "victor", "zac")
 HELD_OUT = {"val": ("en-029+m5", "en-gb-scotland+f4"), "test": ("en-us+f2", "en-gb-x-rp+m3")}
 TRAIN_VOICES = tuple(f"{a}+{v}" for a in ACCENTS for v in VARIANTS
                      if f"{a}+{v}" not in HELD_OUT["val"] + HELD_OUT["test"])
@@ -558,7 +569,7 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
         workers: synthesis processes.
     """
     base = root or cache_dir()
-    out = base / "speech" / (f"asr_v1_train{train_utterances}_val{val_utterances}_test"
+    out = base / "speech" / (f"asr_v2_train{train_utterances}_val{val_utterances}_test"
                              f"{test_utterances}_flite{flite_utterances}_seed{seed}")
     if (out / "info.json").is_file():
         return out
@@ -608,7 +619,7 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
         workers: synthesis processes.
     """
     base = root or cache_dir()
-    out = base / "speech" / (f"kws_v1_train{train_per_keyword}_val{val_per_keyword}_test"
+    out = base / "speech" / (f"kws_v2_train{train_per_keyword}_val{val_per_keyword}_test"
                              f"{test_per_keyword}_flite{flite_per_keyword}_seed{seed}")
     if (out / "info.json").is_file():
         return out

@@ -5,6 +5,7 @@ import json
 import shutil
 import time
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,27 @@ def _spectrum_distance(a: torch.Tensor, b: torch.Tensor) -> float:
         mag = torch.stft(x, 512, 160, window=torch.hann_window(512), return_complex=True).abs()
         return torch.log(mag.mean(dim=1) + 1e-6)
     return float((spectrum(a) - spectrum(b)).abs().mean())
+
+
+def test_every_voice_variant_changes_the_voice():
+    """espeak-ng accepts an unknown variant name silently and speaks the plain voice, so
+    each name of ``VARIANTS`` must be a variant file of the installed voice data and must
+    sound unlike the plain accent: further from it than 1.5x the distance an unknown name
+    gives (about 0.04, the pitch flutter; the subtlest variant, m6, is about 0.09)."""
+    _espeak_or_skip()
+    import espeakng_loader
+
+    folder = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
+    assert not [v for v in speech.VARIANTS if not (folder / v).is_file()]
+
+    def distance(variant: str) -> float:
+        return _spectrum_distance(plain, speech.synth_espeak(SENTENCES[0], f"en-us+{variant}",
+                                                             rate=170, pitch=50))
+
+    plain = speech.synth_espeak(SENTENCES[0], "en-us", rate=170, pitch=50)
+    unknown = distance("nosuchvariant")
+    assert unknown < 0.06
+    assert not {v: d for v in speech.VARIANTS if (d := distance(v)) < 1.5 * unknown}
 
 
 def test_held_out_voices_are_never_trained_on():
