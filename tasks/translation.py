@@ -10,7 +10,6 @@ a file (or stdin) line by line.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -111,14 +110,11 @@ class TranslationModule(TaskModule):
         self.val_tokens.reset()
 
 
-LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
-
-
 def one_line(text: str) -> str:
-    """``text`` with every character ``str.splitlines`` breaks at made a space, so each
+    """``text`` with its lines (as ``str.splitlines`` breaks them) joined by spaces, so each
     translation stays one line of the output (an undertrained model, decoding byte
     pieces, can emit a form feed or a newline)."""
-    return LINE_BREAKS.sub(" ", text)
+    return " ".join(text.splitlines())
 
 
 def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) -> list[str]:
