@@ -277,9 +277,23 @@ def check_backend(backend: str, head_dim: int | None = None) -> str:
     return backend
 
 
+# On the CPU, SDPA's flash kernel works in key blocks whose set-up dominates when there are
+# only a few keys: without gradients, at 26 keys (a ViT's 25 patches and class token, head
+# dim 32, batch 128, 2 threads) the plain matmul-softmax-matmul takes half its time, and at
+# 50 keys SDPA is ahead again (scripts/bench_fusion.py, docs/benchmarks.md). With gradients
+# SDPA stays ahead at every length (its backward recomputes less than math's autograd).
+CPU_MATH_MAX_KEYS = 32
+
+
 def resolve_backend(backend: str, q: Tensor, mask: Tensor | None = None, causal: bool = False,
-                    dropout_p: float = 0.0) -> str:
-    """The concrete kernel ('math', 'sdpa' or 'flash') a call with these inputs uses."""
+                    dropout_p: float = 0.0, kv_len: int | None = None,
+                    needs_grad: bool | None = None) -> str:
+    """The concrete kernel ('math', 'sdpa' or 'flash') a call with these inputs uses.
+
+    ``auto`` picks flash on CUDA where it can run, math on the CPU for at most
+    ``CPU_MATH_MAX_KEYS`` keys when no gradient is needed (``needs_grad``, default: grad mode
+    is on and q requires grad), and sdpa otherwise.
+    """
     if backend != "auto":
         return backend
     # The cached import outcome is checked first: this runs on every call.
@@ -288,6 +302,11 @@ def resolve_backend(backend: str, q: Tensor, mask: Tensor | None = None, causal:
         if not isinstance(loaded, str) and loaded[3] and \
                 flash_unsupported_reason(q, mask, causal, dropout_p) is None:
             return "flash"
+    elif kv_len is not None and kv_len <= CPU_MATH_MAX_KEYS and dropout_p == 0.0:
+        if needs_grad is None:
+            needs_grad = torch.is_grad_enabled() and q.requires_grad
+        if not needs_grad and q.device.type == "cpu":
+            return "math"
     return "sdpa"
 
 
@@ -328,7 +347,10 @@ def attend(
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
                          f"({k.shape[1]})")
-    kernel = _KERNELS[resolve_backend(backend, q, mask, causal, dropout_p)]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or
+                                               v.requires_grad)
+    kernel = _KERNELS[resolve_backend(backend, q, mask, causal, dropout_p, k.shape[2],
+                                      needs_grad)]
     return kernel(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, scale=scale)
 
 
@@ -343,4 +365,4 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
 __all__ = ["attend", "attend_math", "attend_sdpa", "attend_flash", "check_backend",
            "flash_head_dim_reason",
            "resolve_backend", "flash_available", "causal_mask", "combine_masks",
-           "attention_flops", "BACKENDS"]
+           "attention_flops", "BACKENDS", "CPU_MATH_MAX_KEYS"]

@@ -195,7 +195,8 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.append(k, v)
         if not self._logged and not torch.compiler.is_compiling():
-            chosen = resolve_backend(self.backend, q, mask, self.causal)
+            chosen = resolve_backend(self.backend, q, mask, self.causal,
+                                     self.attn_drop if self.training else 0.0, k.shape[2])
             log.debug("attention backend %s -> %s", self.backend, chosen)
             self._logged = True
         out = attend(q, k, v, mask=mask, causal=self.causal, backend=self.backend,

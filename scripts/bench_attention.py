@@ -130,7 +130,8 @@ def time_case(case, L, args, backward):
     inputs = make_inputs(case, L, batch, args.heads, args.head_dim, args.device,
                          getattr(torch, args.dtype), backward)
     names = [n for n in VARIANTS if n != "naive" or naive_fits(L, batch, args.heads, args.device)]
-    auto = resolve_backend("auto", inputs[0], inputs[3], inputs[4])
+    auto = resolve_backend("auto", inputs[0], inputs[3], inputs[4], kv_len=L,
+                           needs_grad=backward)
     # The explicit variant that auto did not pick, where it can run: the wrapper alone over
     # SDPA when auto picks flash, the flash kernels when auto keeps SDPA.
     if auto == "sdpa":
@@ -147,7 +148,8 @@ def time_case(case, L, args, backward):
     causal, _, div = CASES[case]
     flops = attention_flops(batch, args.heads, L, L, args.head_dim, causal=causal,
                             backward=backward)
-    kernel = resolve_backend("auto", inputs[0], inputs[3], causal)
+    kernel = resolve_backend("auto", inputs[0], inputs[3], causal, kv_len=L,
+                             needs_grad=backward)
     rows = []
     for n in names:
         med = statistics.median(times[n])

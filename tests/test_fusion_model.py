@@ -247,9 +247,10 @@ def test_bidirectional_text_encoder_ignores_padding():
         appended = enc(longer, longer_mask)
         unmasked = enc(other, None)
     torch.testing.assert_close(changed[mask], ref[mask], atol=1e-6, rtol=0)
-    torch.testing.assert_close(appended[longer_mask], ref[mask], atol=1e-6, rtol=0)
+    # More (masked) keys change only the order of the softmax sums: rounding, 1e-6 here.
+    torch.testing.assert_close(appended[longer_mask], ref[mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(enc.pooled(appended, longer_mask), enc.pooled(ref, mask),
-                               atol=1e-6, rtol=0)
+                               atol=1e-5, rtol=0)
     assert (unmasked[mask] - ref[mask]).abs().max() > 1e-3  # without the mask it leaks
 
 
