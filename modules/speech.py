@@ -116,6 +116,33 @@ class ConvSubsampling(nn.Module):
         return self.proj(x.permute(0, 2, 1, 3).flatten(2))
 
 
+def depthwise_conv1d(x_BLE: Tensor, conv: nn.Conv1d) -> Tensor:
+    """``conv`` (depthwise, odd kernel K, 'same' padding) along L of ``(B, L, E)``.
+
+    On the CPU this is K shifted multiply-adds in the ``(B, L, E)`` layout: oneDNN's grouped
+    convolution ran at about 3 GFLOP/s for the speech default (K=15, E=144) and needs the
+    ``(B, E, L)`` layout, so the shifted sums are 4-5x faster and drop two transposes.
+    Without gradients the sums accumulate in place. Other devices use ``F.conv1d``.
+    """
+    w, b = conv.weight, conv.bias
+    k_size, groups = w.shape[-1], w.shape[0]
+    if x_BLE.device.type != "cpu":
+        return F.conv1d(x_BLE.transpose(1, 2), w, b, padding=k_size // 2,
+                        groups=groups).transpose(1, 2)
+    L = x_BLE.shape[1]
+    taps = w[:, 0].t().to(x_BLE.dtype)  # (K, E)
+    xp = F.pad(x_BLE, (0, 0, k_size // 2, k_size // 2))
+    out = xp[:, :L] * taps[0] if b is None else torch.addcmul(b.to(x_BLE.dtype), xp[:, :L],
+                                                              taps[0])
+    in_place = not (torch.is_grad_enabled() and (x_BLE.requires_grad or w.requires_grad))
+    for k in range(1, k_size):
+        if in_place:
+            out.addcmul_(xp[:, k:k + L], taps[k])
+        else:
+            out = torch.addcmul(out, xp[:, k:k + L], taps[k])
+    return out
+
+
 class ConvModule(nn.Module):
     """Conformer convolution module: pointwise conv + GLU, depthwise conv, norm, SiLU,
     pointwise conv. Padded frames are zeroed before the depthwise conv, so they do not
@@ -136,7 +163,9 @@ class ConvModule(nn.Module):
         x = F.glu(self.pointwise_in(x_BLE), dim=-1)
         if keep_BL is not None:
             x = x.masked_fill(~keep_BL.unsqueeze(-1), 0.0)
-        x = F.silu(self.norm(self.depthwise(x.transpose(1, 2)))).transpose(1, 2)
+        x = depthwise_conv1d(x, self.depthwise)  # (B, L, E)
+        # BatchNorm1d over (B * L, E) is over (B, E, L): the same statistics per channel.
+        x = F.silu(self.norm(x.flatten(0, 1))).view(x.shape)
         return self.drop(self.pointwise_out(x))
 
 

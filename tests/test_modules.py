@@ -51,6 +51,16 @@ def test_rope_matches_transformers_llama():
     torch.testing.assert_close(got_k, want_k)
     got_q, got_k = ours(q, k, pos)  # per-sequence positions give the same
     torch.testing.assert_close(got_q, want_q)
+    # Strided views (heads split from a fused projection), and gradients through both
+    qkv = torch.randn(2, 10, 3, 4, 16, requires_grad=True)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    want = apply_rotary_pos_emb(q, k, cos, sin)
+    got = ours(q, k, 7)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    g = [torch.randn_like(t) for t in want]
+    torch.testing.assert_close(torch.autograd.grad(got, qkv, g),
+                               torch.autograd.grad(want, qkv, g))
 
 
 def test_cached_decoding_equals_full_forward_token_by_token():

@@ -10,25 +10,55 @@ import torch
 
 from modules.converters import conformer_state_dict_from_torchaudio
 from modules.ctc import BLANK, beam_decode, greedy_decode, prefix_beam_search, sequence_log_prob
-from modules.speech import Conformer, ConvSubsampling, LogMel, SpeechEncoder, subsampled_lengths
+from modules.speech import (
+    Conformer,
+    ConvSubsampling,
+    LogMel,
+    SpeechEncoder,
+    depthwise_conv1d,
+    subsampled_lengths,
+)
 
 
-def test_conformer_matches_torchaudio_on_the_same_weights():
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_conv_equals_torch_conv1d_with_gradients(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 5, padding=2, groups=6, bias=bias).double()
+    x = torch.randn(3, 11, 6, dtype=torch.float64, requires_grad=True)
+    expect = conv(x.transpose(1, 2)).transpose(1, 2)
+    got = depthwise_conv1d(x, conv)
+    torch.testing.assert_close(got, expect)
+    g = torch.randn_like(got)
+    params = [x, *conv.parameters()]
+    torch.testing.assert_close(torch.autograd.grad(got, params, g),
+                               torch.autograd.grad(expect, params, g))
+    with torch.no_grad():  # the in-place path
+        torch.testing.assert_close(depthwise_conv1d(x, conv), expect)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_conformer_matches_torchaudio_on_the_same_weights(train):
     import torchaudio
     torch.manual_seed(0)
     theirs = torchaudio.models.Conformer(input_dim=32, num_heads=4, ffn_dim=64, num_layers=2,
-                                         depthwise_conv_kernel_size=7, dropout=0.0).eval()
+                                         depthwise_conv_kernel_size=7, dropout=0.0)
     with torch.no_grad():  # non-trivial norm statistics, so their import is tested too
         for m in theirs.modules():
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     ours = Conformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=64, conv_kernel=7,
-                     rope_theta=None, max_seq_len=64, backend="math").eval()
+                     rope_theta=None, max_seq_len=64, backend="math")
     ours.load_state_dict(conformer_state_dict_from_torchaudio(theirs.state_dict(), 2))
-    x = torch.randn(3, 20, 32)
+    theirs.train(train), ours.train(train)
+    x = torch.randn(3, 20, 32, requires_grad=True)
     expect, _ = theirs(x, torch.full((3,), 20))
-    torch.testing.assert_close(ours(x), expect, atol=1e-5, rtol=1e-4)
+    got = ours(x)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-4)
+    if train:  # batch statistics, and the gradients through every block
+        g = torch.randn_like(got)
+        torch.testing.assert_close(torch.autograd.grad(got, x, g),
+                                   torch.autograd.grad(expect, x, g), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("block", ["transformer", "conformer"])
