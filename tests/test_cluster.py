@@ -334,8 +334,11 @@ def test_preempted_sweep_point_resumes_in_its_own_run_directory(slurm, tmp_path_
     job array) is preempted, submitit runs the requeued array element again with the
     configuration it pickled, and the run goes on in the same run directory."""
     multirun = tmp_path / "multirun"
+    # Point 0 trains at the task's default learning rate, like the uninterrupted run.
+    default_lr = OmegaConf.load(ROOT / "conf" / "lm.yaml").optimizer.lr
+    assert default_lr != 1e-3
     cmd = [sys.executable, "-m", "tasks.lm", "-m", "hydra/launcher=slurm_cpu",
-           "hydra.launcher.cpus_per_task=1", *LONG, "optimizer.lr=3e-3,1e-3",
+           "hydra.launcher.cpus_per_task=1", *LONG, f"optimizer.lr={default_lr},1e-3",
            f"hydra.sweep.dir={multirun}/" + "${now:%Y-%m-%d_%H-%M-%S}"]
     with subprocess.Popen(cmd, cwd=ROOT, env=run_env(tmp_path_factory, slurm.env),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
