@@ -93,6 +93,7 @@ class SlurmCluster:
         self.logs = self.root / "log"
         self.procs: dict[str, subprocess.Popen] = {}
         self.cpus, self.mem_mb = 0, 0
+        self._held_since: dict[str, float] = {}  # job -> when first seen held after requeue
 
     # ------------------------------------------------------------------ set-up
     def _write_munge_key(self) -> Path:
@@ -249,19 +250,33 @@ class SlurmCluster:
         on every poll (every ``interval`` seconds) while it has not.
 
         slurmctld holds a requeued job for about two minutes (its begin time, measured 145 s
-        on slurm 22.05); here it may start again at once."""
+        on slurm 22.05); here it starts again two seconds after it is seen held
+        (``release_requeued``)."""
         t_end = time.time() + timeout
         while time.time() < t_end:
             fields = self.job(job_id)
             if fields.get("JobState") in FINISHED:
                 return fields
-            if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
-                self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            self.release_requeued(job_id, fields)
             if on_poll is not None:
                 on_poll(fields)
             time.sleep(interval)
         raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after "
                            f"{timeout:.0f} s")
+
+    def release_requeued(self, job_id: str, fields: dict[str, str],
+                         settle: float = 2.0) -> None:
+        """Start a requeued job held for its begin time, ``settle`` seconds after it was
+        first seen held. At once is too early: slurmctld revokes the job's credential when it
+        requeues it, and a new start within the same second is refused ("Job credential
+        revoked"; the job then ends FAILED)."""
+        if fields.get("JobState") != "PENDING" or fields.get("Reason") != "BeginTime":
+            self._held_since.pop(job_id, None)
+            return
+        first = self._held_since.setdefault(job_id, time.time())
+        if time.time() - first >= settle:
+            self.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            self._held_since.pop(job_id, None)
 
     def tail(self, name: str, lines: int = 15) -> str:
         """The end of a daemon's log, for failure messages."""

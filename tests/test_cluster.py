@@ -349,9 +349,7 @@ def test_preempted_sweep_point_resumes_in_its_own_run_directory(slurm, tmp_path_
                 job = next(multirun.glob("*/.submitit/*_0")).name  # ARRAY_TASK
                 slurm.command("scancel", "--signal=USR1", job)
             elif job is not None:
-                fields = slurm.job(job)
-                if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
-                    slurm.command("scontrol", "update", f"JobId={job}", "StartTime=now")
+                slurm.release_requeued(job, slurm.job(job))
             time.sleep(0.1)
         stderr = proc.communicate()[1]
     assert proc.returncode == 0, stderr[-3000:]
