@@ -281,8 +281,11 @@ def check_backend(backend: str, head_dim: int | None = None) -> str:
 # only a few keys: without gradients, at 26 keys (a ViT's 25 patches and class token, head
 # dim 32, batch 128, 2 threads) the plain matmul-softmax-matmul takes half its time, and at
 # 50 keys SDPA is ahead again (scripts/bench_fusion.py, docs/benchmarks.md). With gradients
-# SDPA stays ahead at every length (its backward recomputes less than math's autograd).
+# SDPA stays ahead at every length (its backward recomputes less than math's autograd), and
+# so it does for a single query (a decoding step: 2-7x) and for fewer than 64 batch x head
+# rows, where math's several ops cost more than SDPA's one call.
 CPU_MATH_MAX_KEYS = 32
+CPU_MATH_MIN_ROWS = 64
 
 
 def resolve_backend(backend: str, q: Tensor, mask: Tensor | None = None, causal: bool = False,
@@ -290,9 +293,10 @@ def resolve_backend(backend: str, q: Tensor, mask: Tensor | None = None, causal:
                     needs_grad: bool | None = None) -> str:
     """The concrete kernel ('math', 'sdpa' or 'flash') a call with these inputs uses.
 
-    ``auto`` picks flash on CUDA where it can run, math on the CPU for at most
-    ``CPU_MATH_MAX_KEYS`` keys when no gradient is needed (``needs_grad``, default: grad mode
-    is on and q requires grad), and sdpa otherwise.
+    ``auto`` picks flash on CUDA where it can run; math on the CPU for at most
+    ``CPU_MATH_MAX_KEYS`` keys, more than one query and at least ``CPU_MATH_MIN_ROWS``
+    batch x head rows when no gradient is needed (``needs_grad``, default: grad mode is on
+    and q requires grad); sdpa otherwise.
     """
     if backend != "auto":
         return backend
@@ -302,7 +306,8 @@ def resolve_backend(backend: str, q: Tensor, mask: Tensor | None = None, causal:
         if not isinstance(loaded, str) and loaded[3] and \
                 flash_unsupported_reason(q, mask, causal, dropout_p) is None:
             return "flash"
-    elif kv_len is not None and kv_len <= CPU_MATH_MAX_KEYS and dropout_p == 0.0:
+    elif (kv_len is not None and kv_len <= CPU_MATH_MAX_KEYS and dropout_p == 0.0
+          and q.shape[-2] > 1 and q.shape[0] * q.shape[1] >= CPU_MATH_MIN_ROWS):
         if needs_grad is None:
             needs_grad = torch.is_grad_enabled() and q.requires_grad
         if not needs_grad and q.device.type == "cpu":
@@ -365,4 +370,4 @@ def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: i
 __all__ = ["attend", "attend_math", "attend_sdpa", "attend_flash", "check_backend",
            "flash_head_dim_reason",
            "resolve_backend", "flash_available", "causal_mask", "combine_masks",
-           "attention_flops", "BACKENDS", "CPU_MATH_MAX_KEYS"]
+           "attention_flops", "BACKENDS", "CPU_MATH_MAX_KEYS", "CPU_MATH_MIN_ROWS"]

@@ -7,6 +7,7 @@ import torch
 
 from modules.attention import (
     CPU_MATH_MAX_KEYS,
+    CPU_MATH_MIN_ROWS,
     _load_flash,
     attend,
     attend_math,
@@ -136,22 +137,26 @@ def test_bad_inputs_are_clear_errors():
 def test_auto_takes_math_for_few_keys_without_gradients_on_the_cpu(monkeypatch):
     import modules.attention as attention
 
-    assert resolve_backend("auto", torch.randn(1, 2, 4, 8), kv_len=CPU_MATH_MAX_KEYS,
-                           needs_grad=False) == "math"
+    q = torch.randn(CPU_MATH_MIN_ROWS // 2, 2, 4, 8)
+    assert resolve_backend("auto", q, kv_len=CPU_MATH_MAX_KEYS, needs_grad=False) == "math"
     for kv_len, needs_grad, dropout in ((CPU_MATH_MAX_KEYS + 1, False, 0.0),
                                         (8, True, 0.0), (8, False, 0.1), (None, False, 0.0)):
-        assert resolve_backend("auto", torch.randn(1, 2, 4, 8), dropout_p=dropout,
-                               kv_len=kv_len, needs_grad=needs_grad) == "sdpa"
+        assert resolve_backend("auto", q, dropout_p=dropout, kv_len=kv_len,
+                               needs_grad=needs_grad) == "sdpa"
+    # a decoding step (one query), and too few batch x head rows, stay on SDPA
+    assert resolve_backend("auto", q[:, :, :1], kv_len=8, needs_grad=False) == "sdpa"
+    assert resolve_backend("auto", q[:CPU_MATH_MIN_ROWS // 2 - 1], kv_len=8,
+                           needs_grad=False) == "sdpa"
     used = []
     for name in ("math", "sdpa"):
         monkeypatch.setitem(attention._KERNELS, name, lambda *a, _k=attention._KERNELS[name],
                             _n=name, **kw: used.append(_n) or _k(*a, **kw))
-    q = torch.randn(3, 4, 26, 32, requires_grad=True)
-    mask = torch.rand(3, 26) > 0.3
+    q = torch.randn(CPU_MATH_MIN_ROWS // 4, 4, 26, 32, requires_grad=True)
+    mask = torch.rand(CPU_MATH_MIN_ROWS // 4, 26) > 0.3
     ref = attend(q, q, q, mask=mask, backend="sdpa")
     with torch.inference_mode():
         torch.testing.assert_close(attend(q, q, q, mask=mask), ref)
-        attend(q, torch.randn(3, 4, 50, 32), torch.randn(3, 4, 50, 32))
+        attend(q, *torch.randn(2, CPU_MATH_MIN_ROWS // 4, 4, 50, 32))
     attend(q, q, q).sum().backward()  # training keeps SDPA's backward
     assert used == ["sdpa", "math", "sdpa", "sdpa"]
 
