@@ -38,23 +38,32 @@ class PatchEmbed(nn.Module):
 
     Args:
         img_size, patch_size, in_chans, embed_dim: sizes; ``img_size % patch_size == 0``.
-        stem_channels: widths of 3x3 conv + BN + GELU layers (stride 1) before the patchify
+        stem_channels: widths of 3x3 conv + BN + GELU layers before the patchify
             convolution; empty for the plain ViT.
+        stem_stride: 1 (the stem keeps the resolution) or 2 (each stem layer halves it and
+            the patchify convolution covers ``patch_size / 2**len(stem_channels)`` of its
+            pixels, as in Xiao et al.: overlapping receptive fields at a small cost).
     """
 
     def __init__(self, *, img_size: int, patch_size: int, in_chans: int, embed_dim: int,
-                 stem_channels: tuple[int, ...] = ()):
+                 stem_channels: tuple[int, ...] = (), stem_stride: int = 1):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size "
                              f"({patch_size})")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
+        down = stem_stride ** len(stem_channels)
+        if patch_size % down:
+            raise ValueError(f"patch_size ({patch_size}) must be a multiple of {down}: "
+                             f"{len(stem_channels)} stem layers of stride 2")
         layers, c = [], in_chans
         for width in stem_channels:
-            layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                       nn.GELU()]
+            layers += [nn.Conv2d(c, width, 3, stride=stem_stride, padding=1, bias=False),
+                       nn.BatchNorm2d(width), nn.GELU()]
             c = width
         self.stem = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(c, embed_dim, patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(c, embed_dim, patch_size // down, stride=patch_size // down)
         self.grid = img_size // patch_size
 
     def forward(self, x: Tensor) -> Tensor:
@@ -67,7 +76,7 @@ class VisionTransformer(nn.Module):
     Args:
         img_size, patch_size, in_chans, num_classes: data sizes.
         embed_dim, depth, num_heads, mlp_ratio: encoder sizes.
-        stem_channels: optional convolutional stem (see ``PatchEmbed``).
+        stem_channels, stem_stride: optional convolutional stem (see ``PatchEmbed``).
         pool: ``"token"`` (class token) or ``"mean"`` (mean of patch tokens).
         pos_embed: ``"learned"`` or ``"sincos"``.
         pre_norm: a LayerNorm on the embedded tokens before the encoder (CLIP's ``ln_pre``).
@@ -79,7 +88,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
                  num_heads: int = 3, mlp_ratio: float = 4.0,
-                 stem_channels: tuple[int, ...] | list[int] = (), pool: str = "token",
+                 stem_channels: tuple[int, ...] | list[int] = (), stem_stride: int = 1,
+                 pool: str = "token",
                  pos_embed: str = "learned", qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  pre_norm: bool = False, backend: str = "auto"):
@@ -91,7 +101,8 @@ class VisionTransformer(nn.Module):
         self.img_size, self.pool, self.num_classes = img_size, pool, num_classes
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size,
                                       in_chans=in_chans, embed_dim=embed_dim,
-                                      stem_channels=tuple(stem_channels))
+                                      stem_channels=tuple(stem_channels),
+                                      stem_stride=stem_stride)
         n = self.patch_embed.grid ** 2 + (pool == "token")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "token" else None
         if pos_embed == "learned":

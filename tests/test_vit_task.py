@@ -80,6 +80,33 @@ def test_sincos_table_shape_and_distinct_rows():
     assert torch.cdist(t, t).fill_diagonal_(1).min() > 0.1
 
 
+
+def test_strided_stem_tokens_see_their_patch_and_the_overlap_only():
+    """Two stride-2 3x3 convolutions then a 2x2 patchify: token column p sees pixel columns
+    8p-3 .. 8p+7 (receptive-field arithmetic), so column 1 reads pixel 5 of its left
+    neighbour's patch; column 0 never reads pixel 8, nor column 1 pixel 16."""
+    from modules.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=32, patch_size=8, in_chans=1, embed_dim=16,
+                    stem_channels=(4, 8), stem_stride=2).eval()
+    assert pe.proj.kernel_size == (2, 2) and pe.grid == 4
+    x = torch.randn(1, 1, 32, 32)
+    base = pe(x).view(4, 4, 16)  # (row, column, E)
+
+    def moved(column):
+        y = x.clone()
+        y[..., column] += 5.0
+        return (pe(y).view(4, 4, 16) - base).abs().amax(dim=(0, 2))  # per token column
+
+    assert moved(5)[1] > 1e-3 and moved(5)[0] > 1e-3
+    assert moved(8)[0] == 0 and moved(8)[1] > 1e-3
+    assert moved(16)[1] == 0 and moved(16)[2] > 1e-3
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PatchEmbed(img_size=36, patch_size=6, in_chans=1, embed_dim=16,
+                   stem_channels=(4, 8), stem_stride=2)
+
+
 @pytest.fixture()
 def image_folder(tmp_path):
     """Three classes of noisy 16x16 images, told apart by their brightness."""
