@@ -310,3 +310,22 @@ def test_prepare_emoji_builds_three_artworks(tmp_path):
         < (same - g.images[200:400].float()).abs().mean()
     readme = (out / "README.txt").read_text()
     assert all(word in readme for word in ("OFL-1.1", "Unicode", "Apache-2.0", "CC-BY-4.0"))
+
+
+def test_shapes_tokenizer_keeps_every_word_whole():
+    """The default shapes vocabulary leaves room for whole words beside sentencepiece's 256
+    byte pieces: every colour, shape and question word is one piece, so a question is a
+    few tokens (at 320 pieces "purple" was five and questions ran to 22 tokens)."""
+    from omegaconf import OmegaConf
+
+    from data.text import Tokenizer
+
+    vocab_size = OmegaConf.load("conf/data/shapes.yaml").data.vocab_size
+    scenes = shape_scenes(2000, seed=0)
+    lines = [s.caption for s in scenes] + [q["question"] for s in scenes for q in s.qa]
+    tok = Tokenizer.train("\n".join(lines), vocab_size)
+    words = {w for line in lines for w in re.findall(r"[a-z]+", line)}
+    assert set(COLORS) | set(SHAPES) <= words
+    split = {w: tok.encode(w) for w in words if len(tok.encode(w)) > 1}
+    assert not split, split
+    assert max(len(tok.encode(q["question"])) for s in scenes for q in s.qa) <= 11
