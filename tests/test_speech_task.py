@@ -54,7 +54,8 @@ def make_cfg(run_dir, corpus, *overrides):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("speech", overrides=[
             "model=speech_tiny", f"data.train={corpus}/train.jsonl",
-            f"data.val={corpus}/val.jsonl", f"+data.test.test={corpus}/test.jsonl",
+            f"data.val={corpus}/val.jsonl",
+            f"data.test={{test: {corpus}/test.jsonl}}",  # the README's form
             "data.max_frames_per_batch=2000", "trainer.max_steps=6",
             "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
             "scheduler.warmup_steps=1", "decode.beam_size=4", f"run_dir={run_dir}", *overrides])
