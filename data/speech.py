@@ -16,6 +16,10 @@ cache, in the same format:
 - espeak-ng 1.52 (PyPI ``espeakng-loader``, GPL-3+), driven through ctypes: training audio
   from 644 accent+variant voices at random speed and pitch; validation and test each from
   two accent+variant voices never used in training (``HELD_OUT``).
+- GnuSpeech (npm ``@echogarden/gnuspeech-wasm``, GPL-3+; run with Node.js through
+  ``gnuspeech.mjs``), an articulatory synthesiser: a fifth of the training audio by default,
+  each utterance with its own vocal tract length, glottal pitch, breathiness and tempo. A
+  second way of making speech is what carries over to a synthesiser never heard.
 - flite 2.2 (Debian ``flite``, BSD-like licence), a different synthesiser used for one test
   set only, so a model is also measured on a synthesiser it never heard.
 
@@ -33,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import unicodedata
@@ -47,7 +52,7 @@ import torch
 import torchaudio
 from rich import progress
 
-from .cache import atomic_dir, cache_dir, prepare_lock
+from .cache import atomic_dir, atomic_write_text, cache_dir, npm_pack, prepare_lock
 from .errors import UserError
 from .manifest import jsonl_objects
 from .parallel import apt_extract, prepare_ding
@@ -80,10 +85,19 @@ TRAIN_VOICES = tuple(f"{a}+{v}" for a in ACCENTS for v in VARIANTS
                      if f"{a}+{v}" not in HELD_OUT["val"] + HELD_OUT["test"])
 RATES = (130, 210)  # words per minute
 PITCHES = (25, 75)  # espeak-ng's 0-100 pitch scale
+# GnuSpeech: every utterance draws its vocal tract length (cm), glottal pitch (semitones),
+# breathiness (%), glottal pulse fall time (%) and tempo from these ranges, which span the
+# synthesiser's male (17.5, -12, 0.5, 24), female (15, 0, 1.5, 32) and child presets.
+GNUSPEECH_NPM = "@echogarden/gnuspeech-wasm@0.3.0"
+GNUSPEECH_RANGES = {"vtl": (14.0, 18.5), "pitch": (-14.0, 3.0), "breath": (0.3, 3.0),
+                    "tn": (18.0, 38.0)}
+GNUSPEECH_TEMPO = (0.8, 1.25)
+_GNUSPEECH_DRIVER = Path(__file__).with_name("gnuspeech.mjs")
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 FLITE_STRETCH = (0.85, 1.2)  # flite's duration_stretch: > 1 is slower
 LICENCES = {"sentences": "Ding's dictionary (Debian trans-de-en), GPL-2+",
             "espeak-ng": "GPL-3+ (PyPI espeakng-loader)",
+            "gnuspeech": "GPL-3+ (npm @echogarden/gnuspeech-wasm)",
             "flite": "BSD-like (Debian flite)"}
 
 _MANIFEST_FORMAT = '{"audio": path, "duration": seconds, "text": transcript}'
@@ -448,10 +462,79 @@ def synth_flite(text: str, voice: str = "slt", *, stretch: float = 1.0,
         return load_audio(out)
 
 
+def gnuspeech_module(root: Path | None = None) -> Path:
+    """GnuSpeech compiled to WebAssembly: the npm package, unpacked once into
+    ``<cache>/gnuspeech``; returns its ``gnuspeech.js`` (run by Node.js)."""
+    base = root or cache_dir()
+    module = base / "gnuspeech" / "package" / "wasm" / "gnuspeech.js"
+    if module.is_file():
+        return module
+    instead = "prepare with gnuspeech_utterances=0 (data.gnuspeech_utterances=0)"
+    if shutil.which("node") is None:
+        raise UserError(f"Node.js is needed to synthesise the GnuSpeech training audio; "
+                        f"install it (apt-get install nodejs npm) or {instead}")
+    with prepare_lock("gnuspeech", base):
+        if not module.is_file():  # else another process unpacked it while this one waited
+            with atomic_dir(base / "gnuspeech") as staging, \
+                    tempfile.TemporaryDirectory() as tmp:
+                with tarfile.open(npm_pack(GNUSPEECH_NPM, Path(tmp), instead=instead)) as tar:
+                    tar.extractall(staging, filter="data")
+    return module
+
+
+class _Gnuspeech:
+    """A Node.js process running ``gnuspeech.mjs``; one per synthesis process."""
+
+    def __init__(self, module: str, words: str):
+        cmd = [shutil.which("node") or "node", str(_GNUSPEECH_DRIVER), module]
+        self.proc = subprocess.Popen(cmd + ([words] if words else []), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def synth(self, text: str, voice: dict[str, float], tempo: float) -> torch.Tensor:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.wav"
+            self.proc.stdin.write(json.dumps({"text": text, "out": str(out), **voice,
+                                              "tempo": tempo}) + "\n")
+            self.proc.stdin.flush()
+            answer = self.proc.stdout.readline().strip() or "the Node.js process ended"
+            if answer != "ok":
+                raise UserError(f"GnuSpeech failed on {text!r} with {voice} ({answer})")
+            return load_audio(out)
+
+
+_gnuspeech: _Gnuspeech | None = None
+
+
+def gnuspeech_voice(rng: random.Random) -> str:
+    """A random GnuSpeech voice from ``GNUSPEECH_RANGES``, as ``"vtl=16.2,pitch=-4.1,..."``."""
+    return ",".join(f"{k}={round(rng.uniform(lo, hi), 1)}"
+                    for k, (lo, hi) in GNUSPEECH_RANGES.items())
+
+
+def synth_gnuspeech(text: str, voice: str = "vtl=17.5,pitch=-12,breath=0.5,tn=24", *,
+                    tempo: float = 1.0, module: str | Path | None = None,
+                    words: str | Path | None = None) -> torch.Tensor:
+    """Speak ``text`` with GnuSpeech; float32 ``(samples,)`` at ``SAMPLE_RATE``.
+
+    Args:
+        text: what to say.
+        voice: ``gnuspeech_voice``'s form; the default is the synthesiser's male voice.
+        tempo: speed (> 1 is faster).
+        module: ``gnuspeech_module()``'s path (its default).
+        words: a file of the words to be spoken, one a line (optional; faster).
+    """
+    global _gnuspeech
+    if _gnuspeech is None or _gnuspeech.proc.poll() is not None:
+        _gnuspeech = _Gnuspeech(str(module or gnuspeech_module()), str(words or ""))
+    params = {k: float(v) for k, v in (kv.split("=") for kv in voice.split(","))}
+    return _gnuspeech.synth(text, params, tempo)
+
+
 # ---------------------------------------------------------------------------- preparing
 class SynthJob(NamedTuple):
-    """One utterance to synthesise into ``out``: espeak-ng (``speed`` = words per minute)
-    or flite (``speed`` = duration stretch, ``pitch`` unused)."""
+    """One utterance to synthesise into ``out``: espeak-ng (``speed`` = words per minute),
+    flite (``speed`` = duration stretch) or GnuSpeech (``speed`` = tempo; ``program`` its
+    module, ``words`` the words file); ``pitch`` is espeak-ng's only."""
 
     text: str
     out: str
@@ -460,11 +543,15 @@ class SynthJob(NamedTuple):
     speed: float
     pitch: int = 0
     program: str = ""
+    words: str = ""
 
 
 def _run_job(job: SynthJob) -> float:
     if job.synth == "espeak":
         audio = synth_espeak(job.text, job.voice, rate=int(job.speed), pitch=job.pitch)
+    elif job.synth == "gnuspeech":
+        audio = synth_gnuspeech(job.text, job.voice, tempo=job.speed, module=job.program,
+                                words=job.words)
     else:
         audio = synth_flite(job.text, job.voice, stretch=job.speed, program=Path(job.program))
     write_wav(job.out, audio)
@@ -511,6 +598,17 @@ def _flite_jobs(texts: Sequence[str], program: Path, folder: str,
             for i, text in enumerate(texts)]
 
 
+def _gnuspeech_jobs(texts: Sequence[str], folder: str, rng: random.Random, base: Path,
+                    vocabulary: Iterable[str]) -> list[SynthJob]:
+    module = gnuspeech_module(base)
+    words = base / "gnuspeech" / "words.txt"
+    atomic_write_text(words, "".join(f"{w}\n" for w in sorted(
+        {w for t in vocabulary for w in t.split() + t.replace("'", " ").split()})))
+    return [SynthJob(text, f"{folder}/g{i:06d}.wav", "gnuspeech", gnuspeech_voice(rng),
+                     round(rng.uniform(*GNUSPEECH_TEMPO), 2), 0, str(module), str(words))
+            for i, text in enumerate(texts)]
+
+
 def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int) -> Path:
     """Synthesise every split of ``plan`` into a staging folder beside ``out``, write the
     manifests and ``info.json``, then move it into place."""
@@ -546,15 +644,16 @@ def _info(kind: str, seed: int, flite: bool) -> dict:
 
 
 def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
-                   val_utterances: int = 300, test_utterances: int = 300,
-                   flite_utterances: int = 300, seed: int = 0, workers: int = 2) -> Path:
+                   gnuspeech_utterances: int = 0, val_utterances: int = 300,
+                   test_utterances: int = 300, flite_utterances: int = 300, seed: int = 0,
+                   workers: int = 2) -> Path:
     """Synthesise the speech-recognition sets once into ``<cache>/speech/<name>/``.
 
     The folder holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, ``flite.jsonl``,
     ``wav/<split>/*.wav`` and ``info.json`` (voices, sizes, timing, licences). The four
     splits have no sentence in common; val and test use ``HELD_OUT`` voices, flite another
-    synthesiser. With more training utterances than training sentences, sentences repeat
-    with other voices. Sentences, voices, speeds and pitches follow ``seed``; the samples
+    synthesiser; the training split adds ``gnuspeech_utterances`` by GnuSpeech. With more
+    training utterances than training sentences, sentences repeat with other voices. Sentences, voices, speeds and pitches follow ``seed``; the samples
     themselves are not bit-exact between runs (espeak-ng's pitch flutter carries state
     from call to call). A second call returns the folder at once.
 
@@ -562,6 +661,9 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
         root: the data cache (default ``cache_dir()``).
         train_utterances: espeak-ng training utterances (2.2 s on average; 8,000 are about
             5 hours of audio, 560 MB, synthesised in under a minute on 2 cores).
+        gnuspeech_utterances: GnuSpeech training utterances, on the training sentences
+            after those of espeak-ng (2.8 s on average, about 30 a second on 2 cores;
+            needs Node.js and npm once); 0 leaves GnuSpeech out.
         val_utterances: validation utterances (held-out val voices).
         test_utterances: test utterances (held-out test voices).
         flite_utterances: flite test utterances; 0 leaves flite out.
@@ -569,8 +671,9 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
         workers: synthesis processes.
     """
     base = root or cache_dir()
-    out = base / "speech" / (f"asr_v2_train{train_utterances}_val{val_utterances}_test"
-                             f"{test_utterances}_flite{flite_utterances}_seed{seed}")
+    out = base / "speech" / (f"asr_v3_train{train_utterances}_gnu{gnuspeech_utterances}_val"
+                             f"{val_utterances}_test{test_utterances}_flite{flite_utterances}"
+                             f"_seed{seed}")
     if (out / "info.json").is_file():
         return out
     with prepare_lock("speech", base):
@@ -591,12 +694,18 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
                                     balanced=True),
                 "test": _espeak_jobs(sentences[cut[0]:cut[1]], HELD_OUT["test"], "wav/test",
                                      rng, balanced=True)}
+        if gnuspeech_utterances:
+            texts = [train[(train_utterances + i) % len(train)]
+                     for i in range(gnuspeech_utterances)]
+            plan["train"] += _gnuspeech_jobs(texts, "wav/train", rng, base, texts)
         if flite_utterances:
             plan["flite"] = _flite_jobs(sentences[cut[1]:cut[2]], flite_program(base),
                                         "wav/flite", rng)
         info = _info("speech recognition", seed, bool(flite_utterances))
-        info["sentences"] = {"available": len(sentences), "train": min(len(train),
-                                                                       train_utterances)}
+        info["sentences"] = {"available": len(sentences), "train": min(
+            len(train), train_utterances + gnuspeech_utterances)}
+        info["gnuspeech"] = {"utterances": gnuspeech_utterances, "voices": GNUSPEECH_RANGES,
+                             "tempo": GNUSPEECH_TEMPO} if gnuspeech_utterances else None
         return _build(out, plan, info, workers)
 
 

@@ -75,8 +75,10 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
         if cfg.model.head == "classify":
             root, source = prepare_kws(), "keywords spoken by espeak-ng (train, val, test) and flite (flite)"
         else:
-            root = prepare_speech(train_utterances=d.train_utterances)
-            source = "sentences spoken by espeak-ng (train, val, test) and flite (flite)"
+            root = prepare_speech(train_utterances=d.train_utterances,
+                                  gnuspeech_utterances=d.gnuspeech_utterances)
+            source = ("sentences spoken by espeak-ng and GnuSpeech (train), espeak-ng (val, test) "
+                      "and flite (flite)")
         sets = {name: root / f"{name}.jsonl" for name in ("train", "val", "test", "flite")}
         return {k: v for k, v in sets.items() if v.is_file()}, source
     if d.val is None:

@@ -253,18 +253,71 @@ def test_flite_synthesis(flite):
     assert slower.numel() > 1.15 * slt.numel()
 
 
+# ----------------------------------------------------------------------------- GnuSpeech
+@pytest.fixture(scope="module")
+def gnuspeech_or_none(tmp_path_factory):
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return None
+    return speech.gnuspeech_module(tmp_path_factory.mktemp("gnuspeech-cache"))
+
+
+@pytest.fixture
+def gnuspeech(gnuspeech_or_none):
+    if gnuspeech_or_none is None:
+        pytest.skip("GnuSpeech needs Node.js and npm")
+    return gnuspeech_or_none
+
+
+def _spectral_centroid(clip: torch.Tensor) -> float:
+    power = torch.stft(clip, 512, window=torch.hann_window(512), return_complex=True).abs() ** 2
+    hz = torch.fft.rfftfreq(512, 1 / SAMPLE_RATE)
+    return float((power.sum(1) * hz).sum() / power.sum())
+
+
+def test_gnuspeech_voices_change_the_speech(gnuspeech, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(SENTENCES[1].split()) + "\n")
+    male = "vtl=17.5,pitch=-12,breath=0.5,tn=24"
+    child = "vtl=14.0,pitch=3,breath=1.5,tn=32"
+    base = speech.synth_gnuspeech(SENTENCES[1], male, module=gnuspeech, words=words)
+    slow = speech.synth_gnuspeech(SENTENCES[1], male, tempo=0.8, module=gnuspeech)
+    small = speech.synth_gnuspeech(SENTENCES[1], child, module=gnuspeech, words=words)
+    for clip in (base, slow, small):
+        assert clip.dim() == 1 and 1.0 <= clip.numel() / SAMPLE_RATE <= 6.0
+        assert clip.abs().max() > 0.05
+    assert slow.numel() > 1.15 * base.numel()
+    # a shorter vocal tract and a higher voice move the spectrum up
+    assert _spectral_centroid(small) > 1.1 * _spectral_centroid(base)
+    with pytest.raises(UserError, match="GnuSpeech failed"):
+        speech.synth_gnuspeech("x", "vtl=nan,pitch=0,breath=0,tn=0", module=gnuspeech,
+                               tempo=float("nan"))
+
+
+def test_gnuspeech_voice_draws_stay_in_range():
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        voice = dict(kv.split("=") for kv in speech.gnuspeech_voice(rng).split(","))
+        assert set(voice) == set(speech.GNUSPEECH_RANGES)
+        for k, (lo, hi) in speech.GNUSPEECH_RANGES.items():
+            assert lo <= float(voice[k]) <= hi
+
+
 # ----------------------------------------------------------------------------- preparing
-def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none):
+def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_none):
     _espeak_or_skip()
     sentences = [f"{w} is the word for today" for w in speech.KEYWORDS]
     monkeypatch.setattr(speech, "ding_sentences", lambda root=None, seed=0: sentences)
     monkeypatch.setattr(speech, "flite_program", lambda root=None: flite_or_none)
+    monkeypatch.setattr(speech, "gnuspeech_module", lambda root=None: gnuspeech_or_none)
     n_flite = 2 if flite_or_none else 0
-    sizes = {"train_utterances": 6, "val_utterances": 2, "test_utterances": 2,
-             "flite_utterances": n_flite}
+    n_gnu = 2 if gnuspeech_or_none else 0
+    sizes = {"train_utterances": 6, "gnuspeech_utterances": n_gnu, "val_utterances": 2,
+             "test_utterances": 2, "flite_utterances": n_flite}
     out = speech.prepare_speech(tmp_path, **sizes)
     texts = {}
-    for split, n in zip(("train", "val", "test", "flite")[:4 if n_flite else 3], (6, 2, 2, 2)):
+    for split, n in zip(("train", "val", "test", "flite")[:4 if n_flite else 3],
+                        (6 + n_gnu, 2, 2, 2)):
         got = read_manifest(out / f"{split}.jsonl", on_bad_audio="error")
         assert len(got.utterances) == n
         texts[split] = {u.text for u in got.utterances}
@@ -274,11 +327,13 @@ def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none):
             assert voices == {f"espeak:{v}" for v in HELD_OUT[split]}
         elif split == "train":
             assert not voices & {f"espeak:{v}" for v in HELD_OUT["val"] + HELD_OUT["test"]}
+            synths = [x["voice"].split(":")[0] for x in lines]
+            assert synths == ["espeak"] * 6 + ["gnuspeech"] * n_gnu
         assert all(0.5 < x["duration"] < 6 for x in lines)
         assert load_audio(got.utterances[0].path).numel() > 0.5 * SAMPLE_RATE
     assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))
     info = json.loads((out / "info.json").read_text())
-    assert info["splits"]["train"]["utterances"] == 6 and info["normalizer"]
+    assert info["splits"]["train"]["utterances"] == 6 + n_gnu and info["normalizer"]
     start = time.perf_counter()
     assert speech.prepare_speech(tmp_path, **sizes) == out
     assert time.perf_counter() - start < 0.5
