@@ -710,17 +710,21 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
 
 
 def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
-                val_per_keyword: int = 15, test_per_keyword: int = 15,
-                flite_per_keyword: int = 15, seed: int = 0, workers: int = 2) -> Path:
+                gnuspeech_per_keyword: int = 0, val_per_keyword: int = 15,
+                test_per_keyword: int = 15, flite_per_keyword: int = 15, seed: int = 0,
+                workers: int = 2) -> Path:
     """Synthesise the keyword-spotting sets (``KEYWORDS``) once into
     ``<cache>/speech/<name>/``, laid out as ``prepare_speech``'s, ``text`` = the keyword.
 
-    Each keyword is spoken by random training voices, speeds and pitches (train), by the
-    ``HELD_OUT`` voices (val, test) and by the flite voices in turn (flite).
+    Each keyword is spoken by random training voices, speeds and pitches and by random
+    GnuSpeech voices (train), by the ``HELD_OUT`` voices (val, test) and by the flite voices
+    in turn (flite).
 
     Args:
         root: the data cache (default ``cache_dir()``).
-        train_per_keyword: training clips per keyword.
+        train_per_keyword: espeak-ng training clips per keyword.
+        gnuspeech_per_keyword: GnuSpeech training clips per keyword (needs Node.js and npm
+            once); 0 leaves GnuSpeech out.
         val_per_keyword: validation clips per keyword.
         test_per_keyword: test clips per keyword.
         flite_per_keyword: flite clips per keyword; 0 leaves flite out.
@@ -728,8 +732,9 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
         workers: synthesis processes.
     """
     base = root or cache_dir()
-    out = base / "speech" / (f"kws_v2_train{train_per_keyword}_val{val_per_keyword}_test"
-                             f"{test_per_keyword}_flite{flite_per_keyword}_seed{seed}")
+    out = base / "speech" / (f"kws_v3_train{train_per_keyword}_gnu{gnuspeech_per_keyword}_val"
+                             f"{val_per_keyword}_test{test_per_keyword}_flite"
+                             f"{flite_per_keyword}_seed{seed}")
     if (out / "info.json").is_file():
         return out
     with prepare_lock("speech", base):
@@ -746,6 +751,9 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
                                     balanced=True),
                 "test": _espeak_jobs(words(test_per_keyword), HELD_OUT["test"], "wav/test", rng,
                                      balanced=True)}
+        if gnuspeech_per_keyword:
+            plan["train"] += _gnuspeech_jobs(words(gnuspeech_per_keyword), "wav/train", rng,
+                                             base, KEYWORDS)
         if flite_per_keyword:
             plan["flite"] = _flite_jobs(words(flite_per_keyword), flite_program(base),
                                         "wav/flite", rng)

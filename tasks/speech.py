@@ -71,9 +71,11 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
     """{'train', 'val', and evaluation sets} -> manifest (or folder), and the source."""
     d = cfg.data
     if d.train is None:
-        from data.speech import prepare_kws, prepare_speech
+        from data.speech import KEYWORDS, prepare_kws, prepare_speech
         if cfg.model.head == "classify":
-            root, source = prepare_kws(), "keywords spoken by espeak-ng (train, val, test) and flite (flite)"
+            root = prepare_kws(gnuspeech_per_keyword=d.gnuspeech_utterances // len(KEYWORDS))
+            source = ("keywords spoken by espeak-ng and GnuSpeech (train), espeak-ng (val, "
+                      "test) and flite (flite)")
         else:
             root = prepare_speech(train_utterances=d.train_utterances,
                                   gnuspeech_utterances=d.gnuspeech_utterances)

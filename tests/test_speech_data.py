@@ -340,12 +340,16 @@ def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_
     assert not list(out.parent.glob(".*partial*"))
 
 
-def test_prepare_kws_speaks_every_keyword(tmp_path):
+def test_prepare_kws_speaks_every_keyword(tmp_path, monkeypatch, gnuspeech_or_none):
     _espeak_or_skip()
-    out = speech.prepare_kws(tmp_path, train_per_keyword=2, val_per_keyword=1,
-                             test_per_keyword=1, flite_per_keyword=0)
+    monkeypatch.setattr(speech, "gnuspeech_module", lambda root=None: gnuspeech_or_none)
+    n_gnu = 1 if gnuspeech_or_none else 0
+    out = speech.prepare_kws(tmp_path, train_per_keyword=2, gnuspeech_per_keyword=n_gnu,
+                             val_per_keyword=1, test_per_keyword=1, flite_per_keyword=0)
     assert not (out / "flite.jsonl").exists()
-    for split, n in (("train", 2), ("val", 1), ("test", 1)):
+    lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert sum(x["voice"].startswith("gnuspeech:") for x in lines) == n_gnu * 20
+    for split, n in (("train", 2 + n_gnu), ("val", 1), ("test", 1)):
         utts = read_manifest(out / f"{split}.jsonl", on_bad_audio="error").utterances
         assert sorted(u.text for u in utts) == sorted(list(speech.KEYWORDS) * n)
         assert all(0.1 < u.duration < 2 for u in utts)
