@@ -294,6 +294,8 @@ class SpeechTask(training.Task):
         require(d.max_frames_per_batch >= d.max_frames, "data.max_frames_per_batch",
                 d.max_frames_per_batch, f"at least data.max_frames={d.max_frames}")
         require(cfg.model.head in ("ctc", "classify"), "head", cfg.model.head, "'ctc' or 'classify'")
+        for key in ("train_utterances", "gnuspeech_utterances"):
+            require(d[key] >= 0, f"data.{key}", d[key], "a count >= 0")
         sets, source = _manifests(cfg)
         feats, texts, skipped = {}, {}, {}
         for name, path in sets.items():

@@ -140,6 +140,8 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["data.context=0"], "data.context=0 is not valid"),
     ("lm", ["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive"),
     ("lm", ["trainer.accelerator=gpu"], "trainer settings are not valid"),
+    ("lm", ["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5; expected a number between"),
+    ("speech", ["data.gnuspeech_utterances=-5"], "data.gnuspeech_utterances=-5 is not valid"),
     ("vit", ["model.pool=max"], "cannot be built"),
     ("vit", ["data.root=/nonexistent-images"], "/nonexistent-images"),
     ("translation", ["data.train_file=/nonexistent.tsv"], "/nonexistent.tsv"),
@@ -176,3 +178,37 @@ def test_rank_zero_follows_slurm_and_torchrun(env, zero):
                            "is_rank_zero; print(is_rank_zero())"], cwd=ROOT, text=True,
                           capture_output=True, env=clean | env, timeout=120)
     assert proc.stdout.strip() == str(zero), proc.stderr[-1000:]
+
+
+def test_ema_weights_are_the_recomputed_average(tmp_path, monkeypatch):
+    """trainer.ema_decay: a checkpoint's weights (what validation and the closing evaluation
+    use) are the exponential average of the weights after each step, recomputed here; the
+    trained weights ride along for resuming."""
+    from lightning.pytorch.callbacks import Callback
+
+    from tasks.framework import runtime
+
+    steps: list[dict] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    build = runtime.build_trainer
+    monkeypatch.setattr(runtime, "build_trainer",
+                        lambda *a, **k: build(*a, **k, extra_callbacks=[Record()]))
+    decay = 0.6
+    lm_task.run(make_cfg(tmp_path, f"trainer.ema_decay={decay}"))
+    assert len(steps) == 8
+    expect = {k: v.float() for k, v in steps[0].items()}
+    for w in steps[1:]:
+        expect = {k: decay * expect[k] + (1 - decay) * w[k].float() for k in expect}
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    current = ckpt["current_model_state"]
+    for k in expect:
+        torch.testing.assert_close(ckpt["state_dict"][k].float(), expect[k], msg=k)
+        torch.testing.assert_close(current[k], steps[-1][k], rtol=0, atol=0, msg=k)
+    moved = [k for k in expect if not torch.equal(expect[k], steps[-1][k].float())]
+    assert moved, "the average equals the last step's weights: nothing was averaged"
+    with pytest.raises(UserError, match="trainer.ema_decay=1.5"):
+        lm_task.run(make_cfg(tmp_path / "bad", "trainer.ema_decay=1.5"))

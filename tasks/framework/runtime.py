@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import (
     Callback,
+    EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
     RichProgressBar,
@@ -185,6 +186,15 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
                  SlurmRequeue(out, enabled=on_slurm)]
     callbacks += extra_callbacks or []
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    ema_decay = tcfg.pop("ema_decay", None)
+    if ema_decay is not None:
+        if not 0.0 < ema_decay < 1.0:
+            raise UserError(f"trainer.ema_decay={ema_decay}; expected a number between 0 and 1 "
+                            f"(e.g. 0.998) or null")
+        if "fsdp" in str(tcfg.get("strategy", "")):
+            raise UserError("trainer.ema_decay is not supported with FSDP (the average would be "
+                            "of one shard); use DDP or ema_decay=null")
+        callbacks.append(EMAWeightAveraging(decay=ema_decay))
     if on_slurm:  # ranks from SLURM; SlurmRequeue, not Lightning, handles SIGUSR1
         from lightning.fabric.plugins.environments import SLURMEnvironment
         tcfg["plugins"] = [SLURMEnvironment(auto_requeue=False)]
