@@ -483,9 +483,12 @@ def gnuspeech_module(root: Path | None = None) -> Path:
 
 
 class _Gnuspeech:
-    """A Node.js process running ``gnuspeech.mjs``; one per synthesis process."""
+    """A Node.js process running ``gnuspeech.mjs``; one per synthesis process, module and
+    words file (``key``): a forked worker starts its own instead of sharing its parent's
+    pipes."""
 
     def __init__(self, module: str, words: str):
+        self.key = (module, words, os.getpid())
         cmd = [shutil.which("node") or "node", str(_GNUSPEECH_DRIVER), module]
         self.proc = subprocess.Popen(cmd + ([words] if words else []), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
@@ -524,8 +527,10 @@ def synth_gnuspeech(text: str, voice: str = "vtl=17.5,pitch=-12,breath=0.5,tn=24
         words: a file of the words to be spoken, one a line (optional; faster).
     """
     global _gnuspeech
-    if _gnuspeech is None or _gnuspeech.proc.poll() is not None:
-        _gnuspeech = _Gnuspeech(str(module or gnuspeech_module()), str(words or ""))
+    module, words = str(module or gnuspeech_module()), str(words or "")
+    if (_gnuspeech is None or _gnuspeech.key != (module, words, os.getpid())
+            or _gnuspeech.proc.poll() is not None):
+        _gnuspeech = _Gnuspeech(module, words)
     params = {k: float(v) for k, v in (kv.split("=") for kv in voice.split(","))}
     return _gnuspeech.synth(text, params, tempo)
 

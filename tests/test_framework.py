@@ -141,6 +141,7 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive"),
     ("lm", ["trainer.accelerator=gpu"], "trainer settings are not valid"),
     ("lm", ["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5; expected a number between"),
+    ("lm", ["trainer.ema_decay=abc"], "trainer.ema_decay='abc'; expected a number between"),
     ("speech", ["data.gnuspeech_utterances=-5"], "data.gnuspeech_utterances=-5 is not valid"),
     ("vit", ["model.pool=max"], "cannot be built"),
     ("vit", ["data.root=/nonexistent-images"], "/nonexistent-images"),

@@ -236,11 +236,16 @@ def flite_or_none(tmp_path_factory):
     return speech.flite_program(tmp_path_factory.mktemp("flite-cache"))
 
 
+def _found_or_skip(found, why: str):
+    if found is None:
+        pytest.skip(why)
+    return found
+
+
 @pytest.fixture
 def flite(flite_or_none):
-    if flite_or_none is None:
-        pytest.skip("flite needs apt-get and dpkg-deb (Debian) or flite on PATH")
-    return flite_or_none
+    return _found_or_skip(flite_or_none, "flite needs apt-get and dpkg-deb (Debian) or flite "
+                                         "on PATH")
 
 
 def test_flite_synthesis(flite):
@@ -263,9 +268,7 @@ def gnuspeech_or_none(tmp_path_factory):
 
 @pytest.fixture
 def gnuspeech(gnuspeech_or_none):
-    if gnuspeech_or_none is None:
-        pytest.skip("GnuSpeech needs Node.js and npm")
-    return gnuspeech_or_none
+    return _found_or_skip(gnuspeech_or_none, "GnuSpeech needs Node.js and npm")
 
 
 def _spectral_centroid(clip: torch.Tensor) -> float:
@@ -274,13 +277,20 @@ def _spectral_centroid(clip: torch.Tensor) -> float:
     return float((power.sum(1) * hz).sum() / power.sum())
 
 
+def _gnuspeech_process(module) -> int:
+    speech.synth_gnuspeech("yes", module=module)
+    return speech._gnuspeech.proc.pid
+
+
 def test_gnuspeech_voices_change_the_speech(gnuspeech, tmp_path):
     words = tmp_path / "words.txt"
     words.write_text("\n".join(SENTENCES[1].split()) + "\n")
     male = "vtl=17.5,pitch=-12,breath=0.5,tn=24"
     child = "vtl=14.0,pitch=3,breath=1.5,tn=32"
     base = speech.synth_gnuspeech(SENTENCES[1], male, module=gnuspeech, words=words)
+    cut = speech._gnuspeech.proc.pid
     slow = speech.synth_gnuspeech(SENTENCES[1], male, tempo=0.8, module=gnuspeech)
+    assert speech._gnuspeech.proc.pid != cut  # another dictionary: another process
     small = speech.synth_gnuspeech(SENTENCES[1], child, module=gnuspeech, words=words)
     for clip in (base, slow, small):
         assert clip.dim() == 1 and 1.0 <= clip.numel() / SAMPLE_RATE <= 6.0
@@ -288,6 +298,11 @@ def test_gnuspeech_voices_change_the_speech(gnuspeech, tmp_path):
     assert slow.numel() > 1.15 * base.numel()
     # a shorter vocal tract and a higher voice move the spectrum up
     assert _spectral_centroid(small) > 1.1 * _spectral_centroid(base)
+    # a forked synthesis worker starts its own Node.js process instead of sharing these pipes
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(1, initializer=speech._init_worker) as pool:
+        forked = pool.apply(_gnuspeech_process, (gnuspeech,))
+    assert forked != speech._gnuspeech.proc.pid
     with pytest.raises(UserError, match="GnuSpeech failed"):
         speech.synth_gnuspeech("x", "vtl=nan,pitch=0,breath=0,tn=0", module=gnuspeech,
                                tempo=float("nan"))

@@ -188,8 +188,9 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     ema_decay = tcfg.pop("ema_decay", None)
     if ema_decay is not None:
-        if not 0.0 < ema_decay < 1.0:
-            raise UserError(f"trainer.ema_decay={ema_decay}; expected a number between 0 and 1 "
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) \
+                or not 0.0 < ema_decay < 1.0:
+            raise UserError(f"trainer.ema_decay={ema_decay!r}; expected a number between 0 and 1 "
                             f"(e.g. 0.998) or null")
         if "fsdp" in str(tcfg.get("strategy", "")):
             raise UserError("trainer.ema_decay is not supported with FSDP (the average would be "
