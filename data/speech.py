@@ -17,7 +17,7 @@ cache, in the same format:
   from 644 accent+variant voices at random speed and pitch; validation and test each from
   two accent+variant voices never used in training (``HELD_OUT``).
 - GnuSpeech (npm ``@echogarden/gnuspeech-wasm``, GPL-3+; run with Node.js through
-  ``gnuspeech.mjs``), an articulatory synthesiser: a fifth of the training audio by default,
+  ``gnuspeech.mjs``), an articulatory synthesiser: a fifth of the training utterances by default,
   each utterance with its own vocal tract length, glottal pitch, breathiness and tempo. A
   second way of making speech is what carries over to a synthesiser never heard.
 - flite 2.2 (Debian ``flite``, BSD-like licence), a different synthesiser used for one test
