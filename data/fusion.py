@@ -413,6 +413,24 @@ def near_siblings(train_captions: Iterable[str], test_captions: Iterable[str]) -
     return [sibling_key(c) in seen for c in test_captions]
 
 
+_WORD = re.compile(r"[^\W_]+")
+
+
+def caption_words(caption: str) -> set[str]:
+    """Lower-cased runs of letters and digits ("snow-capped mountain" -> snow, capped,
+    mountain)."""
+    return set(_WORD.findall(caption.lower()))
+
+
+def unseen_words(train_captions: Iterable[str], test_captions: Iterable[str]
+                 ) -> list[list[str]]:
+    """Per test caption: its words that no training caption has (sorted). Such a word (a
+    country in "flag: Niger", "pizza" when no pizza was trained on) means nothing to a model
+    trained on these captions alone."""
+    seen = set().union(*map(caption_words, train_captions))
+    return [sorted(caption_words(c) - seen) for c in test_captions]
+
+
 # ------------------------------------------------------------------------ shape scenes
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
           "yellow": (230, 200, 20), "purple": (140, 60, 190), "orange": (245, 135, 20)}

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from data.cache import atomic_write_text, cache_dir
-from data.fusion import PairSet, near_siblings, prepare_emoji, prepare_shapes, read_pairs
+from data.fusion import (
+    PairSet,
+    near_siblings,
+    prepare_emoji,
+    prepare_shapes,
+    read_pairs,
+    unseen_words,
+)
 from data.images import load_image, split_indices
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import Tokenizer, expand_files, train_or_load_tokenizer
@@ -640,6 +647,8 @@ class FusionTask(training.Task):
                                    d.shift if is_train else 0))
         siblings = (near_siblings(train.captions, sets["test"].captions)
                     if d.name == "emoji" else [])
+        unseen = (unseen_words(train.captions, sets["test"].captions)
+                  if d.name == "emoji" else [])
         return training.Prepared(
             loaders["train"], loaders["val"], model_cfg,
             meta={"tokenizer": tok.proto, "max_text_len": d.max_text_len, "mean": mean,
@@ -650,9 +659,12 @@ class FusionTask(training.Task):
                   "val_items": len(sets["val"].captions),
                   "test_items": len(sets["test"].captions), "skipped_images": len(train.skipped),
                   "objectives": list(d.objectives),
-                  **({"test_with_near_sibling_in_train": sum(siblings)} if siblings else {}),
+                  **({"test_with_near_sibling_in_train": sum(siblings),
+                      "test_with_a_word_unseen_in_train": sum(map(bool, unseen))}
+                     if siblings else {}),
                   **{f"{k}_items": len(v.captions) for k, v in extra.items()}},
             data={"sets": sets, "extra": extra, "tok": tok, "siblings": siblings,
+                  "unseen_words": unseen,
                   "mean": mean, "std": std})
 
     @torch.no_grad()
@@ -677,7 +689,8 @@ class FusionTask(training.Task):
                 if name == "test":
                     plots += [plot_retrieval(pairs, sim.T, out / "retrieval_grid.png"),
                               plot_similarity(sim, pairs.captions, out / "similarity.png")]
-                    res.update(_sibling_split(sim, pairs, prep.data["siblings"]))
+                    res.update(_sibling_split(sim, prep.data["siblings"],
+                                              prep.data["unseen_words"]))
             if "answer" in objectives:
                 res["answer"] = answer_figures(module, pairs, collate)
                 res["answer_image_blanked"] = answer_figures(module, pairs, collate, blank=True)
@@ -689,17 +702,27 @@ class FusionTask(training.Task):
         return figures
 
 
-def _sibling_split(sim: torch.Tensor, pairs: PairSet, siblings: list[bool]) -> dict:
-    """Contrastive R@1 for test captions with and without a near sibling in training."""
+def _sibling_split(sim: torch.Tensor, siblings: list[bool], unseen: list[list[str]]) -> dict:
+    """Contrastive text -> image R@1 and R@10 of the test captions with a near sibling in
+    training, without one, and of the latter those whose every word occurs in a training
+    caption and those with a word no training caption has. ``sim``: (images, texts), the
+    i-th text describing the i-th image."""
     if not siblings:
         return {}
-    hit_t = (sim.argmax(0) == torch.arange(sim.shape[1])).tolist()  # text -> image
+    scores = sim.T  # texts x images
+    rank = (scores > scores.diagonal()[:, None]).sum(1)  # images scored above the right one
+    groups = {"with_sibling": list(siblings),
+              "without_sibling": [not s for s in siblings],
+              "without_sibling_words_seen": [not s and not u for s, u in zip(siblings, unseen)],
+              "without_sibling_unseen_word": [not s and bool(u)
+                                              for s, u in zip(siblings, unseen)]}
     out = {}
-    for name, want in (("with_sibling", True), ("without_sibling", False)):
-        idx = [i for i, s in enumerate(siblings) if s == want]
-        if idx:
-            out[f"r1_t2i_{name}"] = sum(hit_t[i] for i in idx) / len(idx)
-            out[f"count_{name}"] = len(idx)
+    for name, member in groups.items():
+        r = rank[torch.tensor(member, dtype=torch.bool)]
+        out[f"count_{name}"] = len(r)
+        if len(r):
+            out[f"r1_t2i_{name}"] = float((r < 1).float().mean())
+            out[f"r10_t2i_{name}"] = float((r < 10).float().mean())
     return {"siblings": out}
 
 

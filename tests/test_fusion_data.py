@@ -329,3 +329,11 @@ def test_shapes_tokenizer_keeps_every_word_whole():
     split = {w: tok.encode(w) for w in words if len(tok.encode(w)) > 1}
     assert not split, split
     assert max(len(tok.encode(q["question"])) for s in scenes for q in s.qa) <= 11
+
+
+def test_unseen_words():
+    train = ["grinning face", "flag: Spain", "snow-capped mountain", "two o’clock"]
+    test = ["grinning cat face", "flag: France", "mountain cableway", "Snow", "ten o’clock"]
+    assert fusion.caption_words("snow-capped mountain") == {"snow", "capped", "mountain"}
+    assert fusion.unseen_words(train, test) == [["cat"], ["france"], ["cableway"], [],
+                                                 ["ten"]]

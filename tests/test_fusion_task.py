@@ -227,3 +227,30 @@ def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, 
             keep[v.numel() // 3: 2 * v.numel() // 3] = False
             got, v = got[keep], v[keep]
         torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sibling_breakdown_against_a_direct_count():
+    """R@1 and R@10 per group of test captions (near sibling in training; without one,
+    every word seen or not), checked against ranks counted one caption at a time."""
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    sim = torch.randn(n, n, generator=g)  # (images, texts)
+    sim[torch.arange(0, n, 3), torch.arange(0, n, 3)] += 3.0  # some right images on top
+    siblings = [i % 2 == 0 for i in range(n)]
+    unseen = [["pizza"] if i % 5 == 0 else [] for i in range(n)]
+    out = fusion_task._sibling_split(sim, siblings, unseen)["siblings"]
+
+    def direct(member):
+        idx = [i for i in range(n) if member(i)]
+        ranks = [sum(float(sim[j, i]) > float(sim[i, i]) for j in range(n)) for i in idx]
+        return len(idx), sum(r < 1 for r in ranks) / len(idx), sum(r < 10 for r in ranks) / len(idx)
+
+    for name, member in [("with_sibling", lambda i: siblings[i]),
+                         ("without_sibling", lambda i: not siblings[i]),
+                         ("without_sibling_words_seen", lambda i: not siblings[i] and not unseen[i]),
+                         ("without_sibling_unseen_word", lambda i: not siblings[i] and unseen[i])]:
+        count, r1, r10 = direct(member)
+        assert out[f"count_{name}"] == count
+        assert out[f"r1_t2i_{name}"] == pytest.approx(r1)
+        assert out[f"r10_t2i_{name}"] == pytest.approx(r10)
+    assert 0 < out["r1_t2i_with_sibling"] < out["r10_t2i_with_sibling"] < 1
