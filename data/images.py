@@ -142,30 +142,77 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def build_transforms(aug, mean: list[float], std: list[float], img_size: int, train: bool):
-    """uint8 ``(C, H, W)`` -> normalised float; augmentation only for training."""
+    """uint8 ``(C, H, W)`` -> float. Evaluation: scaled to [0, 1] and normalised. Training:
+    the per-image policy (RandAugment, TrivialAugment) and scaling to [0, 1] only; the random
+    crop, rotation and scaling and the normalisation follow for the whole batch at once
+    (``BatchAffine``, ``MixCollate``)."""
+    if not train:
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     steps = []
-    if train:
-        if aug.crop_padding:
-            steps.append(v2.RandomCrop(img_size, padding=aug.crop_padding))
-        if aug.affine_degrees or aug.affine_scale:
-            s = aug.affine_scale
-            steps.append(v2.RandomAffine(degrees=aug.affine_degrees,
-                                         scale=(1 - s, 1 + s) if s else None))
-        if aug.policy == "randaugment":
-            steps.append(v2.RandAugment(num_ops=aug.num_ops, magnitude=aug.magnitude))
-        elif aug.policy == "trivialaugment":
-            steps.append(v2.TrivialAugmentWide())
-        elif aug.policy not in (None, "none"):
-            raise DataError(f"data.augment.policy={aug.policy!r}; expected randaugment, "
-                            f"trivialaugment or none")
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(steps)
+    if aug.policy == "randaugment":
+        steps.append(v2.RandAugment(num_ops=aug.num_ops, magnitude=aug.magnitude))
+    elif aug.policy == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    elif aug.policy not in (None, "none"):
+        raise DataError(f"data.augment.policy={aug.policy!r}; expected randaugment, "
+                        f"trivialaugment or none")
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
+
+
+class BatchAffine:
+    """Random translation (whole pixels, up to ``shift``), rotation (up to ``degrees``
+    either way) and scaling (by 1 +- ``scale``) of every image in a batch, with zero fill,
+    in one ``affine_grid`` + ``grid_sample`` call: torchvision's random crop with zero
+    padding followed by ``RandomAffine`` (nearest-pixel sampling, as its default), at a
+    small part of their per-image cost (a batch of 128 MNIST digits: about 1.5 ms against
+    60-100 ms, on two cores)."""
+
+    def __init__(self, shift: int = 0, degrees: float = 0.0, scale: float = 0.0,
+                 mode: str = "nearest"):
+        if shift < 0 or degrees < 0 or not 0 <= scale < 1:
+            raise DataError(f"data.augment: crop_padding={shift}, affine_degrees={degrees}, "
+                            f"affine_scale={scale}; expected crop_padding >= 0, "
+                            f"affine_degrees >= 0 and 0 <= affine_scale < 1")
+        self.shift, self.degrees, self.scale, self.mode = shift, degrees, scale, mode
+
+    def __bool__(self) -> bool:
+        return bool(self.shift or self.degrees or self.scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        angles = (torch.rand(b) * 2 - 1) * self.degrees
+        scales = 1 + (torch.rand(b) * 2 - 1) * self.scale
+        shifts = torch.randint(-self.shift, self.shift + 1, (b, 2)).float()
+        return self.apply(x, angles, scales, shifts, self.mode)
+
+    @staticmethod
+    def apply(x: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor,
+              shifts: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+        """``x`` (B, C, H, W) float; per image an angle in degrees (counter-clockwise), a
+        scale and a shift (dx, dy) in pixels, about the image centre, sampled with ``mode``
+        (``nearest`` or ``bilinear``), as ``torchvision.transforms.v2.functional.affine``."""
+        b, _, h, w = x.shape
+        a = torch.deg2rad(angles.float())
+        cos, sin = torch.cos(a) / scales, torch.sin(a) / scales
+        # grid_sample reads the output pixel at p from the input at theta @ p (normalised
+        # coordinates, y down): the inverse of rotating by +angle, scaling and shifting.
+        dx, dy = shifts[:, 0].float(), shifts[:, 1].float()
+        tx = -(cos * dx + sin * dy) * 2 / w
+        ty = -(-sin * dx + cos * dy) * 2 / h
+        theta = torch.stack([torch.stack([cos, sin * h / w, tx], 1),
+                             torch.stack([-sin * w / h, cos, ty], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta.to(x.dtype), list(x.shape),
+                                               align_corners=False)
+        return torch.nn.functional.grid_sample(x, grid, mode=mode, padding_mode="zeros",
+                                               align_corners=False)
 
 
 class MixCollate:
-    """Batch-level MixUp / CutMix (torchvision.transforms.v2), applied with probability p."""
+    """Training batches: the batch's random affine (``BatchAffine``), normalisation, then
+    MixUp / CutMix (torchvision.transforms.v2) with probability ``prob``."""
 
-    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, prob: float):
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float, prob: float,
+                 affine: BatchAffine | None = None, mean=None, std=None):
         choices = []
         if mixup_alpha > 0:
             choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
@@ -173,9 +220,15 @@ class MixCollate:
             choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
         self.mix = v2.RandomChoice(choices) if choices and prob > 0 else None
         self.prob, self.num_classes = prob, num_classes
+        self.affine = affine if affine else None
+        self.normalize = v2.Normalize(mean, std) if mean is not None else None
 
     def __call__(self, batch):
         x, y = torch.utils.data.default_collate(batch)
+        if self.affine is not None:
+            x = self.affine(x)
+        if self.normalize is not None:
+            x = self.normalize(x)
         if self.mix is not None and torch.rand(()) < self.prob:
             return self.mix(x, y)
         return x, torch.nn.functional.one_hot(y, self.num_classes).float()

@@ -18,6 +18,7 @@ import torchmetrics
 from omegaconf import DictConfig
 
 from data.images import (
+    BatchAffine,
     ImageDataset,
     MixCollate,
     build_transforms,
@@ -136,8 +137,10 @@ def make_loaders(cfg: DictConfig, out: Path):
         ds = ImageDataset(data.images[idx], data.labels[idx],
                           build_transforms(d.augment, mean, std, d.img_size, train),
                           with_index=not train)
-        collate = MixCollate(k, d.augment.mixup_alpha, d.augment.cutmix_alpha,
-                             d.augment.mix_prob) if train else None
+        a = d.augment
+        collate = MixCollate(k, a.mixup_alpha, a.cutmix_alpha, a.mix_prob,
+                             BatchAffine(a.crop_padding, a.affine_degrees, a.affine_scale),
+                             mean, std) if train else None
         # Seeded, resumable and split across DDP ranks (see data.sampling).
         sampler = SeededBatchSampler(ds, d.batch_size, seed=cfg.seed, shuffle=train,
                                      drop_last=train)

@@ -199,3 +199,33 @@ def test_ddp_two_processes_test_every_image_once(tmp_path, image_folder):
     assert res["test_acc"] == pytest.approx(float(cm.trace() / cm.sum()), abs=1e-6)
     assert res["steps"] == 2 and (out / "confusion.png").is_file()
     assert (out / "misclassified.png").is_file() == bool(cm.sum() > cm.trace())
+
+
+def test_batch_affine_equals_torchvision_affine_per_image():
+    """The whole-batch crop + rotation + scaling samples each image as torchvision's
+    ``affine`` does alone (bilinear, zero fill, about the centre), on non-square images."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from data.images import BatchAffine
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 20, 28, generator=g)
+    angles = torch.tensor([0.0, 10.0, -7.5, 3.0])
+    scales = torch.tensor([1.0, 1.1, 0.9, 1.0])
+    shifts = torch.tensor([[2.0, -1.0], [0.0, 0.0], [-2.0, 1.0], [1.0, 2.0]])
+    for mode in ("bilinear", "nearest"):
+        ours = BatchAffine.apply(x, angles, scales, shifts, mode)
+        for i in range(4):
+            ref = TF.affine(x[i], angle=float(angles[i]), scale=float(scales[i]),
+                            translate=[int(shifts[i, 0]), int(shifts[i, 1])],
+                            shear=[0.0, 0.0], interpolation=InterpolationMode(mode))
+            torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0)
+    # a whole-pixel shift alone is exact: the image moves, zeros come in
+    moved = BatchAffine.apply(x[:1], torch.zeros(1), torch.ones(1), torch.tensor([[2.0, 0.0]]),
+                              "bilinear")
+    torch.testing.assert_close(moved[0, :, :, 2:], x[0, :, :, :-2], atol=1e-6, rtol=0)
+    assert moved[0, :, :, :2].abs().max() < 1e-6
+    drawn = BatchAffine(shift=2, degrees=10, scale=0.1)(x)
+    assert drawn.shape == x.shape and not torch.equal(drawn, x)
+    with pytest.raises(UserError, match="affine_scale=1.5"):
+        BatchAffine(2, 10, 1.5)
