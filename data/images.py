@@ -165,7 +165,7 @@ class BatchAffine:
     in one ``affine_grid`` + ``grid_sample`` call: torchvision's random crop with zero
     padding followed by ``RandomAffine`` (nearest-pixel sampling, as its default), at a
     small part of their per-image cost (a batch of 128 MNIST digits: about 1.5 ms against
-    60-100 ms, on two cores)."""
+    about 60 ms, on two cores)."""
 
     def __init__(self, shift: int = 0, degrees: float = 0.0, scale: float = 0.0,
                  mode: str = "nearest"):
