@@ -141,7 +141,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return item + (i,) if self.with_index else item
 
 
-def build_transforms(aug, mean: list[float], std: list[float], img_size: int, train: bool):
+def build_transforms(aug, mean: list[float], std: list[float], train: bool):
     """uint8 ``(C, H, W)`` -> float. Evaluation: scaled to [0, 1] and normalised. Training:
     the per-image policy (RandAugment, TrivialAugment) and scaling to [0, 1] only; the random
     crop, rotation and scaling and the normalisation follow for the whole batch at once

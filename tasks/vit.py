@@ -135,7 +135,7 @@ def make_loaders(cfg: DictConfig, out: Path):
     for name, idx in split.items():
         train = name == "train"
         ds = ImageDataset(data.images[idx], data.labels[idx],
-                          build_transforms(d.augment, mean, std, d.img_size, train),
+                          build_transforms(d.augment, mean, std, train),
                           with_index=not train)
         a = d.augment
         collate = MixCollate(k, a.mixup_alpha, a.cutmix_alpha, a.mix_prob,
@@ -233,7 +233,7 @@ def run_predict(cfg: DictConfig) -> dict:
         raise UserError("mode=predict needs images=GLOB, the image files to classify")
     module = ViTModule.from_checkpoint(cfg.ckpt)
     meta, m = module.meta, module.model_cfg
-    tf = build_transforms(None, meta["mean"], meta["std"], m["img_size"], train=False)
+    tf = build_transforms(None, meta["mean"], meta["std"], train=False)
     results = []
     for f in expand_files(cfg.images, "images"):
         try:
