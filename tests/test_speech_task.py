@@ -192,3 +192,34 @@ def test_ddp_two_processes_train_and_evaluate_once(tmp_path, corpus):
     assert sorted(p.name for p in out.iterdir()) == ["run"]
     res = json.loads((out / "run" / "results.json").read_text())
     assert res["steps"] == 4 and res["test"]["utterances"] == 8
+
+
+def test_features_from_worker_processes_hold_no_open_file(tmp_path, monkeypatch):
+    """The feature workers' results come back as plain arrays: returned as tensors, each
+    held a shared-memory file open in this process, and a manifest with more utterances
+    than the open-file limit hung the run."""
+    import resource
+
+    from omegaconf import OmegaConf
+
+    from data.speech import Utterance, load_audio, write_manifest
+    from modules.speech import LogMel
+    n = 300
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        write_wav(tmp_path / f"{i}.wav", 0.1 * torch.randn(1600, generator=gen))
+    write_manifest(tmp_path / "m.jsonl", [Utterance(tmp_path / f"{i}.wav", 0.1, "a b")
+                                          for i in range(n)])
+    cfg = OmegaConf.create({"data": {"on_bad_audio": "error", "n_mels": 40,
+                                     "num_feature_workers": 2}})
+    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path / "cache"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # fewer files may be opened than there are utterances
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 150, hard))
+    try:
+        feats, texts, skipped = speech_task._features(tmp_path / "m.jsonl", cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(feats) == len(texts) == n and skipped == 0
+    for i in (0, 7, n - 1):  # equal to the features computed here
+        assert torch.equal(feats[i], LogMel(n_mels=40)(load_audio(tmp_path / f"{i}.wav")).half())
