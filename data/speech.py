@@ -546,6 +546,15 @@ class _Gnuspeech:
 _gnuspeech: _Gnuspeech | None = None
 
 
+def _voice_params(voice: str, example: str) -> dict[str, float]:
+    """``"name=number,..."`` (the voices of GnuSpeech and Kokoro) as a dict."""
+    try:
+        return {k: float(v) for k, v in (kv.split("=") for kv in voice.split(","))}
+    except ValueError:
+        raise UserError(f"voice {voice!r}: expected name=number pairs separated by commas, "
+                        f"e.g. {example!r}") from None
+
+
 def gnuspeech_voice(rng: random.Random) -> str:
     """A random GnuSpeech voice from ``GNUSPEECH_RANGES``, as ``"vtl=16.2,pitch=-4.1,..."``."""
     return ",".join(f"{k}={round(rng.uniform(lo, hi), 1)}"
@@ -569,7 +578,7 @@ def synth_gnuspeech(text: str, voice: str = "vtl=17.5,pitch=-12,breath=0.5,tn=24
     if (_gnuspeech is None or _gnuspeech.key != (module, words, os.getpid())
             or _gnuspeech.proc.poll() is not None):
         _gnuspeech = _Gnuspeech(module, words)
-    params = {k: float(v) for k, v in (kv.split("=") for kv in voice.split(","))}
+    params = _voice_params(voice, "vtl=17.5,pitch=-12,breath=0.5,tn=24")
     return _gnuspeech.synth(text, params, tempo)
 
 
@@ -678,7 +687,7 @@ def synth_kokoro(text: str, voice: str = "jm_kumo=1,warp=1", *, speed: float = 1
     key = (model, os.getpid())
     if key not in _kokoro:
         _kokoro[key] = _Kokoro(model)
-    params = {k: float(v) for k, v in (kv.split("=") for kv in voice.split(","))}
+    params = _voice_params(voice, "jf_alpha=0.6,jm_kumo=0.4,warp=0.9")
     warp = params.pop("warp", 1.0)
     unknown = sorted(set(params) - set(KOKORO_VOICES))
     if unknown or not params:
@@ -693,7 +702,7 @@ def synth_kokoro(text: str, voice: str = "jm_kumo=1,warp=1", *, speed: float = 1
     audio = audio[max(0, loud[0] - margin):loud[-1] + margin]
     # the samples read at ``warp`` times their rate: longer and lower below 1
     rate = int(round(session.sample_rate * warp / 100)) * 100
-    return torchaudio.functional.resample(torch.from_numpy(audio.copy()), rate, SAMPLE_RATE)
+    return torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE)
 
 
 # ---------------------------------------------------------------------------- preparing

@@ -386,6 +386,8 @@ def test_kokoro_voices_change_the_speech(kokoro):
     assert forked.numel() == base.numel()
     with pytest.raises(UserError, match="Kokoro voice 'am_adam=1'"):
         speech.synth_kokoro(text, "am_adam=1", model=kokoro)
+    with pytest.raises(UserError, match="voice 'jm_kumo': expected name=number pairs"):
+        speech.synth_kokoro(text, "jm_kumo", model=kokoro)
 
 
 def test_kokoro_voice_draws_blend_two_voices():
