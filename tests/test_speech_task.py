@@ -210,8 +210,8 @@ def test_features_from_worker_processes_hold_no_open_file(tmp_path, monkeypatch)
         write_wav(tmp_path / f"{i}.wav", 0.1 * torch.randn(1600, generator=gen))
     write_manifest(tmp_path / "m.jsonl", [Utterance(tmp_path / f"{i}.wav", 0.1, "a b")
                                           for i in range(n)])
-    cfg = OmegaConf.create({"data": {"on_bad_audio": "error", "n_mels": 40,
-                                     "num_feature_workers": 2}})
+    cfg = OmegaConf.create({"seed": 0, "data": {"on_bad_audio": "error", "n_mels": 40,
+                                                "num_feature_workers": 2}})
     monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path / "cache"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # fewer files may be opened than there are utterances
@@ -223,3 +223,36 @@ def test_features_from_worker_processes_hold_no_open_file(tmp_path, monkeypatch)
     assert len(feats) == len(texts) == n and skipped == 0
     for i in (0, 7, n - 1):  # equal to the features computed here
         assert torch.equal(feats[i], LogMel(n_mels=40)(load_audio(tmp_path / f"{i}.wav")).half())
+
+
+def test_narrowband_share_of_training_features(tmp_path, monkeypatch):
+    """data.narrowband: that share of the training utterances (drawn by the seed) has the
+    features of its audio with nothing above 4 kHz; the rest are untouched."""
+    from omegaconf import OmegaConf
+
+    from data.speech import Utterance, load_audio, narrowband, write_manifest
+    from modules.speech import LogMel
+    t = torch.arange(16000) / 16000
+    for i in range(40):  # a 1 kHz tone and a 6 kHz tone
+        write_wav(tmp_path / f"{i}.wav", 0.3 * torch.sin(2 * math.pi * 1000 * t)
+                  + 0.3 * torch.sin(2 * math.pi * 6000 * t) + 0.01 * torch.randn(16000))
+    write_manifest(tmp_path / "m.jsonl", [Utterance(tmp_path / f"{i}.wav", 1.0, "a b")
+                                          for i in range(40)])
+    clip = load_audio(tmp_path / "0.wav")
+    spec = torch.fft.rfft(narrowband(clip)).abs()  # 1 Hz bins: 1 s of audio
+    assert narrowband(clip).shape == clip.shape
+    assert spec[1000] > 0.5 * torch.fft.rfft(clip).abs()[1000]
+    assert spec[4200:].max() < 1e-3 * spec[1000]
+    monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path / "cache"))
+    fe = LogMel(n_mels=40)
+    cfg = OmegaConf.create({"seed": 0, "data": {"on_bad_audio": "error", "n_mels": 40,
+                                                "num_feature_workers": 1}})
+    plain, _, _ = speech_task._features(tmp_path / "m.jsonl", cfg)
+    mixed, _, _ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)
+    again, _, _ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)  # the cache
+    narrow = [i for i in range(40) if not torch.equal(plain[i], mixed[i])]
+    assert 10 <= len(narrow) <= 30 and all(torch.equal(a, b) for a, b in zip(mixed, again))
+    for i in range(40):
+        audio = load_audio(tmp_path / f"{i}.wav")
+        want = fe(narrowband(audio) if i in narrow else audio).half()
+        assert torch.equal(mixed[i], want) and torch.equal(plain[i], fe(audio).half())
