@@ -4,8 +4,10 @@ files and a JSONL manifest, one line per utterance::
     {"audio": "wav/train/000001.wav", "duration": 2.41, "text": "i had to put her off"}
 
 ``audio`` is relative to the manifest's folder or absolute; for keyword spotting ``text`` is
-the keyword. Extra keys (the prepared sets add ``voice``) are kept out of the way. A folder
-of ``x.wav`` + ``x.txt`` pairs is read the same way, its manifest built in memory.
+the keyword. An optional ``voice`` (a speaker, or the synthesiser and voice the prepared
+sets write, ``"flite:kal"``) makes the evaluation report each voice apart; other keys are
+kept out of the way. A folder of ``x.wav`` + ``x.txt`` pairs is read the same way, its
+manifest built in memory.
 
 No recorded speech is reachable, so the default sets are synthesised once into the data
 cache, in the same format:
@@ -260,11 +262,13 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
 
 # ---------------------------------------------------------------------------- manifests
 class Utterance(NamedTuple):
-    """One utterance: its WAV file, length in seconds, and transcript (or keyword)."""
+    """One utterance: its WAV file, length in seconds, transcript (or keyword), and who or
+    what spoke it (a manifest's optional ``voice``; evaluation reports each voice apart)."""
 
     path: Path
     duration: float
     text: str
+    voice: str = ""
 
 
 @dataclass
@@ -303,7 +307,7 @@ def read_manifest(source: str | Path, *, on_bad_audio: str = "skip") -> SpeechSe
         raise UserError(f"{source} does not exist; expected a JSONL manifest "
                         f"({_MANIFEST_FORMAT} a line) or a folder of x.wav + x.txt files")
     found = SpeechSet([])
-    for path, duration, text in rows:
+    for path, duration, text, voice in rows:
         try:
             header_duration = wav_duration(path)
         except UserError as exc:
@@ -311,28 +315,29 @@ def read_manifest(source: str | Path, *, on_bad_audio: str = "skip") -> SpeechSe
                 raise UserError(f"{exc}; fix or remove it, or set on_bad_audio=skip") from None
             found.skipped.append(f"{path}: {exc}")
             continue
-        found.utterances.append(Utterance(path, duration or header_duration, text))
+        found.utterances.append(Utterance(path, duration or header_duration, text, voice))
     return found
 
 
-def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str]]:
+def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str, str]]:
     rows = []
     for n, item in jsonl_objects(path, ("audio", "text"), _MANIFEST_FORMAT):
         duration = item.get("duration")
         if duration is not None and not isinstance(duration, (int, float)):
             raise UserError(f"{path} line {n} has duration={duration!r}; expected seconds")
-        rows.append((path.parent / str(item["audio"]), duration, str(item["text"])))
+        rows.append((path.parent / str(item["audio"]), duration, str(item["text"]),
+                     str(item.get("voice", ""))))
     return rows
 
 
-def _folder_rows(folder: Path) -> list[tuple[Path, None, str]]:
+def _folder_rows(folder: Path) -> list[tuple[Path, None, str, str]]:
     rows = []
     for wav in sorted(folder.rglob("*.wav")):
         txt = wav.with_suffix(".txt")
         if not txt.is_file():
             raise UserError(f"{wav} has no transcript {txt.name} beside it; a speech folder "
                             f"holds x.wav + x.txt pairs")
-        rows.append((wav, None, txt.read_text(encoding="utf-8").strip()))
+        rows.append((wav, None, txt.read_text(encoding="utf-8").strip(), ""))
     if not rows:
         raise UserError(f"{folder} holds no .wav files; expected x.wav + x.txt pairs or a "
                         f"JSONL manifest")
@@ -352,6 +357,8 @@ def write_manifest(path: str | Path, utterances: Iterable[Utterance],
         except ValueError:
             audio = audio.absolute()
         item = {"audio": audio.as_posix(), "duration": round(u.duration, 3), "text": u.text}
+        if u.voice:
+            item["voice"] = u.voice
         lines.append(json.dumps(item | (extra[i] if extra else {})) + "\n")
     path.write_text("".join(lines), encoding="utf-8")
 

@@ -126,8 +126,8 @@ def _feature_chunk(args) -> list:
     return out
 
 
-def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, list, int]:
-    """(features (T, F) float16, transcripts, skipped) of a manifest, cached on disk;
+def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, list, list, int]:
+    """(features (T, F) float16, transcripts, voices, skipped) of a manifest, cached on disk;
     computed by ``data.num_feature_workers`` processes. A ``narrow`` share of the
     utterances, drawn by ``cfg.seed``, is heard through an 8 kHz channel first."""
     d = cfg.data
@@ -136,11 +136,12 @@ def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, l
     draw = random.Random(f"narrowband-{cfg.seed}")
     marks = [narrow > 0 and draw.random() < narrow for _ in utts]
     key = digest(str(path.resolve()), [(str(u.path), u.text) for u in utts], d.n_mels, "v1",
+                 [u.voice for u in utts],
                  *([narrow, cfg.seed] if narrow else []))
     cached = cache_dir() / "speech-features" / f"{key}.pt"
     if cached.is_file():
         blob = torch.load(cached, weights_only=True)
-        return blob["feats"], blob["texts"], skipped + blob["skipped"]
+        return blob["feats"], blob["texts"], blob["voices"], skipped + blob["skipped"]
     paths = [str(u.path) for u in utts]
     chunks = [(paths[i:i + 256], marks[i:i + 256], d.n_mels) for i in range(0, len(paths), 256)]
     workers = max(1, min(d.num_feature_workers, len(chunks)))
@@ -150,7 +151,7 @@ def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, l
             results = [f for part in pool.imap(_feature_chunk, chunks) for f in part]
     else:
         results = [f for c in chunks for f in _feature_chunk(c)]
-    feats, texts, bad = [], [], 0
+    feats, texts, voices, bad = [], [], [], 0
     for u, f in zip(utts, results):
         if isinstance(f, str):
             if d.on_bad_audio == "error":
@@ -159,12 +160,13 @@ def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, l
             continue
         feats.append(torch.from_numpy(f))
         texts.append(u.text)
+        voices.append(u.voice)
     if is_rank_zero():
         from data.cache import atomic_path
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cached) as tmp:
-            torch.save({"feats": feats, "texts": texts, "skipped": bad}, tmp)
-    return feats, texts, skipped + bad
+            torch.save({"feats": feats, "texts": texts, "voices": voices, "skipped": bad}, tmp)
+    return feats, texts, voices, skipped + bad
 
 
 def _labels(cfg: DictConfig, train_texts: list[str]) -> Labels:
@@ -277,6 +279,18 @@ def error_rates(hyps: list[str], refs: list[str]) -> dict:
     return {"cer": round(float(cer), 4), "wer": round(float(wer), 4)}
 
 
+def _by_voice(voices: list[str], hyps: list, refs: list, score) -> dict:
+    """``score(hyps, refs)`` for each voice of a set that names more than one (beam
+    hypotheses where there are some), with its number of utterances; else {}."""
+    if len(set(voices)) < 2 or not all(voices):
+        return {}
+    groups: dict[str, list[int]] = {}
+    for i, v in enumerate(voices):
+        groups.setdefault(v, []).append(i)
+    return {v: score([hyps[i] for i in idx], [refs[i] for i in idx]) | {"utterances": len(idx)}
+            for v, idx in sorted(groups.items())}
+
+
 def plot_utterance(module: SpeechModule, feats: torch.Tensor, text: str, path: Path) -> Path:
     """Log-mel spectrogram of one utterance with the CTC posteriors under it."""
     import matplotlib
@@ -326,20 +340,23 @@ class SpeechTask(training.Task):
         require(0 <= d.narrowband <= 1, "data.narrowband", d.narrowband, "a share in [0, 1]")
         require(d.kokoro_repeats >= 1, "data.kokoro_repeats", d.kokoro_repeats, "a count >= 1")
         sets, source = _manifests(cfg)
-        feats, texts, skipped = {}, {}, {}
+        feats, texts, voices, skipped = {}, {}, {}, {}
         for name, path in sets.items():
-            feats[name], texts[name], skipped[name] = _features(
+            feats[name], texts[name], voices[name], skipped[name] = _features(
                 path, cfg, d.narrowband if name == "train" else 0.0)
             if not feats[name]:
                 raise UserError(f"{path} holds no usable utterance ({skipped[name]} skipped)")
         labels = _labels(cfg, texts["train"])
-        items, dropped = {}, {}
+        items, item_voices, dropped = {}, {}, {}
         for name in sets:
-            keep = [(f, labels.encode(t)) for f, t in zip(feats[name], texts[name])
+            keep = [(f, labels.encode(t), v) for f, t, v in
+                    zip(feats[name], texts[name], voices[name])
                     if len(f) <= d.max_frames and (cfg.model.head == "classify" or
                                                    normalize_text(t))]
             if cfg.model.head == "ctc":  # CTC needs at least one frame per label
-                keep = [(f, y) for f, y in keep if (len(f) + 3) // 4 >= len(y)]
+                keep = [(f, y, v) for f, y, v in keep if (len(f) + 3) // 4 >= len(y)]
+            item_voices[name] = [v for _, _, v in keep]
+            keep = [(f, y) for f, y, _ in keep]
             dropped[name] = len(feats[name]) - len(keep)
             if not keep and name in ("train", "val"):
                 raise UserError(f"{sets[name]}: none of its {len(feats[name])} utterances fits "
@@ -358,7 +375,7 @@ class SpeechTask(training.Task):
                   "train_hours": round(frames / 100 / 3600, 2),
                   "skipped_bad_audio": skipped, "dropped_too_long_or_short": dropped,
                   "labels": labels.kind, "text_normalizer": NORMALIZER},
-            data={"items": items, "sets": sets, "texts": texts})
+            data={"items": items, "sets": sets, "texts": texts, "voices": item_voices})
 
     def evaluate(self, trainer, module, prep, cfg, out):
         final = trainer.validate(module, prep.val_loader, verbose=False)[0]
@@ -372,6 +389,7 @@ class SpeechTask(training.Task):
             # Every batch, on this rank alone (a rank-split loader would give it a share).
             batches = length_batches([len(f) for f, _ in items], cfg.data.max_frames_per_batch)
             loader = (_collate([items[i] for i in b]) for b in batches)
+            voices = [prep.data["voices"][name][i] for b in batches for i in b]  # batch order
             t0 = time.time()
             res = transcribe_batches(module, loader, cfg.decode.beam_size)
             if not module.ctc:
@@ -382,6 +400,10 @@ class SpeechTask(training.Task):
                 for t, p in zip(res["true"], res["pred"]):
                     cm[t, p] += 1
                 figures[name]["confusion"] = cm.tolist()  # rows: true, columns: predicted
+                by = _by_voice(voices, res["pred"], res["true"],
+                               lambda p, t: {"accuracy": round(
+                                   sum(a == b for a, b in zip(p, t)) / len(t), 4)})
+                figures[name] |= {"by_voice": by} if by else {}
                 plots.append(plot_confusion(cm, module.labels.classes,
                                             out / f"confusion_{name}.png",
                                             f"{name}: confusion matrix"))
@@ -391,6 +413,9 @@ class SpeechTask(training.Task):
                              "decode_seconds": round(time.time() - t0, 1)}
             if res["beam"]:
                 figures[name]["beam"] = error_rates(res["beam"], res["refs"])
+            by = _by_voice(voices, res["beam"] or res["greedy"],
+                           res["refs"], error_rates)
+            figures[name] |= {"by_voice": by} if by else {}
             if name == "test":
                 figures["examples"] = [{"ref": r, "greedy": g} for r, g in
                                        list(zip(res["refs"], res["greedy"]))[:5]]
@@ -412,6 +437,10 @@ class SpeechTask(training.Task):
                 print(line)
             elif isinstance(f, dict) and "accuracy" in f:
                 print(f"{name}: accuracy {f['accuracy']:.4f} over {f['utterances']}")
+            for voice, g in (f.get("by_voice", {}) if isinstance(f, dict) else {}).items():
+                score = (f"CER {g['cer']:.3f} WER {g['wer']:.3f}" if "cer" in g
+                         else f"accuracy {g['accuracy']:.4f}")
+                print(f"  {voice}: {score} over {g['utterances']}")
 
 
 # --------------------------------------------------------------------------- transcribe

@@ -139,7 +139,9 @@ def make_loaders(cfg: DictConfig, out: Path):
                           with_index=not train)
         a = d.augment
         collate = MixCollate(k, a.mixup_alpha, a.cutmix_alpha, a.mix_prob,
-                             BatchAffine(a.crop_padding, a.affine_degrees, a.affine_scale),
+                             BatchAffine(a.crop_padding, a.affine_degrees, a.affine_scale,
+                                         elastic_alpha=a.elastic_alpha,
+                                         elastic_sigma=a.elastic_sigma),
                              mean, std) if train else None
         # Seeded, resumable and split across DDP ranks (see data.sampling).
         sampler = SeededBatchSampler(ds, d.batch_size, seed=cfg.seed, shuffle=train,

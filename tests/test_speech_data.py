@@ -135,13 +135,15 @@ def test_manifest_round_trip(tmp_path):
     for i, (text, seconds) in enumerate([("yes", 0.5), ("go left", 1.25)]):
         path = tmp_path / "wav" / f"{i}.wav"
         write_wav(path, _tone(seconds))
-        utts.append(Utterance(path, seconds, text))
+        utts.append(Utterance(path, seconds, text, "x"))
     write_wav(outside, _tone(0.75))
     utts.append(Utterance(outside, 0.75, "stop"))
     manifest = tmp_path / "train.jsonl"
-    write_manifest(manifest, utts, extra=[{"voice": "x"}] * 3)
+    write_manifest(manifest, utts, extra=[{"age": 30}] * 3)  # other keys: kept out of the way
     lines = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert lines[0] == {"audio": "wav/0.wav", "duration": 0.5, "text": "yes", "voice": "x"}
+    assert lines[0] == {"audio": "wav/0.wav", "duration": 0.5, "text": "yes", "voice": "x",
+                        "age": 30}
+    assert "voice" not in lines[2]
     assert lines[2]["audio"] == str(outside)
     got = read_manifest(manifest)
     assert got.utterances == utts and got.skipped == []

@@ -44,7 +44,8 @@ def corpus(tmp_path_factory):
             wav = root / split / f"{i}.wav"
             wav.parent.mkdir(parents=True, exist_ok=True)
             write_wav(wav, _tone(word, i, 0.6 + 0.05 * (i % 5)))
-            lines.append(json.dumps({"audio": f"{split}/{i}.wav", "text": word}))
+            voice = {"voice": f"v{i % 2}"} if split == "test" else {}  # two speakers
+            lines.append(json.dumps({"audio": f"{split}/{i}.wav", "text": word} | voice))
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     (root / "broken.wav").write_bytes(b"not audio at all")
     return root
@@ -79,6 +80,15 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus):
     out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
                                    f"audio={corpus}/test/*.wav"))
     assert len(out["transcripts"]) == 8 and not out["skipped"]
+    # the test set by voice (its manifest names two) equals the files transcribed one by one
+    lines = {str(corpus / x["audio"]): x for x in map(json.loads, (
+        corpus / "test.jsonl").read_text().splitlines())}
+    for voice in ("v0", "v1"):
+        got = [t for t in out["transcripts"] if lines[t["file"]]["voice"] == voice]
+        want = speech_task.error_rates([t["text"] for t in got],
+                                       [lines[t["file"]]["text"] for t in got])
+        assert saved["test"]["by_voice"][voice] == want | {"utterances": 4}
+    assert "by_voice" not in saved["val"]  # its manifest names no voice
     out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
                                    f"audio={corpus}/broken.wav"))
     assert out["transcripts"] == [] and "broken.wav" in out["skipped"][0]["reason"]
@@ -116,6 +126,9 @@ def test_keyword_spotting_learns_and_draws_its_confusion(tmp_path, corpus):
                                    "trainer.max_steps=30", "trainer.val_check_interval=15",
                                    "optimizer.lr=3e-3"))
     assert res["test"]["accuracy"] >= 0.75, res["test"]  # chance is 0.25
+    by = res["test"]["by_voice"]
+    assert sum(v["accuracy"] * v["utterances"] for v in by.values()) == pytest.approx(
+        res["test"]["accuracy"] * 8) and sum(v["utterances"] for v in by.values()) == 8
     assert len(res["test"]["confusion"]) == 4
     assert (tmp_path / "confusion_test.png").is_file()
 
@@ -217,7 +230,7 @@ def test_features_from_worker_processes_hold_no_open_file(tmp_path, monkeypatch)
     # fewer files may be opened than there are utterances
     resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 150, hard))
     try:
-        feats, texts, skipped = speech_task._features(tmp_path / "m.jsonl", cfg)
+        feats, texts, _, skipped = speech_task._features(tmp_path / "m.jsonl", cfg)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(feats) == len(texts) == n and skipped == 0
@@ -247,9 +260,9 @@ def test_narrowband_share_of_training_features(tmp_path, monkeypatch):
     fe = LogMel(n_mels=40)
     cfg = OmegaConf.create({"seed": 0, "data": {"on_bad_audio": "error", "n_mels": 40,
                                                 "num_feature_workers": 1}})
-    plain, _, _ = speech_task._features(tmp_path / "m.jsonl", cfg)
-    mixed, _, _ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)
-    again, _, _ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)  # the cache
+    plain, *_ = speech_task._features(tmp_path / "m.jsonl", cfg)
+    mixed, *_ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)
+    again, *_ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)  # the cache
     narrow = [i for i in range(40) if not torch.equal(plain[i], mixed[i])]
     assert 10 <= len(narrow) <= 30 and all(torch.equal(a, b) for a, b in zip(mixed, again))
     for i in range(40):

@@ -229,3 +229,29 @@ def test_batch_affine_equals_torchvision_affine_per_image():
     assert drawn.shape == x.shape and not torch.equal(drawn, x)
     with pytest.raises(UserError, match="affine_scale=1.5"):
         BatchAffine(2, 10, 1.5)
+
+
+def test_batch_elastic_distortion_matches_torchvision():
+    """The elastic displacements are torchvision's Gaussian blur of the noise, scaled, and
+    sampling with them alone is torchvision's ``elastic`` image by image."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from data.images import BatchAffine
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 28, 28, generator=g)
+    aug = BatchAffine(elastic_alpha=30.0, elastic_sigma=4.0)
+    noise = torch.rand(3, 2, 28, 28, generator=g) * 2 - 1
+    disp = aug.displacements(noise)
+    ref = TF.gaussian_blur(noise, kernel_size=[33, 33], sigma=[4.0, 4.0]) * 30.0
+    torch.testing.assert_close(disp, ref, atol=1e-5, rtol=0)
+    assert 0.3 < disp.std() < 3  # about a pixel or two: strokes bend, digits stay digits
+    ours = BatchAffine.apply(x, torch.zeros(3), torch.ones(3), torch.zeros(3, 2), "bilinear",
+                             disp)
+    for i in range(3):  # torchvision: (1, H, W, 2) displacements in grid units
+        grid_disp = disp[i].permute(1, 2, 0)[None] * torch.tensor([2 / 28, 2 / 28])
+        want = TF.elastic(x[i], grid_disp, interpolation=TF.InterpolationMode.BILINEAR)
+        torch.testing.assert_close(ours[i], want, atol=1e-5, rtol=0)
+    drawn = aug(x)
+    assert drawn.shape == x.shape and not torch.equal(drawn, x)
+    with pytest.raises(UserError, match="elastic_sigma=0"):
+        BatchAffine(elastic_alpha=30.0, elastic_sigma=0)
