@@ -171,7 +171,8 @@ class BatchAffine:
     for Convolutional Neural Networks Applied to Visual Document Analysis"): per image a
     field of uniform random displacements in [-1, 1], smoothed by a Gaussian of
     ``elastic_sigma`` pixels and scaled by ``elastic_alpha`` pixels, added to the affine
-    map, and bilinear sampling (as torchvision's ``ElasticTransform``, image by image)."""
+    map, and bilinear sampling: torchvision's ``elastic`` image by image (its
+    ``ElasticTransform`` counts ``alpha`` in half-pixels: 2x this one)."""
 
     def __init__(self, shift: int = 0, degrees: float = 0.0, scale: float = 0.0,
                  mode: str = "nearest", elastic_alpha: float = 0.0, elastic_sigma: float = 4.0):

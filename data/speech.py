@@ -19,7 +19,7 @@ cache, in the same format:
   from 644 accent+variant voices at random speed and pitch; validation and test each from
   two accent+variant voices never used in training (``HELD_OUT``).
 - GnuSpeech (npm ``@echogarden/gnuspeech-wasm``, GPL-3+; run with Node.js through
-  ``gnuspeech.mjs``), an articulatory synthesiser: a fifth of the training utterances by default,
+  ``gnuspeech.mjs``), an articulatory synthesiser: a sixth of the training utterances by default,
   each utterance with its own vocal tract length, glottal pitch, breathiness and tempo. A
   second way of making speech is what carries over to a synthesiser never heard.
 - SVOX Pico (PyPI ``py-nanotts``, Apache-2.0), a statistical (HMM) synthesiser trained on
@@ -326,7 +326,7 @@ def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str, str]]:
         if duration is not None and not isinstance(duration, (int, float)):
             raise UserError(f"{path} line {n} has duration={duration!r}; expected seconds")
         rows.append((path.parent / str(item["audio"]), duration, str(item["text"]),
-                     str(item.get("voice", ""))))
+                     str(item.get("voice") or "")))
     return rows
 
 
@@ -730,6 +730,8 @@ def synth_kokoro(text: str, voice: str = "jm_kumo=1,warp=1", *, speed: float = 1
 def _trim_and_warp(audio: np.ndarray, sample_rate: int, warp: float, what: str) -> torch.Tensor:
     """``audio`` cut to its speech (50 ms kept either side) and read at ``warp`` times its
     rate (longer and lower below 1: pitch and formants together), at ``SAMPLE_RATE``."""
+    if not warp > 0:
+        raise UserError(f"{what}: warp={warp}; expected a factor > 0, e.g. 0.9")
     loud = np.flatnonzero(np.abs(audio) > 0.01)
     if loud.size == 0:
         raise UserError(f"{what} gave no audio")
@@ -877,6 +879,12 @@ def _pico_jobs(texts: Sequence[str], folder: str, rng: random.Random) -> list[Sy
                      round(rng.uniform(*PICO_SPEED), 2)) for i, text in enumerate(texts)]
 
 
+def _draws(seed: int, part: str) -> random.Random:
+    """The random draws (voices, speeds, pitches) of one part of a prepared set, its own
+    stream: the evaluation sets stay the same whatever the training sets hold."""
+    return random.Random(f"{seed}-{part}")
+
+
 def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int) -> Path:
     """Synthesise every split of ``plan`` into a staging folder beside ``out``, write the
     manifests and ``info.json``, then move it into place."""
@@ -888,8 +896,9 @@ def _build(out: Path, plan: dict[str, list[SynthJob]], info: dict, workers: int)
             jobs += [j._replace(out=str(staging / j.out)) for j in split_jobs]
         durations = iter(synthesise(jobs, workers=workers, what=out.name))
         for split, split_jobs in plan.items():
-            utts = [Utterance(staging / j.out, next(durations), j.text) for j in split_jobs]
-            extra = [{"voice": f"{j.synth}:{j.voice}", "speed": j.speed}
+            utts = [Utterance(staging / j.out, next(durations), j.text, f"{j.synth}:{j.voice}")
+                    for j in split_jobs]
+            extra = [{"speed": j.speed}
                      | ({"pitch": j.pitch} if j.synth == "espeak" else {}) for j in split_jobs]
             rows = [(u, e) for u, e, j in zip(utts, extra, split_jobs) for _ in range(j.repeat)]
             write_manifest(staging / f"{split}.jsonl", [u for u, _ in rows], [e for _, e in rows])
@@ -953,7 +962,7 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
     kokoro = (f"_kokoro{kokoro_utterances}" + (f"x{kokoro_repeats}" if kokoro_repeats > 1 else "")
               if kokoro_utterances else "")
     pico = f"_pico{pico_utterances}" if pico_utterances else ""
-    out = base / "speech" / (f"asr_v3_train{train_utterances}_gnu{gnuspeech_utterances}{pico}"
+    out = base / "speech" / (f"asr_v4_train{train_utterances}_gnu{gnuspeech_utterances}{pico}"
                              f"{kokoro}_val"
                              f"{val_utterances}_test{test_utterances}_flite{flite_utterances}"
                              f"_seed{seed}")
@@ -970,29 +979,32 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
                             f"training utterance and sentence")
         cut = np.cumsum([val_utterances, test_utterances, flite_utterances]).tolist()
         train = sentences[cut[2]:]
-        rng = random.Random(seed)
         plan = {"train": _espeak_jobs([train[i % len(train)] for i in range(train_utterances)],
-                                      TRAIN_VOICES, "wav/train", rng, balanced=False),
-                "val": _espeak_jobs(sentences[:cut[0]], HELD_OUT["val"], "wav/val", rng,
-                                    balanced=True),
+                                      TRAIN_VOICES, "wav/train", _draws(seed, "train"),
+                                      balanced=False),
+                "val": _espeak_jobs(sentences[:cut[0]], HELD_OUT["val"], "wav/val",
+                                    _draws(seed, "val"), balanced=True),
                 "test": _espeak_jobs(sentences[cut[0]:cut[1]], HELD_OUT["test"], "wav/test",
-                                     rng, balanced=True)}
+                                     _draws(seed, "test"), balanced=True)}
         if gnuspeech_utterances:
             texts = [train[(train_utterances + i) % len(train)]
                      for i in range(gnuspeech_utterances)]
-            plan["train"] += _gnuspeech_jobs(texts, "wav/train", rng, base, texts)
+            plan["train"] += _gnuspeech_jobs(texts, "wav/train", _draws(seed, "gnuspeech"),
+                                             base, texts)
         if pico_utterances:
             first = train_utterances + gnuspeech_utterances
             plan["train"] += _pico_jobs([train[(first + i) % len(train)]
-                                         for i in range(pico_utterances)], "wav/train", rng)
+                                         for i in range(pico_utterances)], "wav/train",
+                                        _draws(seed, "pico"))
         if kokoro_utterances:
             first = train_utterances + gnuspeech_utterances + pico_utterances
             plan["train"] += _kokoro_jobs([train[(first + i) % len(train)]
                                            for i in range(kokoro_utterances)],
-                                          "wav/train", rng, base, kokoro_repeats)
+                                          "wav/train", _draws(seed, "kokoro"), base,
+                                          kokoro_repeats)
         if flite_utterances:
             plan["flite"] = _flite_jobs(sentences[cut[1]:cut[2]], flite_program(base),
-                                        "wav/flite", rng)
+                                        "wav/flite", _draws(seed, "flite"))
         info = _info("speech recognition", seed, bool(flite_utterances))
         info["sentences"] = {"available": len(sentences), "train": min(
             len(train), train_utterances + gnuspeech_utterances + pico_utterances
@@ -1033,7 +1045,7 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
     """
     base = root or cache_dir()
     pico = f"_pico{pico_per_keyword}" if pico_per_keyword else ""
-    out = base / "speech" / (f"kws_v3_train{train_per_keyword}_gnu{gnuspeech_per_keyword}{pico}_val"
+    out = base / "speech" / (f"kws_v4_train{train_per_keyword}_gnu{gnuspeech_per_keyword}{pico}_val"
                              f"{val_per_keyword}_test{test_per_keyword}_flite"
                              f"{flite_per_keyword}_seed{seed}")
     if (out / "info.json").is_file():
@@ -1041,25 +1053,24 @@ def prepare_kws(root: Path | None = None, *, train_per_keyword: int = 200,
     with prepare_lock("speech", base):
         if (out / "info.json").is_file():
             return out
-        rng = random.Random(seed)
-
         def words(n: int) -> list[str]:
             return [k for k in KEYWORDS for _ in range(n)]
 
-        plan = {"train": _espeak_jobs(words(train_per_keyword), TRAIN_VOICES, "wav/train", rng,
-                                      balanced=False),
-                "val": _espeak_jobs(words(val_per_keyword), HELD_OUT["val"], "wav/val", rng,
-                                    balanced=True),
-                "test": _espeak_jobs(words(test_per_keyword), HELD_OUT["test"], "wav/test", rng,
-                                     balanced=True)}
+        plan = {"train": _espeak_jobs(words(train_per_keyword), TRAIN_VOICES, "wav/train",
+                                      _draws(seed, "train"), balanced=False),
+                "val": _espeak_jobs(words(val_per_keyword), HELD_OUT["val"], "wav/val",
+                                    _draws(seed, "val"), balanced=True),
+                "test": _espeak_jobs(words(test_per_keyword), HELD_OUT["test"], "wav/test",
+                                     _draws(seed, "test"), balanced=True)}
         if gnuspeech_per_keyword:
-            plan["train"] += _gnuspeech_jobs(words(gnuspeech_per_keyword), "wav/train", rng,
-                                             base, KEYWORDS)
+            plan["train"] += _gnuspeech_jobs(words(gnuspeech_per_keyword), "wav/train",
+                                             _draws(seed, "gnuspeech"), base, KEYWORDS)
         if pico_per_keyword:
-            plan["train"] += _pico_jobs(words(pico_per_keyword), "wav/train", rng)
+            plan["train"] += _pico_jobs(words(pico_per_keyword), "wav/train",
+                                        _draws(seed, "pico"))
         if flite_per_keyword:
             plan["flite"] = _flite_jobs(words(flite_per_keyword), flite_program(base),
-                                        "wav/flite", rng)
+                                        "wav/flite", _draws(seed, "flite"))
         info = _info("keyword spotting", seed, bool(flite_per_keyword))
         info["keywords"] = KEYWORDS
         return _build(out, plan, info, workers)

@@ -84,7 +84,7 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
             root = prepare_kws(gnuspeech_per_keyword=d.gnuspeech_utterances // len(KEYWORDS),
                                pico_per_keyword=d.pico_utterances // len(KEYWORDS))
             source = ("keywords spoken by espeak-ng, GnuSpeech"
-                      + (" and Pico" if d.pico_utterances else "")
+                      + (" and Pico" if d.pico_utterances // len(KEYWORDS) else "")
                       + " (train), espeak-ng (val, test) and flite (flite)")
         else:
             root = prepare_speech(train_utterances=d.train_utterances,
@@ -94,8 +94,8 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
                                   kokoro_repeats=d.kokoro_repeats)
             extra = [n for n, k in (("Pico", d.pico_utterances), ("Kokoro", d.kokoro_utterances))
                      if k]
-            source = ("sentences spoken by espeak-ng, GnuSpeech"
-                      + "".join(f", {n}" for n in extra)
+            names = ["espeak-ng", "GnuSpeech", *extra]
+            source = ("sentences spoken by " + ", ".join(names[:-1]) + f" and {names[-1]}"
                       + " (train), espeak-ng (val, test) and flite (flite)")
         sets = {name: root / f"{name}.jsonl" for name in ("train", "val", "test", "flite")}
         return {k: v for k, v in sets.items() if v.is_file()}, source
@@ -135,9 +135,9 @@ def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, l
     utts, skipped = found.utterances, len(found.skipped)
     draw = random.Random(f"narrowband-{cfg.seed}")
     marks = [narrow > 0 and draw.random() < narrow for _ in utts]
-    key = digest(str(path.resolve()), [(str(u.path), u.text) for u in utts], d.n_mels, "v1",
-                 [u.voice for u in utts],
-                 *([narrow, cfg.seed] if narrow else []))
+    key = digest(str(path.resolve()), [(str(u.path), u.text, u.voice) for u in utts],
+                 f"n_mels={d.n_mels}", "v2",
+                 f"narrowband={float(narrow)!r},seed={cfg.seed}" if narrow else "")
     cached = cache_dir() / "speech-features" / f"{key}.pt"
     if cached.is_file():
         blob = torch.load(cached, weights_only=True)
@@ -337,7 +337,9 @@ class SpeechTask(training.Task):
         for key in ("train_utterances", "gnuspeech_utterances", "pico_utterances",
                     "kokoro_utterances"):
             require(d[key] >= 0, f"data.{key}", d[key], "a count >= 0")
-        require(0 <= d.narrowband <= 1, "data.narrowband", d.narrowband, "a share in [0, 1]")
+        nb = d.narrowband
+        require(isinstance(nb, (int, float)) and not isinstance(nb, bool) and 0 <= nb <= 1,
+                "data.narrowband", nb, "a share in [0, 1]")
         require(d.kokoro_repeats >= 1, "data.kokoro_repeats", d.kokoro_repeats, "a count >= 1")
         sets, source = _manifests(cfg)
         feats, texts, voices, skipped = {}, {}, {}, {}

@@ -33,6 +33,7 @@ from modules.vit import resize_pos_embed
 
 from .framework import entry, training
 from .framework.checkpoints import CKPT_KEY, init_weights_from, load_weights_file, model_state
+from .framework.config import require
 from .framework.errors import UserError
 from .framework.module import TaskModule
 from .framework.reporting import gather_to_all, plot_confusion
@@ -120,6 +121,11 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
 
 def make_loaders(cfg: DictConfig, out: Path):
     d = cfg.data
+    a = d.augment
+    radius = int(4 * a.elastic_sigma + 0.5)  # the smoothing kernel reaches 4 sigma each side
+    require(not a.elastic_alpha or 0 < a.elastic_sigma and radius < d.img_size,
+            "data.augment.elastic_sigma", a.elastic_sigma,
+            f"> 0 with 4 sigma below data.img_size={d.img_size} pixels")
     root = d.root if d.root is not None else prepare_mnist()
     data = scan_folder(root, img_size=d.img_size, channels=d.channels,
                        on_bad_image=d.on_bad_image)
