@@ -263,9 +263,38 @@ def test_narrowband_share_of_training_features(tmp_path, monkeypatch):
     plain, *_ = speech_task._features(tmp_path / "m.jsonl", cfg)
     mixed, *_ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)
     again, *_ = speech_task._features(tmp_path / "m.jsonl", cfg, narrow=0.5)  # the cache
+    other, *_ = speech_task._features(tmp_path / "m.jsonl", OmegaConf.merge(cfg, {"seed": 1}),
+                                      narrow=0.5)
     narrow = [i for i in range(40) if not torch.equal(plain[i], mixed[i])]
+    assert narrow != [i for i in range(40) if not torch.equal(plain[i], other[i])]
     assert 10 <= len(narrow) <= 30 and all(torch.equal(a, b) for a, b in zip(mixed, again))
     for i in range(40):
         audio = load_audio(tmp_path / f"{i}.wav")
         want = fe(narrowband(audio) if i in narrow else audio).half()
         assert torch.equal(mixed[i], want) and torch.equal(plain[i], fe(audio).half())
+
+
+def test_figures_by_voice_follow_the_utterances(tmp_path, corpus, monkeypatch):
+    """Evaluation runs in length-sorted batches; each voice's figures come from its own
+    utterances. Hypotheses right for v0's words and empty for v1's give v0 CER 0 and v1
+    CER 1 only if every voice stays with its utterance."""
+    real = speech_task.transcribe_batches
+
+    def v0_right(module, loader, beam_size):
+        res = real(module, loader, beam_size)
+        if not module.ctc:  # right for v0's words (even utterances: yes, up)
+            keep = {module.labels.classes.index(w) for w in ("yes", "up")}
+            res["pred"] = [t if t in keep else (t + 1) % 4 for t in res["true"]]
+            return res
+        hyps = [r if r in ("yes", "up") else "" for r in res["refs"]]
+        return res | {"greedy": hyps, "beam": hyps}
+
+    monkeypatch.setattr(speech_task, "transcribe_batches", v0_right)
+    res = speech_task.run(make_cfg(tmp_path / "ctc", corpus, "trainer.max_steps=2"))
+    by = res["test"]["by_voice"]
+    assert by["v0"] == {"cer": 0.0, "wer": 0.0, "utterances": 4}
+    assert by["v1"] == {"cer": 1.0, "wer": 1.0, "utterances": 4}
+    res = speech_task.run(make_cfg(tmp_path / "kws", corpus, "trainer.max_steps=2",
+                                   "model.head=classify"))
+    assert res["test"]["by_voice"] == {"v0": {"accuracy": 1.0, "utterances": 4},
+                                       "v1": {"accuracy": 0.0, "utterances": 4}}
