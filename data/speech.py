@@ -575,13 +575,14 @@ class _Gnuspeech:
 _gnuspeech: _Gnuspeech | None = None
 
 
-def _voice_params(voice: str, example: str) -> dict[str, float]:
-    """``"name=number,..."`` (the voices of GnuSpeech and Kokoro) as a dict."""
+def _voice_params(voice: str, example: str, whole: str | None = None) -> dict[str, float]:
+    """``"name=number,..."`` (the voices of GnuSpeech and Kokoro, Pico's after the colon)
+    as a dict; an error names ``whole``, the voice as given (default ``voice``)."""
     try:
         return {k: float(v) for k, v in (kv.split("=") for kv in voice.split(","))}
     except ValueError:
-        raise UserError(f"voice {voice!r}: expected name=number pairs separated by commas, "
-                        f"e.g. {example!r}") from None
+        raise UserError(f"voice {whole or voice!r}: expected name=number pairs separated by "
+                        f"commas, e.g. {example!r}") from None
 
 
 def gnuspeech_voice(rng: random.Random) -> str:
@@ -766,7 +767,7 @@ def synth_pico(text: str, voice: str = "en-US:pitch=1,warp=1", *,
                         "install py-nanotts, or prepare without it (data.pico_utterances=0)"
                         ) from None
     lang, _, rest = voice.partition(":")
-    params = _voice_params(rest, "pitch=0.8,warp=0.95") if rest else {}
+    params = _voice_params(rest, "en-GB:pitch=0.8,warp=0.95", voice) if rest else {}
     unknown = sorted(set(params) - {"pitch", "warp"})
     if lang not in PICO_VOICES or unknown or not 0.2 <= speed <= 5:
         raise UserError(f"Pico voice {voice!r} at speed {speed}: expected one of {PICO_VOICES}, "

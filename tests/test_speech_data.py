@@ -456,7 +456,7 @@ def test_pico_voices_change_the_speech():
         speech.synth_pico(text, "en-AU:pitch=1")
     with pytest.raises(UserError, match="Pico voice 'en-US:pitch=3'.*pitch=3.0; expected 0.5-2"):
         speech.synth_pico(text, "en-US:pitch=3")
-    with pytest.raises(UserError, match="voice 'pitch': expected name=number pairs"):
+    with pytest.raises(UserError, match="voice 'en-US:pitch': expected name=number pairs"):
         speech.synth_pico(text, "en-US:pitch")
 
 
