@@ -979,37 +979,36 @@ def prepare_speech(root: Path | None = None, *, train_utterances: int = 8000,
                             f"{held} of {len(sentences)} sentences; expected at least one "
                             f"training utterance and sentence")
         cut = np.cumsum([val_utterances, test_utterances, flite_utterances]).tolist()
-        train = sentences[cut[2]:]
-        plan = {"train": _espeak_jobs([train[i % len(train)] for i in range(train_utterances)],
-                                      TRAIN_VOICES, "wav/train", _draws(seed, "train"),
-                                      balanced=False),
+        train, taken = sentences[cut[2]:], 0
+
+        def next_sentences(n: int) -> list[str]:
+            """The next ``n`` training sentences, each synthesiser after the one before,
+            starting again from the first when they run out."""
+            nonlocal taken
+            taken += n
+            return [train[i % len(train)] for i in range(taken - n, taken)]
+
+        plan = {"train": _espeak_jobs(next_sentences(train_utterances), TRAIN_VOICES,
+                                      "wav/train", _draws(seed, "train"), balanced=False),
                 "val": _espeak_jobs(sentences[:cut[0]], HELD_OUT["val"], "wav/val",
                                     _draws(seed, "val"), balanced=True),
                 "test": _espeak_jobs(sentences[cut[0]:cut[1]], HELD_OUT["test"], "wav/test",
                                      _draws(seed, "test"), balanced=True)}
         if gnuspeech_utterances:
-            texts = [train[(train_utterances + i) % len(train)]
-                     for i in range(gnuspeech_utterances)]
+            texts = next_sentences(gnuspeech_utterances)
             plan["train"] += _gnuspeech_jobs(texts, "wav/train", _draws(seed, "gnuspeech"),
                                              base, texts)
         if pico_utterances:
-            first = train_utterances + gnuspeech_utterances
-            plan["train"] += _pico_jobs([train[(first + i) % len(train)]
-                                         for i in range(pico_utterances)], "wav/train",
+            plan["train"] += _pico_jobs(next_sentences(pico_utterances), "wav/train",
                                         _draws(seed, "pico"))
         if kokoro_utterances:
-            first = train_utterances + gnuspeech_utterances + pico_utterances
-            plan["train"] += _kokoro_jobs([train[(first + i) % len(train)]
-                                           for i in range(kokoro_utterances)],
-                                          "wav/train", _draws(seed, "kokoro"), base,
-                                          kokoro_repeats)
+            plan["train"] += _kokoro_jobs(next_sentences(kokoro_utterances), "wav/train",
+                                          _draws(seed, "kokoro"), base, kokoro_repeats)
         if flite_utterances:
             plan["flite"] = _flite_jobs(sentences[cut[1]:cut[2]], flite_program(base),
                                         "wav/flite", _draws(seed, "flite"))
         info = _info("speech recognition", seed, bool(flite_utterances))
-        info["sentences"] = {"available": len(sentences), "train": min(
-            len(train), train_utterances + gnuspeech_utterances + pico_utterances
-            + kokoro_utterances)}
+        info["sentences"] = {"available": len(sentences), "train": min(len(train), taken)}
         info["gnuspeech"] = {"utterances": gnuspeech_utterances, "voices": GNUSPEECH_RANGES,
                              "tempo": GNUSPEECH_TEMPO} if gnuspeech_utterances else None
         info["pico"] = {"utterances": pico_utterances, "voices": PICO_VOICES,
