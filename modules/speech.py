@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import NORMS, DropPath, lookup
+from .layers import NORMS, DropPath, add_on_rows, kept_rows, lookup
 from .mha import MultiHeadAttention
 from .rope import RotaryEmbedding
 from .transformer import Transformer
@@ -191,11 +191,16 @@ class ConformerBlock(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.drop, self.drop_path = nn.Dropout(drop), DropPath(drop_path)
 
-    def forward(self, x: Tensor, keep_BL: Tensor | None) -> Tensor:
-        x = x + 0.5 * self.drop_path(self.ff1(x))
+    def forward(self, x: Tensor, keep_BL: Tensor | None,
+                rows: Tensor | None = None) -> Tensor:
+        """``rows``: the real frames (``layers.kept_rows``); the feed-forward layers run on
+        those alone. Padded frames never reach a real one, so their values do not matter."""
+        if self.drop_path.p and self.training:  # drawn per utterance: every row
+            rows = None
+        x = add_on_rows(x, lambda t: self.drop_path(self.ff1(t)), rows, 0.5)
         x = x + self.drop_path(self.drop(self.attn(self.attn_norm(x), mask=keep_BL)))
         x = x + self.drop_path(self.conv(self.conv_norm(x), keep_BL))
-        x = x + 0.5 * self.drop_path(self.ff2(x))
+        x = add_on_rows(x, lambda t: self.drop_path(self.ff2(t)), rows, 0.5)
         return self.norm(x)
 
 
@@ -220,8 +225,11 @@ class Conformer(nn.Module):
             for i in range(depth))
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
+        """``(B, L, E)`` with a ``(B, L)`` padding mask -> ``(B, L, E)``; the outputs at
+        padded frames are left undefined (on the CPU the feed-forward layers skip them)."""
+        rows = kept_rows(mask, x)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask, rows)
         return x
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import MLPS, NORMS, DropPath, lookup
+from .layers import MLPS, NORMS, DropPath, add_on_rows, kept_rows, lookup
 from .mha import KVCache, MultiHeadAttention, StaticKV
 from .rope import RotaryEmbedding
 
@@ -56,9 +56,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, cache=None, positions=None,
-                keep: int | None = None) -> Tensor:
+                keep: int | None = None, rows: Tensor | None = None) -> Tensor:
         """x ``(B, L, E)`` -> ``(B, L, E)``, or ``(B, keep, E)``: with ``keep``, only the
-        first ``keep`` tokens are carried through (see ``MultiHeadAttention``'s queries)."""
+        first ``keep`` tokens are carried through (see ``MultiHeadAttention``'s queries).
+        ``rows``: the real tokens (``layers.kept_rows``); the MLP runs on those alone."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
         h = self.attn(self.norm1(x), mask=mask, cache=self_cache, positions=positions,
                       queries=keep)
@@ -68,7 +69,10 @@ class TransformerBlock(nn.Module):
         if self.cross_attn is not None:
             x = x + self.drop_path(self.drop(self.cross_attn(
                 self.cross_norm(x), context, mask=context_mask, cache=cross_cache)))
-        return x + self.drop_path(self.drop(self.mlp(self.norm2(x))))
+        if self.drop_path.p and self.training:  # drawn per sequence: every row
+            rows = None
+        return add_on_rows(x, lambda t: self.drop_path(self.drop(self.mlp(self.norm2(t)))),
+                           rows)
 
 
 class Transformer(nn.Module):
@@ -115,15 +119,20 @@ class Transformer(nn.Module):
                 positions: int | Tensor | None = None, keep: int | None = None) -> Tensor:
         """x ``(B, L, E)`` -> ``(B, L, E)``; see ``MultiHeadAttention.forward`` for masks.
 
+        A ``(B, L)`` self-attention mask marks padding: no real token sees a padded one,
+        and the outputs at padded positions are left undefined (on the CPU the MLPs skip
+        them, ``layers.kept_rows``).
+
         ``keep``: return only the first ``keep`` tokens ``(B, keep, E)``. The last block
         then computes attention outputs, MLP and norm for those tokens alone, since nothing
         else reaches the result: a class-token classifier skips most of its last block.
         """
         last = len(self.blocks) - 1
+        rows = kept_rows(mask, x) if caches is None and keep is None else None
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, context=context, context_mask=context_mask,
                       cache=None if caches is None else caches[i], positions=positions,
-                      keep=keep if i == last else None)
+                      keep=keep if i == last else None, rows=rows)
         if keep is not None and not self.blocks:
             x = x[:, :keep]
         return self.norm(x)

@@ -227,3 +227,58 @@ def test_hf_llama_import_matches_transformers_logits(tmp_path):
         want = hf(tokens).logits
         got = ours(tokens)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _count_rows(module: torch.nn.Module, seen: list) -> None:
+    module.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+
+
+@pytest.mark.parametrize("block", ["transformer", "conformer"])
+def test_feed_forward_layers_skip_padding_with_the_same_result(block, monkeypatch):
+    """The MLPs see only the real tokens of a padded batch, and the real tokens' outputs
+    and every gradient equal the computation over all rows (in training mode, so the
+    Conformer's batch-norm statistics are covered too)."""
+    import modules.speech
+    import modules.transformer
+    from modules.speech import Conformer
+    torch.manual_seed(0)
+    if block == "transformer":
+        net = Transformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=48,
+                          rope_theta=10000.0, max_seq_len=64)
+        mlps = [b.mlp for b in net.blocks]
+    else:
+        net = Conformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=48, conv_kernel=5,
+                        rope_theta=10000.0, max_seq_len=64)
+        mlps = [b.ff1 for b in net.blocks]
+    net.train()
+    lengths = torch.tensor([9, 20, 14])
+    keep = torch.arange(20) < lengths[:, None]
+    x = torch.randn(3, 20, 32, requires_grad=True)
+    seen: list = []
+    for m in mlps:
+        _count_rows(m, seen)
+    got = net(x, mask=keep)
+    assert seen == [int(lengths.sum())] * 2
+    g = torch.randn_like(got) * keep[..., None]
+    grads = torch.autograd.grad(got, [x, *net.parameters()], g)
+    monkeypatch.setattr(modules.transformer, "kept_rows", lambda mask, x: None)
+    monkeypatch.setattr(modules.speech, "kept_rows", lambda mask, x: None)
+    seen.clear()
+    expect = net(x, mask=keep)
+    assert seen == [3 * 20] * 2
+    torch.testing.assert_close(got[keep], expect[keep])
+    for a, b in zip(grads, torch.autograd.grad(expect, [x, *net.parameters()], g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_kept_rows_only_for_a_padding_mask_with_padding():
+    from modules.layers import add_on_rows, kept_rows
+    x = torch.randn(2, 4, 3)
+    keep = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    assert kept_rows(keep, x).tolist() == [0, 1, 4, 5, 6]
+    assert kept_rows(None, x) is None
+    assert kept_rows(torch.ones(2, 4, dtype=torch.bool), x) is None
+    assert kept_rows(keep[:, None, None], x) is None  # a 4-D mask is not a padding mask
+    out = add_on_rows(x, lambda t: 2 * t, kept_rows(keep, x), alpha=0.5)
+    torch.testing.assert_close(out[keep], 2 * x[keep])
+    torch.testing.assert_close(out[~keep], x[~keep])
