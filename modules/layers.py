@@ -93,16 +93,22 @@ def kept_rows(mask_BL: Tensor | None, x_BLE: Tensor) -> Tensor | None:
     return None if rows.numel() == mask_BL.numel() else rows
 
 
-def add_on_rows(x_BLE: Tensor, fn, rows: Tensor | None, alpha: float = 1.0) -> Tensor:
-    """``x + alpha * fn(x)`` for a position-wise ``fn`` (each token on its own).
+def add_on_rows(x_BLE: Tensor, fn, rows: Tensor | None = None, alpha: float = 1.0,
+                in_place: bool = False) -> Tensor:
+    """The residual update ``x + alpha * fn(x)``.
 
-    With ``rows`` (``kept_rows``), ``fn`` sees only those rows and the other rows of
-    ``x`` pass through unchanged: at 20% padding a Conformer's two feed-forward layers do
-    20% less work, and the real tokens get exactly the same values."""
+    With ``rows`` (``kept_rows``) ``fn`` must be position-wise (each token on its own): it
+    sees only those rows and the other rows of ``x`` pass through unchanged. At 20% padding
+    a Conformer's two feed-forward layers do 20% less work, and the real tokens get exactly
+    the same values. ``in_place``: update ``x`` itself (no gradients; the caller owns x),
+    which saves a full-size temporary per sublayer."""
     if rows is None:
-        return torch.add(x_BLE, fn(x_BLE), alpha=alpha)
-    flat = x_BLE.flatten(0, 1)
-    return flat.index_add(0, rows, fn(flat.index_select(0, rows)), alpha=alpha).view_as(x_BLE)
+        y = fn(x_BLE)
+        return x_BLE.add_(y, alpha=alpha) if in_place else torch.add(x_BLE, y, alpha=alpha)
+    flat = x_BLE.view(-1, x_BLE.shape[-1])
+    y = fn(flat.index_select(0, rows))
+    add = flat.index_add_ if in_place else flat.index_add
+    return add(0, rows, y, alpha=alpha).view_as(x_BLE)
 
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}

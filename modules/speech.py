@@ -191,16 +191,20 @@ class ConformerBlock(nn.Module):
         self.norm = norm_layer(embed_dim)
         self.drop, self.drop_path = nn.Dropout(drop), DropPath(drop_path)
 
-    def forward(self, x: Tensor, keep_BL: Tensor | None,
-                rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, keep_BL: Tensor | None, rows: Tensor | None = None,
+                in_place: bool = False) -> Tensor:
         """``rows``: the real frames (``layers.kept_rows``); the feed-forward layers run on
-        those alone. Padded frames never reach a real one, so their values do not matter."""
+        those alone. Padded frames never reach a real one, so their values do not matter.
+        ``in_place``: the residual sums update ``x`` (no gradients; see ``Conformer``)."""
         if self.drop_path.p and self.training:  # drawn per utterance: every row
             rows = None
-        x = add_on_rows(x, lambda t: self.drop_path(self.ff1(t)), rows, 0.5)
-        x = x + self.drop_path(self.drop(self.attn(self.attn_norm(x), mask=keep_BL)))
-        x = x + self.drop_path(self.conv(self.conv_norm(x), keep_BL))
-        x = add_on_rows(x, lambda t: self.drop_path(self.ff2(t)), rows, 0.5)
+        x = add_on_rows(x, lambda t: self.drop_path(self.ff1(t)), rows, 0.5, in_place)
+        x = add_on_rows(x, lambda t: self.drop_path(self.drop(self.attn(self.attn_norm(t),
+                                                                        mask=keep_BL))),
+                        in_place=in_place)
+        x = add_on_rows(x, lambda t: self.drop_path(self.conv(self.conv_norm(t), keep_BL)),
+                        in_place=in_place)
+        x = add_on_rows(x, lambda t: self.drop_path(self.ff2(t)), rows, 0.5, in_place)
         return self.norm(x)
 
 
@@ -226,10 +230,14 @@ class Conformer(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
         """``(B, L, E)`` with a ``(B, L)`` padding mask -> ``(B, L, E)``; the outputs at
-        padded frames are left undefined (on the CPU the feed-forward layers skip them)."""
+        padded frames are left undefined (on the CPU the feed-forward layers skip them).
+        Without gradients the blocks update one copy of ``x`` in place."""
         rows = kept_rows(mask, x)
+        in_place = not torch.is_grad_enabled()
+        if in_place:
+            x = x.clone()
         for block in self.blocks:
-            x = block(x, mask, rows)
+            x = block(x, mask, rows, in_place)
         return x
 
 

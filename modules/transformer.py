@@ -10,6 +10,7 @@ modelling), and a decoder with cross-attention (translation, text-image fusion).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .layers import MLPS, NORMS, DropPath, add_on_rows, kept_rows, lookup
@@ -56,23 +57,27 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, cache=None, positions=None,
-                keep: int | None = None, rows: Tensor | None = None) -> Tensor:
+                keep: int | None = None, rows: Tensor | None = None,
+                in_place: bool = False) -> Tensor:
         """x ``(B, L, E)`` -> ``(B, L, E)``, or ``(B, keep, E)``: with ``keep``, only the
         first ``keep`` tokens are carried through (see ``MultiHeadAttention``'s queries).
-        ``rows``: the real tokens (``layers.kept_rows``); the MLP runs on those alone."""
+        ``rows``: the real tokens (``layers.kept_rows``); the MLP runs on those alone.
+        ``in_place``: the residual sums update ``x`` (no gradients; see ``Transformer``)."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
         h = self.attn(self.norm1(x), mask=mask, cache=self_cache, positions=positions,
                       queries=keep)
         if keep is not None:
             x = x[:, :keep]
-        x = x + self.drop_path(self.drop(h))
+        h = self.drop_path(self.drop(h))
+        x = x.add_(h) if in_place else x + h
         if self.cross_attn is not None:
-            x = x + self.drop_path(self.drop(self.cross_attn(
-                self.cross_norm(x), context, mask=context_mask, cache=cross_cache)))
+            x = add_on_rows(x, lambda t: self.drop_path(self.drop(self.cross_attn(
+                self.cross_norm(t), context, mask=context_mask, cache=cross_cache))),
+                in_place=in_place)
         if self.drop_path.p and self.training:  # drawn per sequence: every row
             rows = None
         return add_on_rows(x, lambda t: self.drop_path(self.drop(self.mlp(self.norm2(t)))),
-                           rows)
+                           rows, in_place=in_place)
 
 
 class Transformer(nn.Module):
@@ -121,7 +126,8 @@ class Transformer(nn.Module):
 
         A ``(B, L)`` self-attention mask marks padding: no real token sees a padded one,
         and the outputs at padded positions are left undefined (on the CPU the MLPs skip
-        them, ``layers.kept_rows``).
+        them, ``layers.kept_rows``). Without gradients the blocks update one copy of ``x``
+        in place.
 
         ``keep``: return only the first ``keep`` tokens ``(B, keep, E)``. The last block
         then computes attention outputs, MLP and norm for those tokens alone, since nothing
@@ -129,10 +135,13 @@ class Transformer(nn.Module):
         """
         last = len(self.blocks) - 1
         rows = kept_rows(mask, x) if caches is None and keep is None else None
+        in_place = not torch.is_grad_enabled()
+        if in_place:
+            x = x.clone()
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, context=context, context_mask=context_mask,
                       cache=None if caches is None else caches[i], positions=positions,
-                      keep=keep if i == last else None, rows=rows)
+                      keep=keep if i == last else None, rows=rows, in_place=in_place)
         if keep is not None and not self.blocks:
             x = x[:, :keep]
         return self.norm(x)

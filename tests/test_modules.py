@@ -282,3 +282,28 @@ def test_kept_rows_only_for_a_padding_mask_with_padding():
     out = add_on_rows(x, lambda t: 2 * t, kept_rows(keep, x), alpha=0.5)
     torch.testing.assert_close(out[keep], 2 * x[keep])
     torch.testing.assert_close(out[~keep], x[~keep])
+
+
+@pytest.mark.parametrize("block", ["transformer", "conformer", "decoder"])
+def test_in_place_residuals_without_gradients_leave_the_input_alone(block):
+    """Without gradients the blocks update their residual stream in place: the result
+    equals the out-of-place computation, and the caller's tensor is not touched."""
+    from modules.speech import Conformer
+    torch.manual_seed(0)
+    if block == "conformer":
+        net = Conformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=48, conv_kernel=5,
+                        rope_theta=10000.0, max_seq_len=64).eval()
+        kwargs = {}
+    else:
+        net = Transformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=48,
+                          rope_theta=10000.0, max_seq_len=64, causal=block == "decoder",
+                          context_dim=16 if block == "decoder" else None).eval()
+        kwargs = {"context": torch.randn(3, 7, 16)} if block == "decoder" else {}
+    x = torch.randn(3, 20, 32)
+    keep = torch.arange(20) < torch.tensor([9, 20, 14])[:, None]
+    before = x.clone()
+    expect = net(x, mask=keep, **kwargs)
+    with torch.no_grad():
+        got = net(x, mask=keep, **kwargs)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(got[keep], expect[keep])
