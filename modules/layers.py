@@ -99,16 +99,26 @@ def add_on_rows(x_BLE: Tensor, fn, rows: Tensor | None = None, alpha: float = 1.
 
     With ``rows`` (``kept_rows``) ``fn`` must be position-wise (each token on its own): it
     sees only those rows and the other rows of ``x`` pass through unchanged. At 20% padding
-    a Conformer's two feed-forward layers do 20% less work, and the real tokens get exactly
-    the same values. ``in_place``: update ``x`` itself (no gradients; the caller owns x),
-    which saves a full-size temporary per sublayer."""
+    a Conformer's two feed-forward layers do 20% less work, and the real tokens get the
+    same values up to float rounding. (Dropout inside ``fn`` then draws its masks for the
+    real rows only: the same distribution, another random stream.)"""
     if rows is None:
-        y = fn(x_BLE)
-        return x_BLE.add_(y, alpha=alpha) if in_place else torch.add(x_BLE, y, alpha=alpha)
-    flat = x_BLE.view(-1, x_BLE.shape[-1])
+        return residual_add(x_BLE, fn(x_BLE), alpha, in_place)
+    flat = x_BLE.reshape(-1, x_BLE.shape[-1])
     y = fn(flat.index_select(0, rows))
-    add = flat.index_add_ if in_place else flat.index_add
-    return add(0, rows, y, alpha=alpha).view_as(x_BLE)
+    # As ``x + y`` would promote (under autocast: an fp32 stream, bf16 outputs).
+    dtype = torch.promote_types(flat.dtype, y.dtype)
+    if in_place and dtype == flat.dtype:
+        return flat.index_add_(0, rows, y.to(dtype), alpha=alpha).view(x_BLE.shape)
+    return flat.to(dtype).index_add(0, rows, y.to(dtype), alpha=alpha).view(x_BLE.shape)
+
+
+def residual_add(x: Tensor, y: Tensor, alpha: float = 1.0, in_place: bool = False) -> Tensor:
+    """``x + alpha * y``; ``in_place``: into ``x`` itself (the caller owns ``x`` and needs no
+    gradients), which saves a full-size temporary, unless ``x + y`` would change dtype."""
+    if in_place and torch.promote_types(x.dtype, y.dtype) == x.dtype:
+        return x.add_(y, alpha=alpha)
+    return torch.add(x, y, alpha=alpha)
 
 
 NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}

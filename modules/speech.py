@@ -195,7 +195,8 @@ class ConformerBlock(nn.Module):
                 in_place: bool = False) -> Tensor:
         """``rows``: the real frames (``layers.kept_rows``); the feed-forward layers run on
         those alone. Padded frames never reach a real one, so their values do not matter.
-        ``in_place``: the residual sums update ``x`` (no gradients; see ``Conformer``)."""
+        ``in_place``: the residual sums update ``x`` (no gradients; see ``Conformer``), so a
+        hook keeping a block's output sees it change afterwards."""
         if self.drop_path.p and self.training:  # drawn per utterance: every row
             rows = None
         x = add_on_rows(x, lambda t: self.drop_path(self.ff1(t)), rows, 0.5, in_place)
@@ -230,12 +231,13 @@ class Conformer(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None) -> Tensor:
         """``(B, L, E)`` with a ``(B, L)`` padding mask -> ``(B, L, E)``; the outputs at
-        padded frames are left undefined (on the CPU the feed-forward layers skip them).
+        padded frames are finite but unspecified (on the CPU the feed-forward layers skip
+        them).
         Without gradients the blocks update one copy of ``x`` in place."""
         rows = kept_rows(mask, x)
         in_place = not torch.is_grad_enabled()
         if in_place:
-            x = x.clone()
+            x = x.clone(memory_format=torch.contiguous_format)
         for block in self.blocks:
             x = block(x, mask, rows, in_place)
         return x

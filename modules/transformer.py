@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import MLPS, NORMS, DropPath, add_on_rows, kept_rows, lookup
+from .layers import MLPS, NORMS, DropPath, add_on_rows, kept_rows, lookup, residual_add
 from .mha import KVCache, MultiHeadAttention, StaticKV
 from .rope import RotaryEmbedding
 
@@ -62,14 +62,14 @@ class TransformerBlock(nn.Module):
         """x ``(B, L, E)`` -> ``(B, L, E)``, or ``(B, keep, E)``: with ``keep``, only the
         first ``keep`` tokens are carried through (see ``MultiHeadAttention``'s queries).
         ``rows``: the real tokens (``layers.kept_rows``); the MLP runs on those alone.
-        ``in_place``: the residual sums update ``x`` (no gradients; see ``Transformer``)."""
+        ``in_place``: the residual sums update ``x`` and return it (no gradients; see
+        ``Transformer``), so a hook keeping a block's output sees it change afterwards."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
         h = self.attn(self.norm1(x), mask=mask, cache=self_cache, positions=positions,
                       queries=keep)
         if keep is not None:
             x = x[:, :keep]
-        h = self.drop_path(self.drop(h))
-        x = x.add_(h) if in_place else x + h
+        x = residual_add(x, self.drop_path(self.drop(h)), in_place=in_place)
         if self.cross_attn is not None:
             x = add_on_rows(x, lambda t: self.drop_path(self.drop(self.cross_attn(
                 self.cross_norm(t), context, mask=context_mask, cache=cross_cache))),
@@ -125,8 +125,10 @@ class Transformer(nn.Module):
         """x ``(B, L, E)`` -> ``(B, L, E)``; see ``MultiHeadAttention.forward`` for masks.
 
         A ``(B, L)`` self-attention mask marks padding: no real token sees a padded one,
-        and the outputs at padded positions are left undefined (on the CPU the MLPs skip
-        them, ``layers.kept_rows``). Without gradients the blocks update one copy of ``x``
+        and the outputs at padded positions are finite but unspecified (on the CPU the MLPs
+        skip them, ``layers.kept_rows``), so a mask whose hidden positions are read later
+        (masked-token prediction) is not a padding mask: pass it 4-D,
+        ``mask[:, None, None, :]``. Without gradients the blocks update one copy of ``x``
         in place.
 
         ``keep``: return only the first ``keep`` tokens ``(B, keep, E)``. The last block
@@ -137,7 +139,7 @@ class Transformer(nn.Module):
         rows = kept_rows(mask, x) if caches is None and keep is None else None
         in_place = not torch.is_grad_enabled()
         if in_place:
-            x = x.clone()
+            x = x.clone(memory_format=torch.contiguous_format)
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, context=context, context_mask=context_mask,
                       cache=None if caches is None else caches[i], positions=positions,

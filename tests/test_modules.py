@@ -307,3 +307,37 @@ def test_in_place_residuals_without_gradients_leave_the_input_alone(block):
         got = net(x, mask=keep, **kwargs)
     assert torch.equal(x, before)
     torch.testing.assert_close(got[keep], expect[keep])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("block", ["transformer", "conformer"])
+def test_padding_skip_under_cpu_autocast_and_strided_input(block, grad, monkeypatch):
+    """An fp32 residual stream with bf16 sublayer outputs (CPU autocast), and an input that
+    is a transposed view, give what the computation over every row gives."""
+    import modules.speech
+    import modules.transformer
+    from modules.speech import Conformer
+    torch.manual_seed(0)
+    if block == "transformer":
+        net = Transformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=48)
+    else:
+        net = Conformer(embed_dim=32, depth=2, num_heads=4, mlp_hidden_dim=48, conv_kernel=5,
+                        rope_theta=None, max_seq_len=64)
+    net.eval()
+    x = torch.randn(20, 3, 32).transpose(0, 1)  # (B, L, E), not contiguous
+    keep = torch.arange(20) < torch.tensor([9, 20, 14])[:, None]
+
+    def run():
+        with torch.set_grad_enabled(grad):
+            plain = net(x, mask=keep)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mixed = net(x, mask=keep)
+        return plain, mixed
+
+    got = run()
+    monkeypatch.setattr(modules.transformer, "kept_rows", lambda mask, x: None)
+    monkeypatch.setattr(modules.speech, "kept_rows", lambda mask, x: None)
+    expect = run()
+    for a, b in zip(got, expect):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a[keep], b[keep], atol=2e-2, rtol=2e-2)
