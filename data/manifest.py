@@ -13,11 +13,16 @@ from .errors import UserError
 def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-empty line of ``path``.
 
-    A line that is not JSON, or not an object holding every key of ``required``, is a
+    A line that is not JSON, or not an object holding every key of ``required`` (not null), is a
     ``UserError`` naming the file, the line and the keys missing, with ``fmt`` (the expected
     line) as the example.
     """
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                        f"expected one JSON object a line: {fmt}") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -25,7 +30,7 @@ def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tup
         except json.JSONDecodeError as exc:
             raise UserError(f"{path} line {n} is not JSON ({exc.msg}); expected one object "
                             f"a line: {fmt}") from None
-        missing = [k for k in required if not isinstance(item, dict) or k not in item]
+        missing = [k for k in required if not isinstance(item, dict) or item.get(k) is None]
         if missing:
             raise UserError(f"{path} line {n} lacks {' and '.join(repr(k) for k in missing)}; "
                             f"expected {fmt}")

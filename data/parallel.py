@@ -24,6 +24,7 @@ import torch
 
 from .batching import pad_items
 from .cache import DataError, atomic_write_text, cache_dir, prepare_lock
+from .errors import read_utf8
 
 _CAPS_START = re.compile(r"^([A-ZÁÉÍÓÚÑÜ])([A-ZÁÉÍÓÚÑÜ]+)(?=\s+[a-záéíóúñü])")
 
@@ -132,13 +133,16 @@ def _write_ding(root: Path, tsv: Path) -> None:
 def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = None,
                target: str | Path | None = None) -> list[tuple[str, str]]:
     """Sentence pairs from a TSV or two aligned files; blank pairs are dropped."""
+    if tsv is not None and (source is not None or target is not None):
+        raise DataError(f"data.train_file={str(tsv)!r} and data.source_file / "
+                        f"data.target_file are both given; expected one TSV or two files")
     if tsv is not None:
         path = Path(tsv).expanduser()
         if not path.is_file():
             raise DataError(f"data.train_file={str(path)!r} does not exist; expected a TSV of "
                             f"source<TAB>target lines")
         pairs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(path, "data.train_file").splitlines(), 1):
             if not line.strip():
                 continue
             if "\t" not in line:
@@ -153,7 +157,7 @@ def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = Non
         for p in paths:
             if not p.is_file():
                 raise DataError(f"{p} does not exist; expected a text file, one sentence a line")
-        src, tgt = (p.read_text(encoding="utf-8").splitlines() for p in paths)
+        src, tgt = (read_utf8(p, "data file").splitlines() for p in paths)
         if len(src) != len(tgt):
             raise DataError(f"{paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; "
                             f"the two files must be line-aligned")

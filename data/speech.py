@@ -207,6 +207,9 @@ def narrowband(samples: torch.Tensor, sample_rate: int = SAMPLE_RATE,
     return AF.resample(low, band_rate, sample_rate)[:samples.numel()]
 
 
+MIN_AUDIO_MS = 25  # one 25 ms analysis window of the log-mel features
+
+
 def _open_wav(path: Path) -> wave.Wave_read:
     try:
         w = wave.open(str(path), "rb")
@@ -235,7 +238,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
         sample_rate: the rate of the returned samples.
 
     Raises:
-        UserError: naming the file, when it is missing, empty or not PCM WAV audio.
+        UserError: naming the file, when it is missing, empty, shorter than 25 ms or not
+            PCM WAV audio.
     """
     path = Path(path)
     with _open_wav(path) as w:
@@ -255,6 +259,9 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
         dtype = {2: np.int16, 4: np.int32}[width]
         x = np.frombuffer(raw, dtype).astype(np.float32) / float(2 ** (8 * width - 1))
     audio = torch.from_numpy(x).view(-1, channels).mean(dim=1)
+    if audio.numel() * 1000 < MIN_AUDIO_MS * rate:  # shorter than one analysis window
+        raise UserError(f"audio file {path} is too short ({1000 * audio.numel() / rate:.1f} "
+                        f"ms); expected at least {MIN_AUDIO_MS} ms of audio")
     if rate != sample_rate:
         audio = torchaudio.functional.resample(audio, rate, sample_rate)
     return audio
@@ -323,7 +330,8 @@ def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str, str]]:
     rows = []
     for n, item in jsonl_objects(path, ("audio", "text"), _MANIFEST_FORMAT):
         duration = item.get("duration")
-        if duration is not None and not isinstance(duration, (int, float)):
+        if duration is not None and (not isinstance(duration, (int, float))
+                                     or isinstance(duration, bool) or duration <= 0):
             raise UserError(f"{path} line {n} has duration={duration!r}; expected seconds")
         rows.append((path.parent / str(item["audio"]), duration, str(item["text"]),
                      str(item.get("voice") or "")))

@@ -125,6 +125,14 @@ NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
 MLPS = {"swiglu": SwiGLU, "gelu": GeluMLP}
 
 
+def check_sizes(**sizes: int) -> None:
+    """Model sizes that cannot build a model (``embed_dim=0``) are a ``ValueError`` naming
+    them; ``depth`` may be 0, the others must be positive."""
+    for name, value in sizes.items():
+        if value is not None and value < (0 if name == "depth" else 1):
+            raise ValueError(f"{name}={value}; expected {'>= 0' if name == 'depth' else '>= 1'}")
+
+
 def lookup(table: dict, name: str, what: str):
     """A class from a name in config, with a clear error for an unknown name."""
     try:

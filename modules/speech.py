@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import NORMS, DropPath, add_on_rows, kept_rows, lookup
+from .layers import NORMS, DropPath, add_on_rows, check_sizes, kept_rows, lookup
 from .mha import MultiHeadAttention
 from .rope import RotaryEmbedding
 from .transformer import Transformer
@@ -217,6 +217,8 @@ class Conformer(nn.Module):
                  max_seq_len: int, attn_drop: float = 0.0, drop: float = 0.0,
                  drop_path_rate: float = 0.0, backend: str = "auto"):
         super().__init__()
+        check_sizes(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                    mlp_hidden_dim=mlp_hidden_dim, conv_kernel=conv_kernel)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
                              f"({num_heads})")

@@ -13,7 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .layers import MLPS, NORMS, DropPath, add_on_rows, kept_rows, lookup, residual_add
+from .layers import (
+    MLPS,
+    NORMS,
+    DropPath,
+    add_on_rows,
+    check_sizes,
+    kept_rows,
+    lookup,
+    residual_add,
+)
 from .mha import KVCache, MultiHeadAttention, StaticKV
 from .rope import RotaryEmbedding
 
@@ -103,6 +112,11 @@ class Transformer(nn.Module):
                  attn_drop: float = 0.0, drop: float = 0.0, drop_path_rate: float = 0.0,
                  backend: str = "auto"):
         super().__init__()
+        check_sizes(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                    num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_hidden_dim=mlp_hidden_dim)
+        if head_dim is None and embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads}) unless head_dim is given")
         norm_layer, mlp_layer = lookup(NORMS, norm, "norm"), lookup(MLPS, mlp, "mlp")
         hd = head_dim or embed_dim // num_heads
         self.rope = (RotaryEmbedding(head_dim=hd, theta=rope_theta, max_seq_len=max_seq_len)

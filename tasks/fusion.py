@@ -757,12 +757,25 @@ def _read_images(module: FusionModule, pattern, on_bad: str) -> tuple[list[str],
 
 
 def _as_list(value, what: str) -> list[str]:
+    """A list, a UTF-8 file with one item a line, or one item (text that names no file)."""
+    items = []
     if isinstance(value, str):
         p = Path(value).expanduser()
         if p.is_file():
-            return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-        return [value]
-    items = [str(v) for v in OmegaConf.to_container(value)] if value is not None else []
+            try:
+                items = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()
+                         if ln.strip()]
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{what}={value} is not UTF-8 text ({exc.reason} at byte "
+                                f"{exc.start}); expected one item a line") from None
+        elif (p.suffix.lower() in (".txt", ".tsv", ".csv", ".jsonl", ".json")
+              or value.startswith(("/", "./", "../", "~"))):
+            raise UserError(f"{what}={value} does not exist; expected a file with one item "
+                            f"a line, or the text itself")
+        else:
+            return [value]
+    elif value is not None:
+        items = [str(v) for v in OmegaConf.to_container(value)]
     if not items:
         raise UserError(f"{what} is empty; expected a list or a file with one per line")
     return items

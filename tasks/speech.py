@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -103,7 +104,14 @@ def _manifests(cfg: DictConfig) -> tuple[dict[str, Path], str]:
         raise UserError("data.train is set but data.val is not; give a validation manifest "
                         "(JSONL of audio, duration, text) or a folder of x.wav + x.txt")
     sets = {"train": Path(str(d.train)), "val": Path(str(d.val))}
-    for name, path in (d.test or {}).items():
+    tests = d.test or {}
+    if not isinstance(tests, Mapping):
+        raise UserError(f"data.test={tests!r} is not valid: expected named evaluation sets, "
+                        f"e.g. 'data.test={{test: test.jsonl}}'")
+    for name, path in tests.items():
+        if str(name) in sets:
+            raise UserError(f"data.test names a set {name!r}, which is data.{name}; expected "
+                            f"other names, e.g. 'data.test={{test: test.jsonl}}'")
         sets[str(name)] = Path(str(path))
     return sets, str(d.train)
 
@@ -349,6 +357,12 @@ class SpeechTask(training.Task):
             if not feats[name]:
                 raise UserError(f"{path} holds no usable utterance ({skipped[name]} skipped)")
         labels = _labels(cfg, texts["train"])
+        if labels.kind == "classes":
+            for name, path in sets.items():
+                unseen = sorted(set(texts[name]) - set(labels.classes))
+                if unseen:
+                    raise UserError(f"{path} has the label {unseen[0]!r}, which no training "
+                                    f"utterance has; expected one of {labels.classes}")
         items, item_voices, dropped = {}, {}, {}
         for name in sets:
             keep = [(f, labels.encode(t), v) for f, t, v in

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.batching import bucketed_loader
 from data.cache import cache_dir
+from data.errors import read_utf8
 from data.parallel import pad, prepare_bible, prepare_ding, read_pairs, split_pairs, write_tsv
 from data.text import Tokenizer, train_or_load_tokenizer
 
@@ -226,7 +227,7 @@ def run_translate(cfg: DictConfig) -> dict:
         if not path.is_file():
             raise UserError(f"input={str(path)!r} does not exist; expected a text file, one "
                             f"sentence a line (or - for stdin)")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_utf8(path, "input").splitlines()
     hyps = translate_lines(module.model, tok, lines, cfg)
     for h in hyps:
         print(h)

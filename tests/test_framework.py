@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,20 @@ def _image_folder(root: Path) -> Path:
     ("translation", ["data.train_file=/nonexistent.tsv"], "/nonexistent.tsv"),
     ("translation", ["mode=translate", "ckpt=/nonexistent.ckpt", "input=-"],
      "checkpoint /nonexistent.ckpt does not exist"),
+    ("lm", ["seed=abc"], "seed='abc' is not valid: expected int"),
+    ("lm", ["compile=maybe"], "compile='maybe' is not valid: expected bool"),
+    ("vit", ["label_smoothing=2"], "label_smoothing=2 is not valid: expected a number in [0, 1)"),
+    ("vit", ["top_k=-1"], "top_k=-1 is not valid: expected a count >= 1"),
+    ("lm", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0 is not valid"),
+    ("lm", ["mode=generate", "ckpt=x.ckpt", "generate.top_p=2"], "generate.top_p=2 is not valid"),
+    ("lm", ["model.depth=-1"], "depth=-1; expected >= 0"),
+    ("lm", ["model.embed_dim=30", "model.num_heads=4", "model.num_kv_heads=2"],
+     "embed_dim (30) must be divisible by num_heads (4)"),
+    ("speech", ["data.train=a.jsonl", "data.val=b.jsonl", "data.test=c.jsonl"],
+     "data.test='c.jsonl' is not valid: expected named evaluation sets"),
+    ("speech", ["data.train=a.jsonl", "data.val=b.jsonl", "data.test={train: c.jsonl}"],
+     "data.test names a set 'train'"),
+    ("vit", ["run_dir=/proc/version"], "run_dir='/proc/version' cannot be used"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None
@@ -164,6 +179,30 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
         base = ["model=seq2seq_tiny"]
     proc = cli(tmp_path, task, *args, base=base)
     one_line_error(proc, expect)
+
+
+def test_a_finished_run_directory_is_not_overwritten(tmp_path):
+    assert cli(tmp_path, "lm").returncode == 0
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    one_line_error(cli(tmp_path, "lm", "seed=7"), "already holds a run (results.json and "
+                   "checkpoints); expected a new folder, or resume=auto")
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+    assert cli(tmp_path, "lm", "resume=auto", "trainer.max_steps=3").returncode == 0
+
+
+def test_a_raw_pickle_is_refused_in_one_line(tmp_path):
+    victim = tmp_path / "created_by_pickle"
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": _CreatesFile(str(victim))}, protocol=4))
+    one_line_error(cli(tmp_path, "lm", f"init_from={evil}"), "not loaded (they could run code)")
+    assert not victim.exists()
+
+
+def test_resume_needs_the_same_model(tmp_path):
+    assert cli(tmp_path, "lm").returncode == 0
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    proc = cli(tmp_path, "lm", f"resume={last}", "model.embed_dim=48", "trainer.max_steps=3")
+    one_line_error(proc, f"resume={last} does not fit this model")
 
 
 def test_a_run_prints_no_advertising(tmp_path):

@@ -254,3 +254,12 @@ def test_sibling_breakdown_against_a_direct_count():
         assert out[f"r1_t2i_{name}"] == pytest.approx(r1)
         assert out[f"r10_t2i_{name}"] == pytest.approx(r10)
     assert 0 < out["r1_t2i_with_sibling"] < out["r10_t2i_with_sibling"] < 1
+
+
+def test_text_lists_name_a_missing_or_unreadable_file(tmp_path):
+    with pytest.raises(UserError, match="texts=/nonexistent/captions.txt does not exist"):
+        fusion_task._as_list("/nonexistent/captions.txt", "texts")
+    (tmp_path / "c.txt").write_bytes(b"\xff\xfe bad\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        fusion_task._as_list(str(tmp_path / "c.txt"), "texts")
+    assert fusion_task._as_list("a red square", "texts") == ["a red square"]

@@ -242,7 +242,8 @@ def test_init_from_hf_llama_directory_through_the_command_line(tmp_path):
             model["embed_dim"], model["vocab_size"]) == (50000.0, 1e-5, 4, 2, 32,
                                                          tok.vocab_size)
     save_llama(tmp_path / "other", vocab_size=tok.vocab_size + 8)
-    proc = cli(tmp_path, f"init_from={tmp_path / 'other'}", f"data.tokenizer={tok_dir}/spm.model")
+    proc = cli(tmp_path / "again", f"init_from={tmp_path / 'other'}",
+               f"data.tokenizer={tok_dir}/spm.model")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert f"vocabulary of {tok.vocab_size + 8} tokens" in proc.stderr

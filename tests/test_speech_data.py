@@ -185,7 +185,7 @@ def test_load_audio_resamples_and_downmixes_8bit_stereo(tmp_path):
 
 
 def test_load_audio_16_and_32_bit(tmp_path):
-    x = np.array([0, 16384, -32768, 32767], np.int16)
+    x = np.tile(np.array([0, 16384, -32768, 32767], np.int16), 100)  # 25 ms
     for width, data in ((2, x.tobytes()), (4, (x.astype(np.int32) << 16).tobytes())):
         path = tmp_path / f"{width}.wav"
         with wave.open(str(path), "wb") as w:
@@ -200,9 +200,12 @@ def test_bad_audio_files_are_named_and_skipped(tmp_path):
     write_wav(tmp_path / "good.wav", _tone(0.5))
     (tmp_path / "empty.wav").write_bytes(b"")
     (tmp_path / "text.wav").write_text("this is not audio\n")
-    for name in ("empty.wav", "text.wav", "missing.wav"):
+    write_wav(tmp_path / "click.wav", _tone(0.5)[:160])  # 10 ms: less than one window
+    for name in ("empty.wav", "text.wav", "missing.wav", "click.wav"):
         with pytest.raises(UserError, match=name):
             load_audio(tmp_path / name)
+    with pytest.raises(UserError, match="too short"):
+        load_audio(tmp_path / "click.wav")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"audio": n, "duration": 1.0, "text": "x"}) + "\n"
                                 for n in ("good.wav", "empty.wav", "text.wav", "missing.wav")))
@@ -222,6 +225,15 @@ def test_bad_manifest_lines_name_file_and_line(tmp_path):
         read_manifest(manifest)
     manifest.write_text(f"{good}\n" + json.dumps({"audio": "a.wav"}) + "\n")
     with pytest.raises(UserError, match=r"m\.jsonl line 2 lacks 'text'"):
+        read_manifest(manifest)
+    manifest.write_text(f"{good}\n" + json.dumps({"audio": "a.wav", "text": None}) + "\n")
+    with pytest.raises(UserError, match=r"m\.jsonl line 2 lacks 'text'"):
+        read_manifest(manifest)
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "x", "duration": -1}) + "\n")
+    with pytest.raises(UserError, match=r"line 1 has duration=-1"):
+        read_manifest(manifest)
+    manifest.write_bytes(b'{"audio": "a.wav", "text": "\xff"}\n')
+    with pytest.raises(UserError, match=r"m\.jsonl is not UTF-8 text"):
         read_manifest(manifest)
     manifest.write_text(f"{good}\n")
     assert read_manifest(manifest).utterances[0].duration == 0.5  # from the header

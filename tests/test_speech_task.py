@@ -175,6 +175,18 @@ def test_bad_input_is_one_clear_line(tmp_path, corpus, args, expect):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_keyword_no_training_utterance_has_is_named(tmp_path, corpus):
+    val = json.loads((corpus / "val.jsonl").read_text().splitlines()[0])
+    (tmp_path / "val.jsonl").write_text(json.dumps(val | {
+        "audio": str(corpus / val["audio"]), "text": "banana"}) + "\n")
+    proc = cli(tmp_path, corpus, "model.head=classify", f"data.val={tmp_path / 'val.jsonl'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and "has the label 'banana', which no training " \
+        "utterance has" in err[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_init_from_and_resume(tmp_path, corpus):
     """Fine-tuning from a speech checkpoint, and resume=auto finishing an extended run."""
     first = tmp_path / "first"

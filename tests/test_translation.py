@@ -177,3 +177,12 @@ def test_translations_stay_one_line_each():
     assert one_line(text).splitlines() == [text.translate({ord(c): " " for c in breaks})]
     assert one_line("¿Qué es esto?\tbien") == "¿Qué es esto?\tbien"
 
+
+
+def test_corpus_files_that_are_not_utf8_or_conflict_are_named(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_bytes(b"a\tb\n\xff\xfe\tc\n")
+    with pytest.raises(UserError, match=r"pairs\.tsv is not UTF-8 text"):
+        read_pairs(tsv=tsv)
+    with pytest.raises(UserError, match="are both given"):
+        read_pairs(tsv=tsv, source=tmp_path / "x.fr", target=tmp_path / "x.en")

@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def safe_load(path: str | os.PathLike, what: str) -> object:
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: noise
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise UserError(f"{what} {path} holds Python objects other than tensors and plain "
@@ -166,8 +169,26 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
     if not cfg.get("resume") or cfg.resume == "auto":
         found = [p for p in (out / "checkpoints" / "last.ckpt", preempted) if p.is_file()]
         return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-    load_checkpoint(cfg.resume, cfg.task)  # fail early with a clear message
+    ckpt = load_checkpoint(cfg.resume, cfg.task)  # fail early with a clear message
+    if "pytorch-lightning_version" not in ckpt:
+        raise UserError(f"resume={cfg.resume} holds weights only, no training state; expected "
+                        f"a run's last.ckpt (init_from= starts a new run from these weights)")
     return str(cfg.resume)
+
+
+def check_resume_fits(module: torch.nn.Module, path: str, task: str) -> None:
+    """``resume=`` a checkpoint of other model settings is one error naming a tensor."""
+    state = load_checkpoint(path, task)["state_dict"]
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if wrong or missing or unexpected:
+        detail = (f"{len(wrong)} tensors differ in shape (checkpoint vs model), e.g. {wrong[0]}"
+                  if wrong else f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+        raise UserError(f"resume={path} does not fit this model: {detail}; expected the "
+                        f"model settings of the run it came from")
 
 
 class RNGState(Callback):

@@ -51,6 +51,11 @@ def _type_errors(cfg: dict, defaults: dict) -> None:
                         f"like the default {default!r}")
 
 
+def _is_group(key: str) -> bool:
+    """``model`` or ``hydra/launcher`` (a config group), not ``seed`` (a value)."""
+    return "/" in key or (CONF_DIR / key).is_dir()
+
+
 def check_command_line(config_name: str, overrides: list[str]) -> None:
     """Compose the config the command line asks for before Hydra runs it: a misspelled key,
     an unknown config group option or a value of the wrong type is one UserError. Command
@@ -60,7 +65,7 @@ def check_command_line(config_name: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=")[0].lstrip("+~")]
+    groups = [o for o in overrides if "=" in o and _is_group(o.split("=")[0].lstrip("+~"))]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
@@ -71,8 +76,33 @@ def check_command_line(config_name: str, overrides: list[str]) -> None:
                  OmegaConf.to_container(defaults, resolve=False))
 
 
+# Settings several tasks share: (key, valid, what is expected). Checked once for every mode.
+SHARED_RANGES = (
+    ("data.batch_size", lambda v: v >= 1, "a positive batch size"),
+    ("data.num_workers", lambda v: v >= 0, "a count of loader processes >= 0"),
+    ("trainer.val_check_interval", lambda v: v > 0, "a positive number of steps"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("top_k", lambda v: v >= 1, "a count >= 1"),
+    ("decode.beam_size", lambda v: v >= 1, "a beam size >= 1 (1: greedy)"),
+    ("generate.max_new_tokens", lambda v: v >= 1, "a count >= 1"),
+    ("generate.temperature", lambda v: v >= 0, "a temperature >= 0 (0: greedy)"),
+    ("generate.top_k", lambda v: v >= 0, "a count >= 0 (0: off)"),
+    ("generate.top_p", lambda v: 0 < v <= 1, "a probability in (0, 1]"),
+)
+
+
+def check_shared_ranges(cfg: DictConfig) -> None:
+    """A shared setting outside its range (``top_k=-1``) is one ``UserError``."""
+    for key, valid, expected in SHARED_RANGES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not valid(value):
+            raise UserError(f"{key}={value!r} is not valid: expected {expected}")
+
+
 def select_mode(cfg: DictConfig, task: str, modes: dict[str, Callable]) -> Callable:
-    """The entry point for ``cfg.mode``; an unknown mode is a one-line error."""
+    """The entry point for ``cfg.mode``; an unknown mode or a shared setting out of its range
+    is a one-line error."""
+    check_shared_ranges(cfg)
     if cfg.mode not in modes:
         raise UserError(f"mode={cfg.mode!r} is not a mode of the {task} task; expected one of "
                         f"{sorted(modes)}")

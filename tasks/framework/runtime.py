@@ -55,8 +55,23 @@ def run_dir(cfg: DictConfig) -> Path:
             path = Path(HydraConfig.get().runtime.output_dir)
         except Exception:
             path = Path("outputs") / cfg.task / time.strftime("%Y-%m-%d_%H-%M-%S")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"run_dir={str(path)!r} cannot be used: {exc.strerror}; expected a "
+                        f"folder that can be created or written to") from None
     return path.resolve()
+
+
+def refuse_finished_run(out: Path) -> None:
+    """A new training run in a folder that already holds one would overwrite its results,
+    curves and split: ask for another folder, or ``resume=auto`` to continue that run."""
+    held = [name for name, there in (
+        ("results.json", (out / "results.json").is_file()),
+        ("checkpoints", any((out / "checkpoints").glob("*.ckpt")))) if there]
+    if held:
+        raise UserError(f"run_dir={str(out)!r} already holds a run ({' and '.join(held)}); "
+                        f"expected a new folder, or resume=auto to continue that run")
 
 
 def global_rank() -> int:

@@ -27,7 +27,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from . import runtime
-from .checkpoints import init_weights_from, load_checkpoint, model_state, resume_path
+from .checkpoints import (
+    check_resume_fits,
+    init_weights_from,
+    load_checkpoint,
+    model_state,
+    resume_path,
+)
 from .config import select_mode
 from .errors import UserError
 from .module import TaskModule
@@ -113,6 +119,8 @@ def train(task: Task, cfg: DictConfig) -> dict:
                         f"of optimizer steps")
     t0, out = runtime.begin(cfg)
     resume = resume_path(cfg, out)  # a bad resume= fails here, before any work
+    if resume is None and runtime.is_rank_zero():  # other ranks start once rank 0 wrote
+        runtime.refuse_finished_run(out)
     prep = task.prepare(cfg, out)
     t_data = runtime.seconds_since(t0)
     module = task.module_class(model_cfg=prep.model_cfg, meta=prep.meta,
@@ -120,6 +128,8 @@ def train(task: Task, cfg: DictConfig) -> dict:
                                total_steps=cfg.trainer.max_steps, **prep.options)
     configure_optimization(module.model, cfg.optimizer, cfg.scheduler, 1)  # fail early
     init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
+    if resume:
+        check_resume_fits(module, resume, cfg.task)
     trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
                                              mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
