@@ -143,7 +143,8 @@ def read_pairs(manifest: str | Path, *, img_size: int, on_bad_image: str = "skip
     for row in rows:
         try:
             pixels[len(kept)] = load_rgb(row["path"], img_size)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                SyntaxError) as exc:
             if on_bad_image == "error":
                 raise UserError(f"image {row['path']} (line {row['line']} of {path}) cannot be "
                                 f"read ({type(exc).__name__}); fix or remove it, or set "

@@ -100,7 +100,8 @@ def scan_folder(root: str | Path, *, img_size: int, channels: int,
                 continue
             try:
                 images.append(load_image(f, img_size, channels))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+                    SyntaxError) as exc:
                 if on_bad_image == "error":
                     raise DataError(f"image {f} cannot be read ({type(exc).__name__}); fix or "
                                     f"remove it, or set data.on_bad_image=skip") from None

@@ -68,7 +68,8 @@ def _write_shakespeare(root: Path, train: Path, val: Path, val_fraction: float) 
     atomic_write_text(train, "\n\n".join(train_parts) + "\n")
 
 
-def expand_files(pattern: str | list[str], what: str) -> list[Path]:
+def expand_files(pattern: str | list[str], what: str,
+                 expected: str = "UTF-8 text files") -> list[Path]:
     """Files matching a glob (or list of globs); an error names the pattern if none do."""
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     files = sorted({Path(f) for p in patterns for f in glob.glob(str(Path(p).expanduser()),
@@ -76,7 +77,7 @@ def expand_files(pattern: str | list[str], what: str) -> list[Path]:
     files = [f for f in files if f.is_file()]
     if not files:
         raise DataError(f"{what}={patterns if len(patterns) > 1 else patterns[0]!r} matches no "
-                        f"file; expected a path or glob of UTF-8 text files")
+                        f"file; expected a path or glob of {expected}")
     return files
 
 
@@ -120,7 +121,12 @@ class Tokenizer:
         if not path.is_file():
             raise DataError(f"tokenizer file {path} does not exist; expected a sentencepiece "
                             f".model file")
-        return cls(path.read_bytes())
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError as exc:  # sentencepiece's parse error
+            raise DataError(f"tokenizer file {path} is not a sentencepiece model "
+                            f"({type(exc).__name__}); expected a .model file written by "
+                            f"sentencepiece") from None
 
     @classmethod
     def train(cls, text: str, vocab_size: int, *, max_lines: int = 300_000) -> Tokenizer:

@@ -107,7 +107,12 @@ def _hf_dir(path: str | Path) -> tuple[dict, list[Path]]:
         note = f" ({pickled[0]} is not read: loading it would unpickle)" if pickled else ""
         raise ValueError(f"{path} has no *.safetensors weights{note}; expected "
                          f"model.safetensors or its shards")
-    return json.loads((path / "config.json").read_text()), files
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc}); expected a "
+                         f"Hugging Face config.json") from None
+    return config, files
 
 
 def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
@@ -115,7 +120,11 @@ def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
 
     hf: dict[str, Tensor] = {}
     for f in files:
-        hf.update(load_file(str(f)))
+        try:
+            hf.update(load_file(str(f)))
+        except Exception as exc:  # safetensors' own error types
+            raise ValueError(f"{f} cannot be read as safetensors ({type(exc).__name__}: "
+                             f"{str(exc)[:100]}); it may be truncated") from None
     return hf
 
 

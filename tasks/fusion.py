@@ -611,6 +611,8 @@ class FusionTask(training.Task):
     def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
         d = cfg.data
         unknown = set(d.objectives) - set(OBJECTIVES)
+        if not d.objectives:
+            raise UserError(f"data.objectives is empty; expected some of {list(OBJECTIVES)}")
         if unknown:
             raise UserError(f"data.objectives has {sorted(unknown)}; expected some of "
                             f"{list(OBJECTIVES)}")
@@ -739,7 +741,7 @@ def _read_images(module: FusionModule, pattern, on_bad: str) -> tuple[list[str],
                                                                          list[str]]:
     size = module.model_cfg["vision"]["img_size"]
     files, imgs, skipped = [], [], []
-    for f in expand_files(pattern, "images"):
+    for f in expand_files(pattern, "images", "image files"):
         try:
             imgs.append(load_image(f, size, 3))
             files.append(str(f))

@@ -339,7 +339,8 @@ class SpeechTask(training.Task):
         d = cfg.data
         require(d.max_frames_per_batch >= d.max_frames, "data.max_frames_per_batch",
                 d.max_frames_per_batch, f"at least data.max_frames={d.max_frames}")
-        require(cfg.model.head in ("ctc", "classify"), "head", cfg.model.head, "'ctc' or 'classify'")
+        require(cfg.model.head in ("ctc", "classify"), "model.head", cfg.model.head,
+                "'ctc' or 'classify'")
         require(cfg.model.head == "ctc" or not d.kokoro_utterances, "data.kokoro_utterances",
                 d.kokoro_utterances, "0 for keyword spotting (Kokoro reads sentences only)")
         for key in ("train_utterances", "gnuspeech_utterances", "pico_utterances",
@@ -469,7 +470,7 @@ def run_transcribe(cfg: DictConfig) -> dict:
     fe = LogMel(n_mels=module.meta["n_mels"])
     max_frames = module.model.max_frames
     results, skipped = [], []
-    for f in expand_files(cfg.audio, "audio"):
+    for f in expand_files(cfg.audio, "audio", "WAV files"):
         try:
             feats = fe(load_audio(f))
             if len(feats) > max_frames:

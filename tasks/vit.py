@@ -243,7 +243,7 @@ def run_predict(cfg: DictConfig) -> dict:
     meta, m = module.meta, module.model_cfg
     tf = build_transforms(None, meta["mean"], meta["std"], train=False)
     results = []
-    for f in expand_files(cfg.images, "images"):
+    for f in expand_files(cfg.images, "images", "image files"):
         try:
             x = tf(load_image(f, m["img_size"], m["in_chans"]))[None]
         except Exception as exc:

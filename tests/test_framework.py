@@ -132,7 +132,12 @@ def _image_folder(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("task,args,expect", [
-    ("lm", ["model.embed_dimm=64"], "embed_dimm"),
+    ("lm", ["model.embed_dimm=64"], "model.embed_dimm is not a setting of this task; "
+     "expected model.embed_dim, or +model.embed_dimm=... to add a new one"),
+    ("speech", ["data.pico_utterance=5"], "expected data.pico_utterances"),
+    ("lm", [f"data.tokenizer={ROOT / 'README.md'}"], "is not a sentencepiece model"),
+    ("fusion", ["eval.rerank_k=0"], "eval.rerank_k=0 is not valid: expected a count >= 1"),
+    ("vit", ["data.channels=0"], "data.channels=0 is not valid: expected 1 (grey) or 3"),
     ("lm", ["model=lm_huge"], "lm_huge"),
     ("lm", ["trainer.max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int"),
     ("lm", ["model.backend=flash"], "model (modules.lm.CausalLM) cannot be built"),

@@ -337,3 +337,25 @@ def test_unseen_words():
     assert fusion.caption_words("snow-capped mountain") == {"snow", "capped", "mountain"}
     assert fusion.unseen_words(train, test) == [["cat"], ["france"], ["cableway"], [],
                                                  ["ten"]]
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_a_bad_image(tmp_path):
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "ok.png")
+    _png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    path = _manifest(tmp_path, [{"image": "ok.png", "caption": "x"},
+                                {"image": "bomb.png", "caption": "y"}])
+    assert read_pairs(path, img_size=8).skipped == [str(tmp_path / "bomb.png")]
+    with pytest.raises(UserError, match=r"bomb\.png .*DecompressionBombError"):
+        read_pairs(path, img_size=8, on_bad_image="error")

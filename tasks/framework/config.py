@@ -56,6 +56,22 @@ def _is_group(key: str) -> bool:
     return "/" in key or (CONF_DIR / key).is_dir()
 
 
+def _unknown_keys(defaults: DictConfig, overrides: list[str]) -> None:
+    """``data.pico_utterance=5``: a key the task does not have, with the nearest it has."""
+    import difflib
+    absent = object()
+    for o in overrides:
+        key = o.split("=")[0]
+        if ("=" not in o or key.startswith(("+", "~", "hydra.")) or _is_group(key)
+                or OmegaConf.select(defaults, key, default=absent) is not absent):
+            continue
+        known = [k for k, _ in _leaves(OmegaConf.to_container(defaults, resolve=False))]
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        raise UserError(f"{key} is not a setting of this task; expected "
+                        + (f"{near[0]}" if near else "a key of conf/ (print them with --cfg job)")
+                        + f", or +{key}=... to add a new one")
+
+
 def check_command_line(config_name: str, overrides: list[str]) -> None:
     """Compose the config the command line asks for before Hydra runs it: a misspelled key,
     an unknown config group option or a value of the wrong type is one UserError. Command
@@ -68,15 +84,17 @@ def check_command_line(config_name: str, overrides: list[str]) -> None:
     groups = [o for o in overrides if "=" in o and _is_group(o.split("=")[0].lstrip("+~"))]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
             defaults = compose(config_name, overrides=groups)
+            _unknown_keys(defaults, overrides)
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(_one_line(exc)) from None
     _type_errors(OmegaConf.to_container(cfg, resolve=False),
                  OmegaConf.to_container(defaults, resolve=False))
 
 
-# Settings several tasks share: (key, valid, what is expected). Checked once for every mode.
+# Settings with a range, in whichever task has them: (key, valid, what is expected). Checked
+# once for every mode, before any work.
 SHARED_RANGES = (
     ("data.batch_size", lambda v: v >= 1, "a positive batch size"),
     ("data.num_workers", lambda v: v >= 0, "a count of loader processes >= 0"),
@@ -88,11 +106,17 @@ SHARED_RANGES = (
     ("generate.temperature", lambda v: v >= 0, "a temperature >= 0 (0: greedy)"),
     ("generate.top_k", lambda v: v >= 0, "a count >= 0 (0: off)"),
     ("generate.top_p", lambda v: 0 < v <= 1, "a probability in (0, 1]"),
+    ("data.img_size", lambda v: v >= 1, "a size in pixels >= 1"),
+    ("data.channels", lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
+    ("data.n_mels", lambda v: v >= 1, "a number of mel bins >= 1"),
+    ("data.max_text_len", lambda v: v >= 2, "a length in tokens >= 2"),
+    ("data.questions_per_image", lambda v: v >= 1, "a count >= 1 (null: all)"),
+    ("eval.rerank_k", lambda v: v >= 1, "a count >= 1"),
 )
 
 
 def check_shared_ranges(cfg: DictConfig) -> None:
-    """A shared setting outside its range (``top_k=-1``) is one ``UserError``."""
+    """A setting outside its range (``top_k=-1``) is one ``UserError``."""
     for key, valid, expected in SHARED_RANGES:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, int | float) and not isinstance(value, bool) and not valid(value):
