@@ -242,20 +242,28 @@ def run_predict(cfg: DictConfig) -> dict:
     module = ViTModule.from_checkpoint(cfg.ckpt)
     meta, m = module.meta, module.model_cfg
     tf = build_transforms(None, meta["mean"], meta["std"], train=False)
-    results = []
+    on_bad = cfg.data.on_bad_image
+    require(on_bad in ("skip", "error"), "data.on_bad_image", on_bad, "'skip' or 'error'")
+    results, skipped = [], []
     for f in expand_files(cfg.images, "images", "image files"):
         try:
             x = tf(load_image(f, m["img_size"], m["in_chans"]))[None]
         except Exception as exc:
-            raise UserError(f"image {f} cannot be read ({type(exc).__name__}); expected an "
-                            f"image file") from None
+            if on_bad == "error":
+                raise UserError(f"image {f} cannot be read ({type(exc).__name__}); expected "
+                                f"an image file") from None
+            skipped.append(str(f))
+            print(f"{f}: skipped, cannot be read ({type(exc).__name__})")
+            continue
         with torch.no_grad():
             probs = module(x).softmax(-1)[0]
         top = probs.topk(min(cfg.top_k, len(meta["classes"])))
         ranked = [(meta["classes"][i], float(p)) for p, i in zip(top.values, top.indices)]
         print(f"{f}: " + ", ".join(f"{c} {p:.3f}" for c, p in ranked))
         results.append({"file": str(f), "top": ranked})
-    return {"predictions": results}
+    if not results:
+        raise UserError(f"images={cfg.images}: none of the {len(skipped)} files could be read")
+    return {"predictions": results, "skipped": skipped}
 
 
 TASK = ViTTask()

@@ -145,6 +145,14 @@ def test_train_predict_and_outputs(tmp_path, image_folder):
                                  f"images={image_folder}/right/1*.png"))
     tops = [p["top"][0][0] for p in pred["predictions"]]
     assert len(tops) == 11 and tops.count("right") >= 9
+    broken = next(image_folder.rglob("broken.png"))  # skipped and named, or it stops
+    pred = vit_task.run(make_cfg(out, image_folder, "mode=predict",
+                                 f"ckpt={out}/checkpoints/best.ckpt",
+                                 f"images=[{image_folder}/right/1*.png,{broken}]"))
+    assert len(pred["predictions"]) == 11 and pred["skipped"] == [str(broken)]
+    with pytest.raises(UserError, match="broken.png cannot be read"):
+        vit_task.run(make_cfg(out, image_folder, "mode=predict", "data.on_bad_image=error",
+                              f"ckpt={out}/checkpoints/best.ckpt", f"images={broken}"))
 
 
 def test_bad_image_can_stop_the_run(tmp_path, image_folder):
