@@ -242,8 +242,7 @@ def run_predict(cfg: DictConfig) -> dict:
     module = ViTModule.from_checkpoint(cfg.ckpt)
     meta, m = module.meta, module.model_cfg
     tf = build_transforms(None, meta["mean"], meta["std"], train=False)
-    on_bad = cfg.data.on_bad_image
-    require(on_bad in ("skip", "error"), "data.on_bad_image", on_bad, "'skip' or 'error'")
+    on_bad = cfg.data.on_bad_image  # skip or error (checked with the other settings)
     results, skipped = [], []
     for f in expand_files(cfg.images, "images", "image files"):
         try:

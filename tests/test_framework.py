@@ -138,6 +138,8 @@ def _image_folder(root: Path) -> Path:
     ("lm", [f"data.tokenizer={ROOT / 'README.md'}"], "is not a sentencepiece model"),
     ("fusion", ["eval.rerank_k=0"], "eval.rerank_k=0 is not valid: expected a count >= 1"),
     ("vit", ["data.channels=0"], "data.channels=0 is not valid: expected 1 (grey) or 3"),
+    ("speech", ["mode=transcribe", "ckpt=x.ckpt", "audio=x.wav", "data.on_bad_audio=foo"],
+     "data.on_bad_audio='foo' is not valid: expected one of ['skip', 'error']"),
     ("lm", ["model=lm_huge"], "lm_huge"),
     ("lm", ["trainer.max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int"),
     ("lm", ["model.backend=flash"], "model (modules.lm.CausalLM) cannot be built"),

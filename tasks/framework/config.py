@@ -115,12 +115,23 @@ SHARED_RANGES = (
 )
 
 
+# Settings that take one of a few words, in whichever task has them.
+SHARED_CHOICES = (
+    ("data.on_bad_image", ("skip", "error")),
+    ("data.on_bad_audio", ("skip", "error")),
+)
+
+
 def check_shared_ranges(cfg: DictConfig) -> None:
-    """A setting outside its range (``top_k=-1``) is one ``UserError``."""
+    """A setting outside its range (``top_k=-1``) or its choices is one ``UserError``."""
     for key, valid, expected in SHARED_RANGES:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, int | float) and not isinstance(value, bool) and not valid(value):
             raise UserError(f"{key}={value!r} is not valid: expected {expected}")
+    for key, choices in SHARED_CHOICES:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in choices:
+            raise UserError(f"{key}={value!r} is not valid: expected one of {list(choices)}")
 
 
 def select_mode(cfg: DictConfig, task: str, modes: dict[str, Callable]) -> Callable:
