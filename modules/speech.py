@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import NORMS, DropPath, add_on_rows, check_sizes, kept_rows, lookup
+from .layers import (
+    NORMS,
+    DropPath,
+    add_on_rows,
+    check_sizes,
+    kept_rows,
+    lookup,
+    residual_add,
+)
 from .mha import MultiHeadAttention
 from .rope import RotaryEmbedding
 from .transformer import Transformer
@@ -200,11 +208,10 @@ class ConformerBlock(nn.Module):
         if self.drop_path.p and self.training:  # drawn per utterance: every row
             rows = None
         x = add_on_rows(x, lambda t: self.drop_path(self.ff1(t)), rows, 0.5, in_place)
-        x = add_on_rows(x, lambda t: self.drop_path(self.drop(self.attn(self.attn_norm(t),
-                                                                        mask=keep_BL))),
-                        in_place=in_place)
-        x = add_on_rows(x, lambda t: self.drop_path(self.conv(self.conv_norm(t), keep_BL)),
-                        in_place=in_place)
+        x = residual_add(x, self.drop_path(self.drop(self.attn(self.attn_norm(x), mask=keep_BL))),
+                         in_place=in_place)
+        x = residual_add(x, self.drop_path(self.conv(self.conv_norm(x), keep_BL)),
+                         in_place=in_place)
         x = add_on_rows(x, lambda t: self.drop_path(self.ff2(t)), rows, 0.5, in_place)
         return self.norm(x)
 

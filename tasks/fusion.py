@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from data.cache import atomic_write_text, cache_dir
+from data.errors import read_utf8
 from data.fusion import (
     PairSet,
     near_siblings,
@@ -764,12 +765,8 @@ def _as_list(value, what: str) -> list[str]:
     if isinstance(value, str):
         p = Path(value).expanduser()
         if p.is_file():
-            try:
-                items = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()
-                         if ln.strip()]
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{what}={value} is not UTF-8 text ({exc.reason} at byte "
-                                f"{exc.start}); expected one item a line") from None
+            items = [ln.strip() for ln in read_utf8(p, f"{what} file").splitlines()
+                     if ln.strip()]
         elif (p.suffix.lower() in (".txt", ".tsv", ".csv", ".jsonl", ".json")
               or value.startswith(("/", "./", "../", "~"))):
             raise UserError(f"{what}={value} does not exist; expected a file with one item "

@@ -126,14 +126,19 @@ def model_state(path: str | os.PathLike, task: str) -> dict:
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
+def shape_mismatches(state: dict, own: dict) -> list[str]:
+    """``"name (checkpoint shape) vs (model shape)"`` for each tensor both have, shaped apart."""
+    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and own[k].shape != v.shape]
+
+
 def init_weights_from(module: torch.nn.Module, state: dict, *, strict: bool, source: str,
                       skip: Callable[[str], bool] = lambda k: False) -> dict:
     """Load weights only, reporting missing and unexpected keys; shape mismatches and, when
     strict, any missing or unexpected key are errors naming them."""
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not skip(k)}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and own[k].shape != v.shape]
+    wrong = shape_mismatches(state, own)
     if wrong:
         raise UserError(f"init_from {source} does not fit this model: {len(wrong)} tensors "
                         f"differ in shape (checkpoint vs model), e.g. {wrong[0]}")
@@ -180,8 +185,7 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str) -> None:
     """``resume=`` a checkpoint of other model settings is one error naming a tensor."""
     state = load_checkpoint(path, task)["state_dict"]
     own = module.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and own[k].shape != v.shape]
+    wrong = shape_mismatches(state, own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if wrong or missing or unexpected:
