@@ -27,15 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (
-    NORMS,
-    DropPath,
-    add_on_rows,
-    check_sizes,
-    kept_rows,
-    lookup,
-    residual_add,
-)
+from .layers import NORMS, DropPath, add_on_rows, check_sizes, kept_rows, lookup, residual_add
 from .mha import MultiHeadAttention
 from .rope import RotaryEmbedding
 from .transformer import Transformer
