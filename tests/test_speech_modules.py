@@ -1,15 +1,26 @@
 """The speech encoder and CTC decoding: against torchaudio's Conformer on the same weights,
-padding invariance, and prefix beam search against exhaustive search over label sequences."""
+padding invariance, prefix beam search (alone and with a character n-gram fused in) against
+exhaustive search over label sequences, and the n-gram against hand-computed probabilities."""
 
 from __future__ import annotations
 
 import itertools
+import math
+import random
 
 import pytest
 import torch
 
 from modules.converters import conformer_state_dict_from_torchaudio
-from modules.ctc import BLANK, beam_decode, greedy_decode, prefix_beam_search, sequence_log_prob
+from modules.ctc import (
+    BLANK,
+    LMFusion,
+    beam_decode,
+    greedy_decode,
+    prefix_beam_search,
+    sequence_log_prob,
+)
+from modules.ngram import END, START, CharNgramLM
 from modules.speech import (
     Conformer,
     ConvSubsampling,
@@ -136,3 +147,108 @@ def test_prefix_beam_search_finds_the_most_probable_labels(seed):
     greedy = greedy_decode(lp[None], torch.tensor([L]))[0]
     assert sequence_log_prob(lp, found) >= sequence_log_prob(lp, greedy) - 1e-9
     assert beam_decode(lp[None], torch.tensor([L]), beam_size=64)[0] == found
+
+
+def test_kneser_ney_bigram_by_hand():
+    """Two sentences, discount 0.5: the probabilities worked out on paper. Bigrams (^ the
+    start): ^a ab b$ ^b b$; continuation counts a:1 b:2 $:1, so the unigram level gives
+    a (1-.5 + .5*3/3)/4 = .25, b .5, $ .25 (uniform 1/3 below it)."""
+    lm = CharNgramLM(["ab", "b"], order=2, discount=0.5)
+    assert lm.vocab == sorted(["a", "b", END])
+    assert lm.prob("", "a") == pytest.approx((0.5 + 0.5 * 2 * 0.25) / 2)   # 0.375
+    assert lm.prob("", "b") == pytest.approx((0.5 + 0.5 * 2 * 0.5) / 2)    # 0.5
+    assert lm.prob("a", "b") == pytest.approx(0.5 + 0.5 * 1 * 0.5)         # 0.75
+    assert lm.prob("a", "a") == pytest.approx(0.5 * 0.25)
+    assert lm.prob("xab", END) == pytest.approx((1.5 + 0.5 * 0.25) / 2)    # history "b" only
+    assert lm.text_log_prob("ab") == pytest.approx(math.log(0.375 * 0.75 * 0.8125))
+
+
+def _kneser_ney_reference(texts, order, d, context, char):
+    """Interpolated Kneser-Ney from its definition, everything recounted for each query:
+    the top order counts n-grams, a lower order counts a gram's distinct left neighbours,
+    and each level adds d * (its history's distinct followers) / total of the level below."""
+    padded = [START * (order - 1) + t + END for t in texts]
+    top = [s[i - order + 1:i + 1] for s in padded for i in range(order - 1, len(s))]
+    vocab = {c for t in texts for c in t} | {END}
+
+    def grams(k):
+        return {g[order - k:] for g in top}
+
+    def count(g):
+        if len(g) == order:
+            return top.count(g)
+        return sum(1 for x in grams(len(g) + 1) if x[1:] == g)
+
+    def p(history, c):
+        if history is None:
+            return 1 / len(vocab)
+        lower = p(history[1:] if history else None, c)
+        follow = [g for g in grams(len(history) + 1) if g[:-1] == history]
+        total = sum(count(g) for g in follow)
+        if not total:
+            return lower
+        return (max(count(history + c) - d, 0) + d * len(follow) * lower) / total
+
+    return p((START * (order - 1) + context)[len(context):], char)
+
+
+def test_kneser_ney_matches_its_definition_at_order_three():
+    rng = random.Random(3)
+    texts = ["".join(rng.choice("abc ") for _ in range(rng.randint(1, 7))) for _ in range(12)]
+    lm = CharNgramLM(texts, order=3, discount=0.6)
+    for _ in range(30):
+        context = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 5)))
+        for c in lm.vocab:
+            assert lm.prob(context, c) == pytest.approx(
+                _kneser_ney_reference(texts, 3, 0.6, context, c), abs=1e-12), (context, c)
+
+
+@pytest.mark.parametrize("order", [1, 3, 6])
+def test_ngram_is_a_distribution_for_every_context(order):
+    rng = random.Random(order)
+    texts = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 12))) for _ in range(50)]
+    lm = CharNgramLM(texts, order=order, alphabet="abcz ")
+    assert "z" in lm.vocab                       # in the alphabet, never in the text
+    for _ in range(40):
+        context = "".join(rng.choice("ab cz") for _ in range(rng.randint(0, 9)))
+        assert sum(lm.prob(context, c) for c in lm.vocab) == pytest.approx(1.0, abs=1e-12)
+    if order > 1:  # seen text is likelier than the same characters sorted
+        assert lm.text_log_prob(texts[0] * 2) > lm.text_log_prob("".join(sorted(texts[0] * 2)))
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3, 5])
+def test_beam_search_with_an_lm_finds_the_best_fused_score(seed):
+    """With a wide beam, the fused search returns the label sequence that maximises
+    log p_ctc + weight * log p_lm(text, end) + bonus * length over every sequence; on these
+    draws that is not the sequence CTC alone prefers."""
+    g = torch.Generator().manual_seed(seed)
+    L, V = 6, 3
+    lp = torch.randn(L, V, generator=g).log_softmax(-1)
+    pieces = ["", "a", "b"]
+    lm = LMFusion(CharNgramLM(["aab", "ba", "aaab", "b"], order=3), pieces,
+                  weight=1.5, bonus=0.5)
+    candidates = [list(c) for n in range(L + 1) for c in itertools.product(range(1, V), repeat=n)]
+
+    def fused(c):
+        text = "".join(pieces[i] for i in c)
+        return sequence_log_prob(lp, c) + 1.5 * lm.lm.text_log_prob(text) + 0.5 * len(c)
+
+    scored = [(fused(c), c) for c in candidates if sequence_log_prob(lp, c) > -float("inf")]
+    best_score, best = max(scored)
+    found = prefix_beam_search(lp, beam_size=200, prune=-1e9, lm=lm)
+    assert fused(found) == pytest.approx(best_score, abs=1e-9), (found, best)
+    assert found != prefix_beam_search(lp, beam_size=200, prune=-1e9)
+    assert beam_decode(lp[None], torch.tensor([L]), beam_size=200, lm=lm)[0] == found
+
+
+def test_lm_picks_the_spelling_its_text_knows():
+    """After a clear 'a', a frame slightly likelier 'a' than 'b': CTC alone reads 'aa', the
+    n-gram that has only seen 'ab' turns it into 'ab'."""
+    lp = torch.full((3, 3), -30.0)
+    lp[0, 1] = 0.0                                       # 'a'
+    lp[1, BLANK] = 0.0
+    lp[2, 1], lp[2, 2] = math.log(0.55), math.log(0.45)  # 'a' or 'b'
+    lp = lp.log_softmax(-1)
+    lm = LMFusion(CharNgramLM(["ab"] * 5, order=2), ["", "a", "b"], weight=1.0, bonus=0.0)
+    assert prefix_beam_search(lp, beam_size=4) == [1, 1]
+    assert prefix_beam_search(lp, beam_size=4, lm=lm) == [1, 2]
