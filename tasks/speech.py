@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from data.batching import bucketed_loader, length_batches, pad_items
 from data.cache import cache_dir
+from data.errors import read_utf8
 from data.speech import (
     CHARSET,
     NORMALIZER,
@@ -31,7 +32,8 @@ from data.speech import (
     read_manifest,
 )
 from data.text import Tokenizer, digest, expand_files, train_or_load_tokenizer
-from modules.ctc import beam_decode, greedy_decode
+from modules.ctc import LMFusion, beam_decode, greedy_decode
+from modules.ngram import CharNgramLM
 from modules.speech import LogMel
 
 from .framework import entry, training
@@ -70,9 +72,66 @@ class Labels:
             return "".join(CHARSET[i - 1] for i in ids if i > 0)
         return self.tok.decode(ids)
 
+    def pieces(self) -> list[str]:
+        """The text each CTC label id adds to a transcript, for the language model: its
+        character, or its sentencepiece piece with the word-start space; empty for the
+        blank, control and unknown ids and for byte pieces outside printable ASCII (which no
+        normalised transcript holds). A transcript's ids joined this way spell it (with a
+        leading space for sentencepiece)."""
+        if self.kind == "chars":
+            return ["", *CHARSET]
+        sp, out = self.tok.sp, []
+        for i in range(self.size):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                c = chr(int(piece[3:5], 16))
+                out.append(c if " " <= c <= "~" else "")
+            elif sp.is_control(i) or sp.is_unknown(i) or i == Tokenizer.NL:
+                out.append("")
+            else:
+                out.append(piece.replace("\u2581", " "))
+        return out
+
     def meta(self) -> dict:
         return {"labels": self.kind, "classes": self.classes,
                 "spm": self.tok.proto if self.tok else None}
+
+
+def lm_sentences(texts) -> str:
+    """The distinct normalised transcripts, one a line: the text a checkpoint keeps for its
+    language model."""
+    return "\n".join(sorted({normalize_text(t) for t in texts} - {""}))
+
+
+def lm_text_file(decode: DictConfig) -> Path | None:
+    """``decode.lm_text``, checked to be a file; None when not given."""
+    if not decode.lm_text:
+        return None
+    path = Path(str(decode.lm_text)).expanduser()
+    if not path.is_file():
+        raise UserError(f"decode.lm_text={decode.lm_text} is not a file; expected a UTF-8 "
+                        f"text file, one sentence a line")
+    return path
+
+
+def language_model(labels: Labels, transcripts: str | None,
+                   decode: DictConfig) -> LMFusion | None:
+    """The character n-gram of ``decode.lm_order`` over a checkpoint's training transcripts
+    (``lm_sentences``) and the lines of ``decode.lm_text``, ready to fuse into the beam
+    search; None when it is off, the beam is 1 or there is no text."""
+    if not decode.lm_order or decode.beam_size < 2:
+        return None
+    lines = set(transcripts.split("\n")) if transcripts else set()
+    path = lm_text_file(decode)
+    if path is not None:
+        lines |= {normalize_text(t) for t in read_utf8(path, "decode.lm_text").splitlines()}
+    lines.discard("")
+    if not lines:
+        return None
+    pieces = labels.pieces()
+    texts = ["".join(pieces[i] for i in labels.encode(t)) for t in sorted(lines)]
+    return LMFusion(CharNgramLM(texts, order=decode.lm_order, alphabet="".join(pieces)),
+                    pieces, weight=decode.lm_weight, bonus=decode.lm_bonus)
 
 
 # --------------------------------------------------------------------------- data
@@ -260,9 +319,18 @@ class SpeechModule(TaskModule):
 
 
 # --------------------------------------------------------------------------- evaluation
+def lm_summary(lm: LMFusion, seconds: float) -> dict:
+    return {"kind": f"character {lm.lm.order}-gram, interpolated Kneser-Ney, fused into the "
+                    f"beam search", "order": lm.lm.order, "weight": lm.weight,
+            "bonus": lm.bonus, "sentences": lm.lm.sentences, "characters": lm.lm.characters,
+            "build_seconds": round(seconds, 1)}
+
+
 @torch.no_grad()
-def transcribe_batches(module: SpeechModule, loader, beam_size: int) -> dict[str, list]:
-    """Greedy and beam hypotheses (or predicted classes) and references of a loader."""
+def transcribe_batches(module: SpeechModule, loader, beam_size: int,
+                       lm: LMFusion | None = None) -> dict[str, list]:
+    """Greedy and beam hypotheses (the beam with ``lm`` fused in; or predicted classes) and
+    references of a loader."""
     module.eval()
     out = {"greedy": [], "beam": [], "refs": [], "pred": [], "true": []}
     for feats, lengths, targets, target_lengths in loader:
@@ -275,7 +343,7 @@ def transcribe_batches(module: SpeechModule, loader, beam_size: int) -> dict[str
         out["greedy"] += [module.labels.decode(h) for h in greedy_decode(log_probs, out_lengths)]
         if beam_size > 1:
             out["beam"] += [module.labels.decode(h) for h in
-                            beam_decode(log_probs, out_lengths, beam_size=beam_size)]
+                            beam_decode(log_probs, out_lengths, beam_size=beam_size, lm=lm)]
         out["refs"] += [module.labels.decode(t[:n].tolist())
                         for t, n in zip(targets, target_lengths)]
     return out
@@ -350,6 +418,9 @@ class SpeechTask(training.Task):
         require(isinstance(nb, (int, float)) and not isinstance(nb, bool) and 0 <= nb <= 1,
                 "data.narrowband", nb, "a share in [0, 1]")
         require(d.kokoro_repeats >= 1, "data.kokoro_repeats", d.kokoro_repeats, "a count >= 1")
+        require(cfg.model.head == "ctc" or not cfg.decode.lm_text, "decode.lm_text",
+                cfg.decode.lm_text, "null for keyword spotting (the n-gram reads transcripts)")
+        lm_text_file(cfg.decode)
         sets, source = _manifests(cfg)
         feats, texts, voices, skipped = {}, {}, {}, {}
         for name, path in sets.items():
@@ -387,7 +458,9 @@ class SpeechTask(training.Task):
             make_loader(items["train"], d.max_frames_per_batch, seed=cfg.seed, train=True,
                         num_workers=d.num_workers),
             make_loader(items["val"], d.max_frames_per_batch, seed=cfg.seed, train=False),
-            model_cfg, meta={**labels.meta(), "n_mels": d.n_mels},
+            model_cfg, meta={**labels.meta(), "n_mels": d.n_mels,
+                             "lm_text": (lm_sentences(texts["train"])
+                                         if labels.kind != "classes" else None)},
             info={"data": source, "utterances": {k: len(v) for k, v in items.items()},
                   "train_hours": round(frames / 100 / 3600, 2),
                   "skipped_bad_audio": skipped, "dropped_too_long_or_short": dropped,
@@ -400,6 +473,11 @@ class SpeechTask(training.Task):
             return {}
         module.to("cpu")
         figures, plots = {"val_loss": final["val/loss"]}, []
+        t0 = time.time()
+        lm = language_model(module.labels, module.meta.get("lm_text"), cfg.decode) \
+            if module.ctc else None
+        if lm is not None:
+            figures["lm"] = lm_summary(lm, time.time() - t0)
         for name, items in prep.data["items"].items():
             if name == "train" or not items:
                 continue
@@ -408,7 +486,7 @@ class SpeechTask(training.Task):
             loader = (_collate([items[i] for i in b]) for b in batches)
             voices = [prep.data["voices"][name][i] for b in batches for i in b]  # batch order
             t0 = time.time()
-            res = transcribe_batches(module, loader, cfg.decode.beam_size)
+            res = transcribe_batches(module, loader, cfg.decode.beam_size, lm)
             if not module.ctc:
                 acc = sum(p == t for p, t in zip(res["pred"], res["true"])) / len(res["true"])
                 figures[name] = {"accuracy": round(acc, 4), "utterances": len(res["true"])}
@@ -445,12 +523,14 @@ class SpeechTask(training.Task):
 
     @staticmethod
     def _print(figures: dict) -> None:
+        lm = f" + {figures['lm']['order']}-gram" if "lm" in figures else ""
         for name, f in figures.items():
             if isinstance(f, dict) and "greedy" in f:
                 line = (f"{name}: CER {f['greedy']['cer']:.3f} WER {f['greedy']['wer']:.3f} "
                         f"(greedy)")
                 if "beam" in f:
-                    line += f", CER {f['beam']['cer']:.3f} WER {f['beam']['wer']:.3f} (beam)"
+                    line += (f", CER {f['beam']['cer']:.3f} WER {f['beam']['wer']:.3f} "
+                             f"(beam{lm})")
                 print(line)
             elif isinstance(f, dict) and "accuracy" in f:
                 print(f"{name}: accuracy {f['accuracy']:.4f} over {f['utterances']}")
@@ -467,6 +547,18 @@ def run_transcribe(cfg: DictConfig) -> dict:
     if not cfg.audio:
         raise UserError("mode=transcribe needs audio=GLOB, the WAV files to transcribe")
     module = SpeechModule.from_checkpoint(cfg.ckpt)
+    require(module.ctc or not cfg.decode.lm_text, "decode.lm_text", cfg.decode.lm_text,
+            "null for a keyword-spotting checkpoint (the n-gram reads transcripts)")
+    lm, lm_info, t0 = None, None, time.time()
+    if module.ctc:
+        lm = language_model(module.labels, module.meta.get("lm_text"), cfg.decode)
+        lm_info = lm_summary(lm, time.time() - t0) if lm else None
+        if lm is not None:
+            print(f"decoding: beam {cfg.decode.beam_size} with a character "
+                  f"{lm.lm.order}-gram over {lm.lm.sentences} sentences")
+        elif cfg.decode.lm_order and cfg.decode.beam_size > 1:
+            print("decoding without a language model: the checkpoint keeps no transcripts "
+                  "(decode.lm_text=FILE gives it sentences)")
     fe = LogMel(n_mels=module.meta["n_mels"])
     max_frames = module.model.max_frames
     results, skipped = [], []
@@ -485,7 +577,7 @@ def run_transcribe(cfg: DictConfig) -> dict:
             logits, n = module.model(feats[None], torch.tensor([len(feats)]))
         if module.ctc:
             lp = logits.float().log_softmax(-1)
-            ids = (beam_decode(lp, n, beam_size=cfg.decode.beam_size)[0]
+            ids = (beam_decode(lp, n, beam_size=cfg.decode.beam_size, lm=lm)[0]
                    if cfg.decode.beam_size > 1 else greedy_decode(lp, n)[0])
             text = module.labels.decode(ids)
         else:
@@ -494,7 +586,8 @@ def run_transcribe(cfg: DictConfig) -> dict:
         results.append({"file": str(f), "text": text})
     if skipped:
         print(f"skipped {len(skipped)} file(s): " + "; ".join(s["reason"] for s in skipped[:3]))
-    return {"transcripts": results, "skipped": skipped}
+    return {"transcripts": results, "skipped": skipped,
+            "lm": lm_info}
 
 
 TASK = SpeechTask()

@@ -72,6 +72,11 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus):
         assert set(f) >= {"greedy", "beam", "utterances"}
         assert 0 <= f["greedy"]["cer"] and 0 <= f["beam"]["cer"]
     assert saved["text_normalizer"]
+    # the beam fuses a character 8-gram of the four distinct training transcripts
+    assert saved["lm"]["order"] == 8 and saved["lm"]["sentences"] == 4
+    assert saved["lm"]["characters"] == len("down" "no" "up" "yes")
+    ckpt_meta = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    assert ckpt_meta["attnkit"]["lm_text"] == "down\nno\nup\nyes"  # training transcripts
     for name in ("loss_curves.png", "val_cer.png", "utterance.png",
                  "checkpoints/best.ckpt"):
         assert (tmp_path / name).is_file(), name
@@ -166,6 +171,12 @@ def cli(tmp_path, corpus, *args):
     (["data.units=phones"], "data.units='phones'"),
     (["mode=transcribe", "ckpt=/nonexistent.ckpt", "audio=x.wav"],
      "checkpoint /nonexistent.ckpt does not exist"),
+    (["decode.lm_text=/nonexistent.txt"], "decode.lm_text=/nonexistent.txt is not a file"),
+    (["decode.lm_text=/tmp"], "decode.lm_text=/tmp is not a file"),
+    (["model.head=classify", "decode.lm_text=x.txt"], "null for keyword spotting"),
+    (["decode.lm_bonus=nan"], "decode.lm_bonus=nan is not valid"),
+    (["decode.lm_order=-1"], "decode.lm_order=-1 is not valid"),
+    (["decode.lm_weight=-0.5"], "decode.lm_weight=-0.5 is not valid"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, corpus, args, expect):
     proc = cli(tmp_path, corpus, *args)
@@ -292,8 +303,10 @@ def test_figures_by_voice_follow_the_utterances(tmp_path, corpus, monkeypatch):
     CER 1 only if every voice stays with its utterance."""
     real = speech_task.transcribe_batches
 
-    def v0_right(module, loader, beam_size):
-        res = real(module, loader, beam_size)
+    def v0_right(module, loader, beam_size, lm=None):
+        # the beam fuses the n-gram of the checkpoint's transcripts; no n-gram for keywords
+        assert (lm.lm.sentences == 4) if module.ctc else lm is None
+        res = real(module, loader, beam_size, lm)
         if not module.ctc:  # right for v0's words (even utterances: yes, up)
             keep = {module.labels.classes.index(w) for w in ("yes", "up")}
             res["pred"] = [t if t in keep else (t + 1) % 4 for t in res["true"]]
@@ -310,3 +323,39 @@ def test_figures_by_voice_follow_the_utterances(tmp_path, corpus, monkeypatch):
                                    "model.head=classify"))
     assert res["test"]["by_voice"] == {"v0": {"accuracy": 1.0, "utterances": 4},
                                        "v1": {"accuracy": 0.0, "utterances": 4}}
+
+
+def test_lm_reads_the_distinct_transcripts_and_the_given_lines(tmp_path):
+    from omegaconf import OmegaConf
+    assert speech_task.lm_sentences(["Yes!", "yes", "no", "?"]) == "no\nyes"
+    extra = tmp_path / "more.txt"
+    extra.write_text("Up there!\n\nno\n")
+    settings = {"lm_order": 3, "beam_size": 4, "lm_weight": 1.0, "lm_bonus": 0.0,
+                "lm_text": str(extra)}
+    decode = OmegaConf.create(settings)
+    lm = speech_task.language_model(speech_task.Labels("chars"), "no\nyes", decode)
+    assert (lm.lm.sentences, lm.lm.characters) == (3, len("no" "up there" "yes"))
+    assert speech_task.language_model(speech_task.Labels("chars"), "",
+                                      OmegaConf.create(settings | {"lm_text": None})) is None
+    assert speech_task.language_model(speech_task.Labels("chars"), "no",
+                                      OmegaConf.create(settings | {"beam_size": 1})) is None
+    extra.write_bytes(b"caf\xe9\n")
+    with pytest.raises(UserError, match="is not UTF-8"):
+        speech_task.language_model(speech_task.Labels("chars"), "no", decode)
+
+
+def test_label_pieces_spell_the_text_for_the_lm():
+    """The LM reads a label sequence as its pieces joined: for sentencepiece ids that is the
+    decoded text with the word-start space in front, for characters the text itself."""
+    from data.text import Tokenizer
+    lines = [" ".join(ln.lower().split()) for ln in
+             (ROOT / "tests/fixtures/sonnets.txt").read_text().splitlines() if ln.strip()][:400]
+    lines = [speech_task.normalize_text(ln) for ln in lines]
+    for labels in (speech_task.Labels("chars"),
+                   speech_task.Labels("sentencepiece",
+                                      spm=Tokenizer.train("\n".join(lines), 300).proto)):
+        pieces = labels.pieces()
+        assert len(pieces) == labels.size
+        for ln in lines[:50]:
+            ids = labels.encode(ln)
+            assert "".join(pieces[i] for i in ids).strip() == labels.decode(ids) == ln

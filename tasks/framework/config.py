@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,6 +103,9 @@ SHARED_RANGES = (
     ("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("top_k", lambda v: v >= 1, "a count >= 1"),
     ("decode.beam_size", lambda v: v >= 1, "a beam size >= 1 (1: greedy)"),
+    ("decode.lm_order", lambda v: 0 <= v <= 16, "an n-gram order in 0..16 (0: no LM)"),
+    ("decode.lm_weight", lambda v: 0 <= v < math.inf, "a finite weight >= 0"),
+    ("decode.lm_bonus", math.isfinite, "a finite number"),
     ("generate.max_new_tokens", lambda v: v >= 1, "a count >= 1"),
     ("generate.temperature", lambda v: v >= 0, "a temperature >= 0 (0: greedy)"),
     ("generate.top_k", lambda v: v >= 0, "a count >= 0 (0: off)"),
