@@ -114,6 +114,20 @@ def lm_text_file(decode: DictConfig) -> Path | None:
     return path
 
 
+LM_BYTES = 100  # memory per character and order of n-gram text, an upper bound of measured 30-60
+
+
+def available_memory() -> int:
+    """Bytes of memory free for new allocations (Linux ``MemAvailable``); 0 if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def language_model(labels: Labels, transcripts: str | None,
                    decode: DictConfig) -> LMFusion | None:
     """The character n-gram of ``decode.lm_order`` over a checkpoint's training transcripts
@@ -130,6 +144,13 @@ def language_model(labels: Labels, transcripts: str | None,
         return None
     pieces = labels.pieces()
     texts = ["".join(pieces[i] for i in labels.encode(t)) for t in sorted(lines)]
+    chars = sum(map(len, texts))
+    need, free = chars * decode.lm_order * LM_BYTES, available_memory()
+    if free and need > free / 2:
+        raise UserError(f"decode.lm_order={decode.lm_order} over {chars:,} characters of "
+                        f"transcripts and decode.lm_text needs about {need / 2**30:.1f} GiB, "
+                        f"more than half the {free / 2**30:.1f} GiB free; expected a lower "
+                        f"order, less text, or decode.lm_order=0")
     return LMFusion(CharNgramLM(texts, order=decode.lm_order, alphabet="".join(pieces)),
                     pieces, weight=decode.lm_weight, bonus=decode.lm_bonus)
 

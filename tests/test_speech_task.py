@@ -325,7 +325,7 @@ def test_figures_by_voice_follow_the_utterances(tmp_path, corpus, monkeypatch):
                                        "v1": {"accuracy": 0.0, "utterances": 4}}
 
 
-def test_lm_reads_the_distinct_transcripts_and_the_given_lines(tmp_path):
+def test_lm_reads_the_distinct_transcripts_and_the_given_lines(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
     assert speech_task.lm_sentences(["Yes!", "yes", "no", "?"]) == "no\nyes"
     extra = tmp_path / "more.txt"
@@ -339,6 +339,11 @@ def test_lm_reads_the_distinct_transcripts_and_the_given_lines(tmp_path):
                                       OmegaConf.create(settings | {"lm_text": None})) is None
     assert speech_task.language_model(speech_task.Labels("chars"), "no",
                                       OmegaConf.create(settings | {"beam_size": 1})) is None
+    # text too big for the memory is one line naming the order and the size
+    with monkeypatch.context() as m, pytest.raises(
+            UserError, match=r"decode.lm_order=3 over 13 characters .* GiB"):
+        m.setattr(speech_task, "available_memory", lambda: 4000)
+        speech_task.language_model(speech_task.Labels("chars"), "no\nyes", decode)
     extra.write_bytes(b"caf\xe9\n")
     with pytest.raises(UserError, match="is not UTF-8"):
         speech_task.language_model(speech_task.Labels("chars"), "no", decode)
