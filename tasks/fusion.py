@@ -36,6 +36,7 @@ from data.fusion import (
     unseen_words,
 )
 from data.images import load_image, split_indices
+from data.lexicon import Lexicon, LexiconTokenizer, load_lexicon, words_of
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import Tokenizer, expand_files, train_or_load_tokenizer
 from modules.fusion import contrastive_loss, hard_negatives
@@ -130,13 +131,17 @@ class PairDataset(torch.utils.data.Dataset):
 
     A caption is drawn from ``templates`` (filled with the item's caption and labels) anew
     every time an item is read, and ``questions`` of the scene's questions (None: all),
-    which then share one encoding of the image.
+    which then share one encoding of the image. With a ``lexicon`` the caption is followed
+    by its WordNet kinds, and with probability ``kinds_only`` it is its kinds alone (``";
+    insect, arthropod"``), so the model learns what the kinds look like: they are all a
+    word never seen in training brings.
     """
 
     def __init__(self, pairs: PairSet, templates: list[str], answers: dict[str, int],
-                 questions: int | None = None):
+                 questions: int | None = None, lexicon: Lexicon | None = None,
+                 kinds_only: float = 0.0):
         self.pairs, self.templates, self.answers = pairs, list(templates), answers
-        self.questions = questions
+        self.questions, self.lexicon, self.kinds_only = questions, lexicon, kinds_only
 
     def __len__(self) -> int:
         return len(self.pairs.captions)
@@ -147,8 +152,13 @@ class PairDataset(torch.utils.data.Dataset):
         qa = self.pairs.qa[i]
         if self.questions is not None and len(qa) > self.questions:
             qa = [qa[j] for j in torch.randperm(len(qa))[: self.questions].tolist()]
-        return (i, fill(template, self.pairs.captions[i], labels),
-                [(q["question"], self.answers.get(q["answer"], -1)) for q in qa])
+        text = fill(template, self.pairs.captions[i], labels)
+        if self.lexicon is not None:
+            kinds = self.lexicon.kinds_text(text)
+            text = (kinds if kinds and float(torch.rand(())) < self.kinds_only
+                    else self.lexicon(text))
+        read = self.lexicon or (lambda q: q)
+        return (i, text, [(read(q["question"]), self.answers.get(q["answer"], -1)) for q in qa])
 
 
 class Collate:
@@ -203,7 +213,8 @@ class FusionModule(TaskModule):
     """Contrastive loss (gathered over DDP ranks with gradients), image-text matching on
     hard negatives, and answer classification, weighted by ``objectives``.
 
-    ``meta``: ``tokenizer`` (sentencepiece model), ``max_text_len``, ``mean``/``std`` (per
+    ``meta``: ``tokenizer`` (sentencepiece model), ``lexicon`` (``data.lexicon``: every text
+    is read with its WordNet kinds, or None), ``max_text_len``, ``mean``/``std`` (per
     channel), ``answers`` (the answer vocabulary), ``label_classes`` ({label: names}),
     ``zero_shot_template``.
     """
@@ -231,6 +242,9 @@ class FusionModule(TaskModule):
                       part.parameters() if part is not None else []):
                 p.requires_grad_(False)
         self.tok = Tokenizer(self.meta["tokenizer"])
+        lexicon = load_lexicon(self.meta.get("lexicon"))
+        if lexicon is not None:  # every text is encoded with its WordNet kinds
+            self.tok = LexiconTokenizer(self.tok, lexicon)
         self.val_outputs: list[dict] = []
 
     # training --------------------------------------------------------------------------
@@ -543,15 +557,28 @@ def plot_answers(module: FusionModule, pairs: PairSet, collate: Collate, path: P
 
 
 # ------------------------------------------------------------------------------- task
-def build_tokenizer(cfg: DictConfig, train: PairSet) -> Tokenizer:
-    d = cfg.data
-    if d.tokenizer is not None:
-        return Tokenizer.load(d.tokenizer)
+def training_lines(d: DictConfig, train: PairSet) -> list[str]:
+    """Every text training can show: captions, questions, label names and templates."""
     lines = list(train.captions) + [q["question"] for qa in train.qa for q in qa]
     for vals in train.labels.values():
         lines += sorted({v.replace("-", " ") for v in vals if v})
     lines += [t.format(caption="", **{k: "" for k in train.labels}) for t in d.templates]
+    return lines
+
+
+def build_tokenizer(d: DictConfig, lines: list[str], lexicon: Lexicon | None) -> Tokenizer:
+    """The configured tokenizer, or one trained on the training texts (and, with a lexicon,
+    on their WordNet kinds)."""
+    if d.tokenizer is not None:
+        return Tokenizer.load(d.tokenizer)
+    if lexicon is not None:
+        lines = lines + [k for k in map(lexicon.kinds_text, lines) if k]
     return train_or_load_tokenizer("\n".join(lines), d.vocab_size, cache_dir() / "tokenized")
+
+
+def lexicon_spec(d: DictConfig) -> dict | None:
+    spec = d.get("lexicon")
+    return OmegaConf.to_container(spec) if spec is not None and spec.name else None
 
 
 def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
@@ -624,9 +651,17 @@ class FusionTask(training.Task):
             raise UserError("data.objectives includes 'answer' but the training pairs have no "
                             "'qa' questions; remove it or give data with questions")
         check_templates(d, train)
-        tok = build_tokenizer(cfg, train)
+        lines = training_lines(d, train)
+        spec = lexicon_spec(d)
+        if spec is not None:  # the words the model reads in training need no kinds
+            spec["known"] = sorted({w for ln in lines for w in words_of(ln)})
+        lexicon = load_lexicon(spec)
+        tok = build_tokenizer(d, lines, lexicon)
         if is_rank_zero():
             tok.save(out / "tokenizer.model")
+        kinds_only = float(d.lexicon.get("kinds_only", 0.0)) if lexicon is not None else 0.0
+        if not 0.0 <= kinds_only <= 1.0:
+            raise UserError(f"data.lexicon.kinds_only={kinds_only}; expected a share in [0, 1]")
         answers = sorted({q["answer"] for qa in train.qa for q in qa}) if has_qa else []
         x = train.images.float() / 255
         mean = x.mean(dim=(0, 2, 3)).tolist()
@@ -640,8 +675,9 @@ class FusionTask(training.Task):
         index = {a: i for i, a in enumerate(answers)}
         for name, pairs in sets.items():
             is_train = name == "train"
-            ds = (PairDataset(pairs, d.templates, index, d.questions_per_image) if is_train
-                  else PairDataset(pairs, ["{caption}"], index))
+            ds = (PairDataset(pairs, d.templates, index, d.questions_per_image, lexicon,
+                              kinds_only) if is_train
+                  else PairDataset(pairs, ["{caption}"], index, lexicon=lexicon))
             sampler = SeededBatchSampler(ds, d.batch_size, seed=cfg.seed, shuffle=is_train,
                                          drop_last=is_train)
             loaders[name] = ResumableLoader(
@@ -654,7 +690,8 @@ class FusionTask(training.Task):
                   if d.name == "emoji" else [])
         return training.Prepared(
             loaders["train"], loaders["val"], model_cfg,
-            meta={"tokenizer": tok.proto, "max_text_len": d.max_text_len, "mean": mean,
+            meta={"tokenizer": tok.proto, "lexicon": spec,
+                  "max_text_len": d.max_text_len, "mean": mean,
                   "std": std, "answers": answers, "label_classes": label_classes,
                   "zero_shot_template": d.zero_shot_template},
             options={"objectives": {k: cfg.loss[k] for k in d.objectives}},

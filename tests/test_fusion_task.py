@@ -53,8 +53,8 @@ def make_cfg(run_dir, *overrides):
             "data.templates=['{caption}','{color} {shape}: {caption}']",
             "data.zero_shot_labels=[color,shape]", "trainer.max_steps=40",
             "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
-            "scheduler.warmup_steps=3", "optimizer.lr=3e-3", f"run_dir={run_dir}",
-            *overrides])
+            "scheduler.warmup_steps=3", "optimizer.lr=3e-3",
+            f"run_dir={run_dir}", *overrides])
 
 
 def test_train_figures_pictures_and_modes(tmp_path, pairs_dir):
@@ -174,11 +174,17 @@ def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
     ("data.templates=['{caption} {colour}']", "names 'colour'"),
     ("data.objectives=[answer]", "no 'qa' questions"),
     ("model.loss=softmax", "loss must be 'clip' or 'siglip'"),
+    ("data.lexicon.name=babelnet", "data.lexicon='babelnet'; expected wordnet or null"),
+    (("data.lexicon.name=wordnet", "data.lexicon.depth=0"),
+     "data.lexicon.depth=0; expected at least 1"),
+    (("data.lexicon.name=wordnet", "data.lexicon.kinds_only=1.5"),
+     "data.lexicon.kinds_only=1.5; expected a share in"),
 ])
 def test_user_errors_name_the_value(tmp_path, pairs_dir, override, message):
+    overrides = override if isinstance(override, tuple) else (override,)
     with pytest.raises(UserError, match=message):
         fusion_task.run(make_cfg(tmp_path / "r", f"data.manifest={pairs_dir}/pairs.jsonl",
-                                 override))
+                                 *overrides))
 
 
 def test_checkpoint_with_a_nested_target_is_refused(tmp_path, pairs_dir):
@@ -227,6 +233,70 @@ def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, 
             keep[v.numel() // 3: 2 * v.numel() // 3] = False
             got, v = got[keep], v[keep]
         torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_wordnet_kinds_reach_training_evaluation_and_the_modes(tmp_path, pairs_dir):
+    """With data.lexicon.name=wordnet a text the model reads carries the WordNet kinds of
+    its words that no training text has: in evaluation and in the inference modes (from the
+    checkpoint, which keeps the training words), while training texts stay as they are or,
+    at the kinds_only rate, are their kinds alone."""
+    from data.lexicon import load_lexicon
+    from data.text import Tokenizer
+    out = tmp_path / "run"
+    fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl",
+                             "data.lexicon.name=wordnet", "data.lexicon.kinds_only=0.5",
+                             "trainer.max_steps=2"))
+    module = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "last.ckpt")
+    spec = module.meta["lexicon"]
+    assert spec["name"] == "wordnet" and spec["max_kinds"] == 4
+    assert {"red", "disc", "square", "number"} <= set(spec["known"])
+    lexicon = load_lexicon(spec)
+    assert lexicon("a red disc") == "a red disc"  # every word was read in training
+    assert lexicon("a red cockroach") == "a red cockroach; dictyopterous insect, insect, arthropod"
+    plain = Tokenizer((out / "tokenizer.model").read_bytes())
+    assert module.tok.encode("a red cockroach") == plain.encode(
+        "a red cockroach; dictyopterous insect, insect, arthropod")
+    assert module.tok.encode("a red disc") == plain.encode("a red disc")
+
+    cfg = make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl", "data.lexicon.name=wordnet",
+                   "data.lexicon.kinds_only=0.5")
+    (tmp_path / "prep").mkdir()
+    prep = fusion_task.FusionTask().prepare(cfg, tmp_path / "prep")
+    ds = prep.train_loader.dataset
+    torch.manual_seed(0)
+    alone = 0
+    for i in range(40):
+        text = ds[i][1]
+        labels = {k: v[i] for k, v in ds.pairs.labels.items()}
+        filled = [fusion_task.fill(x, ds.pairs.captions[i], labels) for x in ds.templates]
+        kinds = [ds.lexicon.kinds_text(f) for f in filled]
+        assert text in filled + kinds, text
+        alone += text in kinds
+    assert 8 < alone < 32  # about half
+    assert ds.lexicon.kinds_text("a red disc") == "; sound recording, recording, memory device"
+    val = prep.val_loader.dataset
+    assert val[0][1] == val.pairs.captions[0]  # no unknown word in the user's captions
+
+
+def test_pair_dataset_kinds_only_rate_and_questions():
+    class Kinds:
+        def kinds_text(self, text):
+            return "; thing, stuff"
+
+        def __call__(self, text):
+            return f"{text}; other"
+
+    pairs = fusion_task.PairSet(images=torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
+                                files=["a.png"], captions=["a cat"], labels={}, ids=["a"],
+                                qa=[[{"question": "what is it?", "answer": "cat"}]])
+    ds = fusion_task.PairDataset(pairs, ["{caption}"], {"cat": 0}, None, Kinds(), 0.3)
+    torch.manual_seed(0)
+    texts = [ds[0][1] for _ in range(2000)]
+    assert set(texts) == {"a cat; other", "; thing, stuff"}
+    assert texts.count("; thing, stuff") / 2000 == pytest.approx(0.3, abs=0.03)
+    assert ds[0][2] == [("what is it?; other", 0)]  # questions are read the same way
+    plain = fusion_task.PairDataset(pairs, ["{caption}"], {"cat": 0})
+    assert plain[0][1] == "a cat" and plain[0][2] == [("what is it?", 0)]
 
 
 def test_sibling_breakdown_against_a_direct_count():
