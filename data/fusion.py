@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from .cache import atomic_dir, cache_dir, npm_pack, prepare_lock
 from .errors import UserError
+from .lexicon import words_of
 from .manifest import jsonl_objects
 from .parallel import apt_extract
 
@@ -245,7 +246,8 @@ def _write_emoji(out: Path) -> None:
     start = time.perf_counter()
     with atomic_dir(out) as staging:
         with tempfile.TemporaryDirectory() as tmp:
-            debs = apt_extract(["fonts-noto-color-emoji", "unicode-data"], Path(tmp) / "deb")
+            debs = apt_extract(["fonts-noto-color-emoji", "unicode-data"], Path(tmp) / "deb",
+                               instead="give your own image-caption manifest")
             emoji = read_emoji_test((debs / EMOJI_TEST).read_text(encoding="utf-8"))
             rows, empty = _render_noto(debs / NOTO_FONT, emoji, staging / "noto")
             _write_jsonl(staging / "noto.jsonl", rows)
@@ -414,13 +416,10 @@ def near_siblings(train_captions: Iterable[str], test_captions: Iterable[str]) -
     return [sibling_key(c) in seen for c in test_captions]
 
 
-_WORD = re.compile(r"[^\W_]+")
-
-
 def caption_words(caption: str) -> set[str]:
     """Lower-cased runs of letters and digits ("snow-capped mountain" -> snow, capped,
-    mountain)."""
-    return set(_WORD.findall(caption.lower()))
+    mountain), as the lexicon reads them (``data.lexicon.words_of``)."""
+    return set(words_of(caption))
 
 
 def unseen_words(train_captions: Iterable[str], test_captions: Iterable[str]

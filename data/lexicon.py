@@ -11,16 +11,19 @@ permission notice), fetched once with ``apt-get download`` (no root) into the da
 often each sense was tagged in WordNet's semantic concordance) are read. The rule (``Lexicon.kinds``):
 
 1. Words are lower-cased runs of letters and digits. Two or three words that WordNet holds
-   as one noun ("ice cream", "hot dog") are taken together, longest first.
+   as one noun ("ice cream", "fishing rod", also in the plural) are taken together, longest
+   first.
 2. A word is looked up as a noun after WordNet's noun morphology (the word itself, else its
    bases in the exception list or, without one there, by the suffix rules: "boxes" ->
    "box", "mice" -> "mouse"). Function words, and words that
    WordNet's sense counts tag more often as adjectives than as nouns ("dark": 99 against
    23; "big"), are skipped, so "dark skin tone" is not read as "darkness".
 3. From the noun's first (most frequent) sense, ``depth`` hypernym (or instance-of) steps
-   are followed, each giving the first word of the more general synset, stopping at the
-   top of the hierarchy (``TOP``: entity, object, whole, artifact, ...), where every noun
-   would agree.
+   are followed, each giving the first word of the more general synset, stopping before a
+   synset whose first word is in ``TOP`` (entity, object, whole, artifact, ...: kinds so
+   general that every noun would agree; a "state" or "unit" lower down stops it too).
+   The first sense is WordNet's most frequent one, not always the one a text means:
+   "kite" reads as a cheque, "bikini" as the atoll, "flag: Niger" as the river.
 4. The kinds are ordered nearest first (each noun's first kind in word order, then each
    noun's second, ...) without repeats, the first ``max_kinds`` are kept, and the text
    becomes ``"<text>; <kind>, <kind>, ..."`` (the text alone when it has none).
@@ -72,7 +75,9 @@ def prepare_wordnet(root: Path | None = None) -> Path:
     with prepare_lock("wordnet", base):
         if not all((out / f).is_file() for f in FILES):
             with atomic_dir(out) as staging, tempfile.TemporaryDirectory() as tmp:
-                deb = apt_extract([PACKAGE], Path(tmp))
+                deb = apt_extract([PACKAGE], Path(tmp), instead=(
+                    f"copy {', '.join(FILES)} of WordNet 3.0 into {out}, or set "
+                    f"data.lexicon.name=null"))
                 for f in (*FILES, "../doc/wordnet-base/copyright"):
                     shutil.copy(deb / _SRC / f, staging / Path(f).name)
     return out
@@ -187,8 +192,18 @@ class Lexicon:
             raise DataError(f"data.lexicon.max_kinds={max_kinds}; expected at least 1 or null")
         self.wordnet, self.depth, self.max_kinds = wordnet, depth, max_kinds
         self.known = frozenset(known) if known is not None else None
+        self._caches()
+
+    def _caches(self) -> None:
         self._kinds = lru_cache(maxsize=100_000)(self._word_kinds)
         self._texts = lru_cache(maxsize=100_000)(self._expand)
+
+    def __getstate__(self) -> dict:  # to DataLoader workers: without the caches
+        return {k: v for k, v in self.__dict__.items() if k not in ("_kinds", "_texts")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._caches()
 
     def _word_kinds(self, words: tuple[str, ...]) -> tuple[str, ...]:
         wn = self.wordnet
@@ -202,8 +217,8 @@ class Lexicon:
             if wn.adjective_tags.get(w, 0) > wn.noun_tags.get(lemma, 0):
                 return ()
         else:
-            lemma = "_".join(words)
-            if lemma not in wn.nouns:
+            lemma = wn.noun("_".join(words))  # "hot dogs" -> hot_dog
+            if lemma is None:
                 return ()
         return tuple(wn.hypernyms(lemma, self.depth))
 
@@ -257,16 +272,40 @@ def _wordnet(folder: str) -> WordNet:
     return WordNet(folder)
 
 
-def load_lexicon(spec: dict | None, known: Iterable[str] | None = None) -> Lexicon | None:
-    """The lexicon a config or checkpoint names: ``{"name": "wordnet", "depth": N,
-    "max_kinds": K, "known": [words]}`` (``known`` optional, as in ``Lexicon``; the argument
-    overrides it), or None for none."""
-    if not spec or spec.get("name") is None:
+def check_spec(spec) -> dict | None:
+    """``data.lexicon`` checked: ``{"name": "wordnet" | None, "depth": int >= 1,
+    "max_kinds": int >= 1 | None, "kinds_only": share in [0, 1], ...}``; None when off. A
+    bad value is one ``UserError`` naming its key."""
+    if spec is None:
         return None
-    if spec["name"] != "wordnet":
-        raise DataError(f"data.lexicon={spec['name']!r}; expected wordnet or null")
-    return Lexicon(_wordnet(str(prepare_wordnet())), int(spec.get("depth", 3)),
-                   spec.get("max_kinds"), known if known is not None else spec.get("known"))
+    if not isinstance(spec, dict):
+        raise DataError(f"data.lexicon={spec}; expected its fields, e.g. "
+                        f"data.lexicon.name=wordnet")
+    name = spec.get("name")
+    if name is None:
+        return None
+    if name != "wordnet":
+        raise DataError(f"data.lexicon.name={name!r}; expected wordnet or null")
+    for key, least, optional in (("depth", 1, False), ("max_kinds", 1, True)):
+        value = spec.get(key)
+        if not (value is None and optional) and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise DataError(f"data.lexicon.{key}={value!r}; expected an integer >= {least}"
+                            + (" or null" if optional else ""))
+    share = spec.get("kinds_only", 0.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise DataError(f"data.lexicon.kinds_only={share!r}; expected a share in [0, 1]")
+    return spec
+
+
+def load_lexicon(spec: dict | None) -> Lexicon | None:
+    """The lexicon a config or checkpoint names (``check_spec``; with ``"known"``, the
+    training words, as in ``Lexicon``), or None for none."""
+    spec = check_spec(spec)
+    if spec is None:
+        return None
+    return Lexicon(_wordnet(str(prepare_wordnet())), spec["depth"], spec.get("max_kinds"),
+                   spec.get("known"))
 
 
 class LexiconTokenizer:
@@ -277,6 +316,8 @@ class LexiconTokenizer:
         self.tok, self.lexicon = tok, lexicon
 
     def __getattr__(self, name):
+        if name.startswith("__") or name in ("tok", "lexicon"):  # copying, unpickling
+            raise AttributeError(name)
         return getattr(self.tok, name)
 
     def encode(self, text: str) -> list[int]:

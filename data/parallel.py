@@ -29,11 +29,13 @@ from .errors import read_utf8
 _CAPS_START = re.compile(r"^([A-ZÁÉÍÓÚÑÜ])([A-ZÁÉÍÓÚÑÜ]+)(?=\s+[a-záéíóúñü])")
 
 
-def apt_extract(packages: list[str], dest: Path) -> Path:
-    """``apt-get download`` Debian packages and unpack them (no root, no install)."""
+def apt_extract(packages: list[str], dest: Path, *,
+                instead: str = "give data.train_file with your own TSV") -> Path:
+    """``apt-get download`` Debian packages and unpack them (no root, no install);
+    ``instead`` ends the error line: what to do where that is not possible."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise DataError(f"apt-get and dpkg-deb are needed once to fetch {packages}; on a "
-                        f"non-Debian system give data.train_file with your own TSV")
+                        f"non-Debian system {instead}")
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True,
@@ -42,7 +44,7 @@ def apt_extract(packages: list[str], dest: Path) -> Path:
         if proc.returncode != 0 or len(debs) < len(packages):
             raise DataError(f"apt-get download {' '.join(packages)} failed "
                             f"({proc.stderr.strip().splitlines()[-1:] or 'no output'}); run "
-                            f"'apt-get update' first or give your own TSV")
+                            f"'apt-get update' first or {instead}")
         for deb in debs:
             subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
     return dest

@@ -29,6 +29,7 @@ from data.cache import atomic_write_text, cache_dir
 from data.errors import read_utf8
 from data.fusion import (
     PairSet,
+    caption_words,
     near_siblings,
     prepare_emoji,
     prepare_shapes,
@@ -36,7 +37,7 @@ from data.fusion import (
     unseen_words,
 )
 from data.images import load_image, split_indices
-from data.lexicon import Lexicon, LexiconTokenizer, load_lexicon, words_of
+from data.lexicon import Lexicon, LexiconTokenizer, check_spec, load_lexicon
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import Tokenizer, expand_files, train_or_load_tokenizer
 from modules.fusion import contrastive_loss, hard_negatives
@@ -131,10 +132,11 @@ class PairDataset(torch.utils.data.Dataset):
 
     A caption is drawn from ``templates`` (filled with the item's caption and labels) anew
     every time an item is read, and ``questions`` of the scene's questions (None: all),
-    which then share one encoding of the image. With a ``lexicon`` the caption is followed
-    by its WordNet kinds, and with probability ``kinds_only`` it is its kinds alone (``";
-    insect, arthropod"``), so the model learns what the kinds look like: they are all a
-    word never seen in training brings.
+    which then share one encoding of the image. With a ``lexicon`` (which knows the
+    training words) a text is read as the lexicon reads it: a training text stays as it is
+    and a validation text gets the kinds of its unseen words. With probability
+    ``kinds_only`` a training text is its kinds alone (``"; insect, arthropod"``), so the
+    model learns what the kinds look like: they are all an unseen word brings.
     """
 
     def __init__(self, pairs: PairSet, templates: list[str], answers: dict[str, int],
@@ -213,10 +215,10 @@ class FusionModule(TaskModule):
     """Contrastive loss (gathered over DDP ranks with gradients), image-text matching on
     hard negatives, and answer classification, weighted by ``objectives``.
 
-    ``meta``: ``tokenizer`` (sentencepiece model), ``lexicon`` (``data.lexicon``: every text
-    is read with its WordNet kinds, or None), ``max_text_len``, ``mean``/``std`` (per
-    channel), ``answers`` (the answer vocabulary), ``label_classes`` ({label: names}),
-    ``zero_shot_template``.
+    ``meta``: ``tokenizer`` (sentencepiece model), ``lexicon`` (``data.lexicon`` and the
+    training words: a text is read with the WordNet kinds of its other words; or None),
+    ``max_text_len``, ``mean``/``std`` (per channel), ``answers`` (the answer vocabulary),
+    ``label_classes`` ({label: names}), ``zero_shot_template``.
     """
 
     task = "fusion"
@@ -577,8 +579,11 @@ def build_tokenizer(d: DictConfig, lines: list[str], lexicon: Lexicon | None) ->
 
 
 def lexicon_spec(d: DictConfig) -> dict | None:
+    """``data.lexicon`` as a checked dict, or None when it is off."""
     spec = d.get("lexicon")
-    return OmegaConf.to_container(spec) if spec is not None and spec.name else None
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    return check_spec(spec)
 
 
 def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
@@ -644,6 +649,7 @@ class FusionTask(training.Task):
         if unknown:
             raise UserError(f"data.objectives has {sorted(unknown)}; expected some of "
                             f"{list(OBJECTIVES)}")
+        spec = lexicon_spec(d)
         sets, extra, source = load_splits(cfg, out)
         train = sets["train"]
         has_qa = any(train.qa)
@@ -652,16 +658,13 @@ class FusionTask(training.Task):
                             "'qa' questions; remove it or give data with questions")
         check_templates(d, train)
         lines = training_lines(d, train)
-        spec = lexicon_spec(d)
         if spec is not None:  # the words the model reads in training need no kinds
-            spec["known"] = sorted({w for ln in lines for w in words_of(ln)})
+            spec["known"] = sorted(set().union(*map(caption_words, lines)))
         lexicon = load_lexicon(spec)
         tok = build_tokenizer(d, lines, lexicon)
         if is_rank_zero():
             tok.save(out / "tokenizer.model")
-        kinds_only = float(d.lexicon.get("kinds_only", 0.0)) if lexicon is not None else 0.0
-        if not 0.0 <= kinds_only <= 1.0:
-            raise UserError(f"data.lexicon.kinds_only={kinds_only}; expected a share in [0, 1]")
+        kinds_only = float(spec.get("kinds_only", 0.0)) if spec is not None else 0.0
         answers = sorted({q["answer"] for qa in train.qa for q in qa}) if has_qa else []
         x = train.images.float() / 255
         mean = x.mean(dim=(0, 2, 3)).tolist()

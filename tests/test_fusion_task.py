@@ -174,9 +174,10 @@ def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
     ("data.templates=['{caption} {colour}']", "names 'colour'"),
     ("data.objectives=[answer]", "no 'qa' questions"),
     ("model.loss=softmax", "loss must be 'clip' or 'siglip'"),
-    ("data.lexicon.name=babelnet", "data.lexicon='babelnet'; expected wordnet or null"),
+    ("data.lexicon.name=babelnet", "data.lexicon.name='babelnet'; expected wordnet or null"),
+    ("data.lexicon=wordnet", "data.lexicon=wordnet; expected its fields"),
     (("data.lexicon.name=wordnet", "data.lexicon.depth=0"),
-     "data.lexicon.depth=0; expected at least 1"),
+     "data.lexicon.depth=0; expected an integer >= 1"),
     (("data.lexicon.name=wordnet", "data.lexicon.kinds_only=1.5"),
      "data.lexicon.kinds_only=1.5; expected a share in"),
 ])
@@ -235,47 +236,70 @@ def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, 
         torch.testing.assert_close(got, v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+NOUNS = ("cockroach", "pizza", "lemon", "snake", "bison", "candle", "banana", "burrito",
+         "television", "motorway", "luggage", "falafel", "violin", "tractor", "penguin",
+         "hammer", "tomato", "octopus", "umbrella", "kangaroo", "trumpet", "mushroom",
+         "helicopter", "pineapple")
+
+
 def test_wordnet_kinds_reach_training_evaluation_and_the_modes(tmp_path, pairs_dir):
     """With data.lexicon.name=wordnet a text the model reads carries the WordNet kinds of
-    its words that no training text has: in evaluation and in the inference modes (from the
-    checkpoint, which keeps the training words), while training texts stay as they are or,
-    at the kinds_only rate, are their kinds alone."""
+    its words that no training text has, in validation and in the inference modes (from
+    the checkpoint, which keeps the training words), while training texts stay as they
+    are or, at the kinds_only rate, are their kinds alone."""
     from data.lexicon import load_lexicon
     from data.text import Tokenizer
+    # every third caption names a thing no other caption names: unseen where it is held out
+    rows = [json.loads(x) for x in (pairs_dir / "pairs.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows[:72]):
+        if i % 3 == 0:
+            row["caption"] += f" and a {NOUNS[i // 3]}"
+    manifest = pairs_dir / "nouns.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"data.manifest={manifest}", "data.lexicon.name=wordnet",
+              "data.lexicon.kinds_only=0.5"]
     out = tmp_path / "run"
-    fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl",
-                             "data.lexicon.name=wordnet", "data.lexicon.kinds_only=0.5",
-                             "trainer.max_steps=2"))
+    fusion_task.run(make_cfg(out, *common, "trainer.max_steps=2"))
     module = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "last.ckpt")
     spec = module.meta["lexicon"]
     assert spec["name"] == "wordnet" and spec["max_kinds"] == 4
     assert {"red", "disc", "square", "number"} <= set(spec["known"])
     lexicon = load_lexicon(spec)
     assert lexicon("a red disc") == "a red disc"  # every word was read in training
-    assert lexicon("a red cockroach") == "a red cockroach; dictyopterous insect, insect, arthropod"
     plain = Tokenizer((out / "tokenizer.model").read_bytes())
-    assert module.tok.encode("a red cockroach") == plain.encode(
-        "a red cockroach; dictyopterous insect, insect, arthropod")
+    held_out = [n for n in NOUNS if n not in spec["known"]]
+    assert held_out  # some captions with a named thing are in validation or test
+    for noun in held_out:
+        text = f"a red {noun}"
+        assert lexicon(text).startswith(f"{text}; ") and lexicon(text) != text
+        assert module.tok.encode(text) == plain.encode(lexicon(text))
     assert module.tok.encode("a red disc") == plain.encode("a red disc")
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"a red {held_out[0]}\na blue disc\n")
+    got = fusion_task.run(make_cfg(tmp_path / "m", *common, "mode=retrieve",
+                                   f"ckpt={out}/checkpoints/last.ckpt",
+                                   f"images={pairs_dir}/img/*.png", f"texts={texts}"))
+    assert len(got["text_to_image"][f"a red {held_out[0]}"]) == 5
 
-    cfg = make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl", "data.lexicon.name=wordnet",
-                   "data.lexicon.kinds_only=0.5")
     (tmp_path / "prep").mkdir()
-    prep = fusion_task.FusionTask().prepare(cfg, tmp_path / "prep")
+    prep = fusion_task.FusionTask().prepare(make_cfg(out, *common), tmp_path / "prep")
     ds = prep.train_loader.dataset
     torch.manual_seed(0)
     alone = 0
-    for i in range(40):
+    for i in range(len(ds)):
         text = ds[i][1]
         labels = {k: v[i] for k, v in ds.pairs.labels.items()}
         filled = [fusion_task.fill(x, ds.pairs.captions[i], labels) for x in ds.templates]
         kinds = [ds.lexicon.kinds_text(f) for f in filled]
         assert text in filled + kinds, text
         alone += text in kinds
-    assert 8 < alone < 32  # about half
+    assert 0.3 < alone / len(ds) < 0.7  # about half
     assert ds.lexicon.kinds_text("a red disc") == "; sound recording, recording, memory device"
     val = prep.val_loader.dataset
-    assert val[0][1] == val.pairs.captions[0]  # no unknown word in the user's captions
+    val_texts = [val[i][1] for i in range(len(val))]
+    assert val_texts == [lexicon(c) for c in val.pairs.captions]
+    assert sum(t != c for t, c in zip(val_texts, val.pairs.captions)) == \
+        sum(any(n in c for n in held_out) for c in val.pairs.captions) > 0
 
 
 def test_pair_dataset_kinds_only_rate_and_questions():

@@ -2,13 +2,25 @@
 files (Debian wordnet-base): noun morphology and hypernym chains, over thousands of
 lemmas; then the expansion rule on hand-checked texts, and the task's tokenizer."""
 
+import copy
 import gzip
+import pickle
 import random
 import re
+import warnings
 
 import pytest
 
-from data.lexicon import FUNCTION_WORDS, TOP, Lexicon, LexiconTokenizer, WordNet, prepare_wordnet
+from data.errors import UserError
+from data.lexicon import (
+    FUNCTION_WORDS,
+    TOP,
+    Lexicon,
+    LexiconTokenizer,
+    WordNet,
+    check_spec,
+    prepare_wordnet,
+)
 from data.parallel import apt_extract
 
 
@@ -42,7 +54,8 @@ def nltk_wn(wordnet_files):
         def map_wn(self, version="wordnet"):  # the multilingual mapping: not needed here
             return None
 
-    with pytest.warns(UserWarning, match="multilingual"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multilingual functions are not available"
         return English(str(wordnet_files), None)
 
 
@@ -110,7 +123,10 @@ def test_expansion_rule_on_hand_checked_texts(ours):
     assert lex("mice") == "mice; rodent, placental, mammal"              # the exception list
     assert lex("soft ice cream") == "soft ice cream; frozen dessert, dessert, course"  # a collocation
     # "dark" is tagged 99 times as an adjective and 23 as a noun: skipped.
-    assert "illumination" not in lex("dark skin tone")
+    assert lex("dark") == "dark"
+    assert lex("dark skin tone") == ("dark skin tone; connective tissue, manner of speaking, "
+                                     "animal tissue, expressive style, tissue")
+    assert lex.kinds("hot dogs") == lex.kinds("hot dog") != ["canine"]  # plural collocation
     assert lex("big") == "big" and lex("keycap: 0") == "keycap: 0"
     # nearest first: each noun's first kind, then each noun's second
     assert lex.kinds("snake and lemon")[:3] == ["diapsid", "citrus", "reptile"]
@@ -125,6 +141,32 @@ def test_expansion_rule_on_hand_checked_texts(ours):
     # "a" (vitamin A) and "in" (inch) are WordNet nouns, but function words here
     assert {"a", "in"} <= FUNCTION_WORDS and ours.noun("in") == "in"
     assert lex.kinds("a in") == []
+
+
+def test_lexicon_pickles_and_copies(ours):
+    """DataLoader workers started by spawn get the lexicon pickled; a module copy copies
+    the tokenizer."""
+    lex = Lexicon(ours, max_kinds=3, known={"snake"})
+    lex("cockroach")
+    back = pickle.loads(pickle.dumps(lex))
+    assert back("cockroach") == lex("cockroach") and back("snake") == "snake"
+    wrapped = LexiconTokenizer(object(), lex)
+    assert copy.deepcopy(wrapped).lexicon.known == lex.known
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("wordnet", "data.lexicon=wordnet; expected its fields"),
+    ({"name": "babelnet"}, "data.lexicon.name='babelnet'; expected wordnet or null"),
+    ({"name": "wordnet", "depth": "three"}, "data.lexicon.depth='three'; expected an integer"),
+    ({"name": "wordnet", "depth": 0}, "data.lexicon.depth=0; expected an integer >= 1"),
+    ({"name": "wordnet", "depth": 3, "max_kinds": 4.5}, "data.lexicon.max_kinds=4.5"),
+    ({"name": "wordnet", "depth": 3, "kinds_only": "abc"}, "data.lexicon.kinds_only='abc'"),
+    ({"name": "wordnet", "depth": 3, "kinds_only": 1.5}, "kinds_only=1.5; expected a share"),
+])
+def test_bad_settings_name_the_key(spec, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_spec(spec)
+    assert check_spec({"name": None, "depth": "anything"}) is None  # off: not read
 
 
 def test_lexicon_tokenizer_encodes_the_expanded_text(ours):
