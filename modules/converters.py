@@ -1,8 +1,9 @@
 """Import foreign checkpoints into our modules (kept apart from the model code).
 
-- Hugging Face Llama-format directories (``config.json`` + ``*.safetensors``) into
+- Hugging Face Llama and Qwen3 directories (``config.json`` + ``*.safetensors``) into
   ``CausalLM``: our fused ``qkv_proj`` / ``gate_up_proj`` are the concatenation of their
-  separate projections; RoPE already uses the same rotate-half layout. ``hf_llama_init``
+  separate projections; RoPE already uses the same rotate-half layout; Qwen3's per-head
+  query and key norms are ``qk_norm``. ``hf_llama_init``
   takes every architecture setting from ``config.json`` and refuses what ``CausalLM``
   cannot express (RoPE scaling, biases, another model type) instead of loading it wrong.
 - timm ``VisionTransformer`` state dicts into ``modules.vit.VisionTransformer``.
@@ -47,14 +48,19 @@ def _rope_theta(cfg: dict) -> float:
 
 
 def llama_kwargs_from_hf(cfg: dict) -> dict:
-    """CausalLM constructor arguments from a Hugging Face LlamaConfig dict.
+    """CausalLM constructor arguments from a Hugging Face LlamaConfig or Qwen3Config dict.
 
     Raises:
         ValueError: naming the key and value for what ``CausalLM`` cannot express: another
-            model_type, biases, an activation other than SiLU, RoPE scaling.
+            model_type, biases, an activation other than SiLU, RoPE scaling, sliding-window
+            attention.
     """
-    if cfg.get("model_type", "llama") != "llama":
-        raise _refuse("model_type", cfg.get("model_type"), "'llama'")
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ("llama", "qwen3"):
+        raise _refuse("model_type", model_type, "'llama' or 'qwen3'")
+    if cfg.get("use_sliding_window"):
+        raise _refuse("use_sliding_window", cfg["use_sliding_window"],
+                      "false (CausalLM attends to the whole context)")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise _refuse(key, cfg[key], "false (CausalLM projections have no bias)")
@@ -67,12 +73,12 @@ def llama_kwargs_from_hf(cfg: dict) -> dict:
         head_dim=cfg.get("head_dim"), mlp_hidden_dim=cfg["intermediate_size"],
         max_seq_len=cfg.get("max_position_embeddings", 2048), rope_theta=_rope_theta(cfg),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        norm_eps=cfg.get("rms_norm_eps", 1e-6))
+        qk_norm=model_type == "qwen3", norm_eps=cfg.get("rms_norm_eps", 1e-6))
 
 
 def llama_state_dict_from_hf(hf: dict[str, Tensor], depth: int,
                              tie_embeddings: bool = False) -> dict[str, Tensor]:
-    """Rename and fuse a Hugging Face Llama state dict into ``CausalLM`` keys."""
+    """Rename and fuse a Hugging Face Llama (or Qwen3) state dict into ``CausalLM`` keys."""
     hf = {k.removeprefix("model."): v for k, v in hf.items()}
     sd = {"embed.weight": hf.pop("embed_tokens.weight"),
           "decoder.norm.weight": hf.pop("norm.weight")}
@@ -84,6 +90,9 @@ def llama_state_dict_from_hf(hf: dict[str, Tensor], depth: int,
         sd[dst + "attn.qkv_proj.weight"] = torch.cat(
             [hf.pop(a + f"{p}_proj.weight") for p in "qkv"])
         sd[dst + "attn.out_proj.weight"] = hf.pop(a + "o_proj.weight")
+        for n in "qk":  # Qwen3's per-head norms
+            if a + f"{n}_norm.weight" in hf:
+                sd[dst + f"attn.{n}_norm.weight"] = hf.pop(a + f"{n}_norm.weight")
         sd[dst + "mlp.gate_up_proj.weight"] = torch.cat(
             [hf.pop(m + "gate_proj.weight"), hf.pop(m + "up_proj.weight")])
         sd[dst + "mlp.down_proj.weight"] = hf.pop(m + "down_proj.weight")
@@ -91,7 +100,7 @@ def llama_state_dict_from_hf(hf: dict[str, Tensor], depth: int,
         sd[dst + "norm2.weight"] = hf.pop(src + "post_attention_layernorm.weight")
     leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
-        raise ValueError(f"unexpected keys in the Llama checkpoint: {leftover[:5]}")
+        raise ValueError(f"unexpected keys in the Llama/Qwen3 checkpoint: {leftover[:5]}")
     return sd
 
 
@@ -129,11 +138,12 @@ def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
 
 
 def hf_llama_init(path: str | Path, model_kwargs: Mapping) -> tuple[dict, dict[str, Tensor]]:
-    """``CausalLM`` arguments and weights for starting from a Hugging Face Llama directory.
+    """``CausalLM`` arguments and weights for starting from a Hugging Face Llama or Qwen3
+    directory.
 
     Every architecture field comes from ``config.json``: vocab_size, embed_dim, depth,
-    num_heads, num_kv_heads, head_dim, mlp_hidden_dim, rope_theta, norm_eps and
-    tie_embeddings replace the caller's values (each change is logged). The caller's
+    num_heads, num_kv_heads, head_dim, mlp_hidden_dim, rope_theta, norm_eps,
+    tie_embeddings and qk_norm (Qwen3) replace the caller's values (each change is logged). The caller's
     ``max_seq_len`` is kept when it is at most the checkpoint's max_position_embeddings
     (a shorter context only sizes the RoPE table and caches; taken from the checkpoint when
     missing or None); a longer one is refused, as the checkpoint's positions were never

@@ -24,6 +24,7 @@ class CausalLM(nn.Module):
         max_seq_len: longest context; sizes the RoPE table and caches by default.
         rope_theta: RoPE base.
         tie_embeddings: share the embedding and output matrices.
+        qk_norm: RMSNorm on each head's queries and keys (OLMo 2, Qwen3).
         norm_eps, drop, attn_drop: as in ``Transformer``.
         backend: attention kernel (``auto``, ``sdpa``, ``math``, ``flash``).
     """
@@ -31,8 +32,8 @@ class CausalLM(nn.Module):
     def __init__(self, *, vocab_size: int, embed_dim: int, depth: int, num_heads: int,
                  num_kv_heads: int | None = None, head_dim: int | None = None,
                  mlp_hidden_dim: int | None = None, max_seq_len: int = 1024, rope_theta: float = 10000.0,
-                 tie_embeddings: bool = False, norm_eps: float = 1e-5, drop: float = 0.0,
-                 attn_drop: float = 0.0, backend: str = "auto"):
+                 tie_embeddings: bool = False, qk_norm: bool = False, norm_eps: float = 1e-5,
+                 drop: float = 0.0, attn_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
         if mlp_hidden_dim is None:
             mlp_hidden_dim = 64 * math.ceil(8 * embed_dim / 3 / 64)
@@ -41,7 +42,7 @@ class CausalLM(nn.Module):
         self.decoder = Transformer(
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, mlp_hidden_dim=mlp_hidden_dim, norm="rmsnorm", mlp="swiglu", norm_eps=norm_eps,
-            causal=True, rope_theta=rope_theta, max_seq_len=max_seq_len, drop=drop,
+            causal=True, rope_theta=rope_theta, max_seq_len=max_seq_len, qk_norm=qk_norm, drop=drop,
             attn_drop=attn_drop, backend=backend)
         self.lm_head = nn.Linear(embed_dim, vocab_size, bias=False)
         if tie_embeddings:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attend, check_backend, resolve_backend
+from .layers import RMSNorm
 from .rope import RotaryEmbedding
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class MultiHeadAttention(nn.Module):
         causal: mask future keys (decoder self-attention).
         rope: rotary embedding applied to q and k (self-attention only).
         qkv_bias, out_bias: biases on the projections.
+        qk_norm: RMSNorm over each head's queries and keys before RoPE (as OLMo 2 and
+            Qwen3), which bounds the attention logits; the norms' weights are learned.
         attn_drop: attention-probability dropout, training only.
         backend: attention kernel, see ``modules.attention``.
     """
@@ -102,8 +105,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, context_dim: int | None = None,
                  causal: bool = False, rope: RotaryEmbedding | None = None,
-                 qkv_bias: bool = False, out_bias: bool = False, attn_drop: float = 0.0,
-                 backend: str = "auto"):
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
+                 attn_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads:
@@ -130,15 +133,19 @@ class MultiHeadAttention(nn.Module):
         else:  # one matmul for q, k and v
             self.qkv_proj = nn.Linear(embed_dim, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(q_dim, embed_dim, bias=out_bias)
+        self.q_norm = RMSNorm(head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim) if qk_norm else None
         self._logged = False
 
-    def _heads(self, x: Tensor, n: int) -> Tensor:
+    def _heads(self, x: Tensor, n: int, norm: nn.Module | None = None) -> Tensor:
         B, L, _ = x.shape
-        return x.view(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, D)
+        x = x.view(B, L, n, self.head_dim)
+        return (x if norm is None else norm(x)).transpose(1, 2)  # (B, n, L, D)
 
     def _context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         k, v = self.kv_proj(context).chunk(2, dim=-1)
-        return self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
+        return (self._heads(k, self.num_kv_heads, self.k_norm),
+                self._heads(v, self.num_kv_heads))
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 cache: KVCache | StaticKV | None = None,
@@ -173,7 +180,7 @@ class MultiHeadAttention(nn.Module):
                 mask = mask[..., :queries, :]  # rows of the kept queries
             L = queries
         elif self.is_cross:
-            q = self._heads(self.q_proj(x), self.num_heads)
+            q = self._heads(self.q_proj(x), self.num_heads, self.q_norm)
             if cache is not None and cache.k is not None:
                 k, v = cache.k, cache.v
             else:
@@ -186,8 +193,9 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.qkv_proj(x).split(
                 [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2,
                 dim=-1)
-            q, k, v = (self._heads(t, n) for t, n in
-                       ((q, self.num_heads), (k, self.num_kv_heads), (v, self.num_kv_heads)))
+            q, k, v = (self._heads(t, n, norm) for t, n, norm in
+                       ((q, self.num_heads, self.q_norm), (k, self.num_kv_heads, self.k_norm),
+                        (v, self.num_kv_heads, None)))
             if self.rope is not None:
                 if positions is None:
                     positions = cache.length if cache is not None else 0
@@ -210,7 +218,8 @@ class MultiHeadAttention(nn.Module):
         w, b = self.qkv_proj.weight, self.qkv_proj.bias
         q = F.linear(x[:, :queries], w[:nq], None if b is None else b[:nq])
         k, v = F.linear(x, w[nq:], None if b is None else b[nq:]).chunk(2, dim=-1)
-        return (self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads),
+        return (self._heads(q, self.num_heads, self.q_norm),
+                self._heads(k, self.num_kv_heads, self.k_norm),
                 self._heads(v, self.num_kv_heads))
 
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None):

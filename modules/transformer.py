@@ -38,6 +38,7 @@ class TransformerBlock(nn.Module):
         causal: causal self-attention. context_dim: adds cross-attention to a context of
             that width. rope: rotary embedding for self-attention.
         qkv_bias, proj_bias, mlp_bias: projection biases.
+        qk_norm: RMSNorm on each head's queries and keys (see ``MultiHeadAttention``).
         attn_drop, drop, drop_path: attention-probability, residual and stochastic depth.
     """
 
@@ -46,12 +47,13 @@ class TransformerBlock(nn.Module):
                  norm_layer: type[nn.Module], mlp_layer: type[nn.Module],
                  norm_eps: float = 1e-6, causal: bool = False, context_dim: int | None = None,
                  rope: RotaryEmbedding | None = None, qkv_bias: bool = False,
-                 proj_bias: bool = False, mlp_bias: bool = False, attn_drop: float = 0.0,
-                 drop: float = 0.0, drop_path: float = 0.0, backend: str = "auto"):
+                 proj_bias: bool = False, mlp_bias: bool = False, qk_norm: bool = False,
+                 attn_drop: float = 0.0, drop: float = 0.0, drop_path: float = 0.0,
+                 backend: str = "auto"):
         super().__init__()
         heads = dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
                      head_dim=head_dim, qkv_bias=qkv_bias, out_bias=proj_bias,
-                     attn_drop=attn_drop, backend=backend)
+                     qk_norm=qk_norm, attn_drop=attn_drop, backend=backend)
         self.norm1 = norm_layer(embed_dim, eps=norm_eps)
         self.attn = MultiHeadAttention(causal=causal, rope=rope, **heads)
         self.cross_norm = self.cross_attn = None
@@ -109,8 +111,8 @@ class Transformer(nn.Module):
                  norm_eps: float = 1e-6, causal: bool = False, context_dim: int | None = None,
                  rope_theta: float | None = None, max_seq_len: int = 2048,
                  qkv_bias: bool = False, proj_bias: bool = False, mlp_bias: bool = False,
-                 attn_drop: float = 0.0, drop: float = 0.0, drop_path_rate: float = 0.0,
-                 backend: str = "auto"):
+                 qk_norm: bool = False, attn_drop: float = 0.0, drop: float = 0.0,
+                 drop_path_rate: float = 0.0, backend: str = "auto"):
         super().__init__()
         check_sizes(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_hidden_dim=mlp_hidden_dim)
@@ -127,7 +129,8 @@ class Transformer(nn.Module):
                 head_dim=head_dim, mlp_hidden_dim=mlp_hidden_dim, norm_layer=norm_layer,
                 mlp_layer=mlp_layer, norm_eps=norm_eps, causal=causal,
                 context_dim=context_dim, rope=self.rope, qkv_bias=qkv_bias,
-                proj_bias=proj_bias, mlp_bias=mlp_bias, attn_drop=attn_drop, drop=drop,
+                proj_bias=proj_bias, mlp_bias=mlp_bias, qk_norm=qk_norm,
+                attn_drop=attn_drop, drop=drop,
                 drop_path=drop_path_rate * i / max(depth - 1, 1), backend=backend)
             for i in range(depth))
         self.norm = norm_layer(embed_dim, eps=norm_eps)

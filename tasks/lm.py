@@ -163,7 +163,7 @@ def model_config(cfg: DictConfig, vocab_size: int) -> dict:
 
 
 def _hf_init(cfg: DictConfig, model_cfg: dict, tok: Tokenizer) -> tuple[dict, dict]:
-    """``init_from=DIR``: a Hugging Face Llama directory decides the architecture."""
+    """``init_from=DIR``: a Hugging Face Llama or Qwen3 directory decides the architecture."""
     from modules.converters import hf_llama_init
     src = Path(str(cfg.init_from)).expanduser()
     try:

@@ -96,7 +96,8 @@ def edited(src, dst, **changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"model_type": "mistral"}, r"model_type='mistral'; expected 'llama'"),
+    ({"model_type": "mistral"}, r"model_type='mistral'; expected 'llama' or 'qwen3'"),
+    ({"use_sliding_window": True}, r"use_sliding_window=True; expected false"),
     ({"attention_bias": True}, r"attention_bias=True; expected false"),
     ({"mlp_bias": True}, r"mlp_bias=True; expected false"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu'; expected 'silu'"),
@@ -104,7 +105,7 @@ def edited(src, dst, **changes):
      r"rope_parameters=\{'rope_type': 'llama3'.*\}; expected plain RoPE"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}},
      r"rope_scaling=\{'type': 'linear'.*\}; expected plain RoPE"),
-], ids=["model_type", "attention_bias", "mlp_bias", "hidden_act", "rope_parameters",
+], ids=["model_type", "sliding_window", "attention_bias", "mlp_bias", "hidden_act", "rope_parameters",
         "rope_scaling"])
 def test_refuses_what_causal_lm_cannot_express(llama_dir, tmp_path, changes, message):
     path = edited(llama_dir, tmp_path / "ckpt", **changes)
@@ -134,3 +135,43 @@ def test_refuses_pickled_weights(llama_dir, tmp_path):
     with pytest.raises(ValueError, match=r"no \*\.safetensors weights \(pytorch_model.bin is "
                                          r"not read: loading it would unpickle\); expected"):
         hf_llama_init(path, USER)
+
+
+def test_qwen3_directory_sets_qk_norm_and_matches_transformers(tmp_path):
+    """Queries and keys normalised per head before RoPE, as Qwen3 does; the flag comes from
+    config.json (and a Llama directory turns a caller's qk_norm off)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=50000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
+        attention_bias=False, use_sliding_window=False)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:  # non-trivial norm weights, the q/k ones included
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "qwen3", safe_serialization=True)
+    kwargs, state = hf_llama_init(tmp_path / "qwen3", USER)
+    assert kwargs["qk_norm"] is True and "decoder.blocks.1.attn.k_norm.weight" in state
+    kwargs.pop("_target_")
+    ours = CausalLM(**kwargs).eval()
+    ours.load_state_dict(state, strict=True)
+    tokens = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), want, rtol=0, atol=1e-5)
+        # incremental decoding on the cache normalises the new keys the same way
+        caches = ours.new_caches(2, 32)
+        steps = [ours(tokens[:, :12], caches=caches)] + [
+            ours(tokens[:, t:t + 1], caches=caches) for t in range(12, 20)]
+        torch.testing.assert_close(torch.cat(steps, 1), want, rtol=0, atol=1e-5)
+        # the comparison has teeth: the same weights without the norms differ
+        plain = CausalLM(**(kwargs | {"qk_norm": False})).eval()
+        plain.load_state_dict({k: v for k, v in state.items() if "_norm." not in k},
+                              strict=True)
+        assert (plain(tokens) - want).abs().max() > 1e-3
+    save_llama(tmp_path / "llama")
+    kwargs, _ = hf_llama_init(tmp_path / "llama", USER | {"qk_norm": True})
+    assert kwargs["qk_norm"] is False
