@@ -145,6 +145,12 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["model.backend=flash"], "model (modules.lm.CausalLM) cannot be built"),
     ("lm", ["model.num_heads=5"], "cannot be built"),
     ("lm", ["optimizer.lr=-1"], "optimizer/scheduler settings are not valid"),
+    ("lm", ["optimizer.embedding_lr_scale=0"],
+     "optimizer.embedding_lr_scale=0 is not valid: expected a number > 0"),
+    ("lm", ["optimizer.embedding_lr_scale=ten"],
+     "optimizer.embedding_lr_scale='ten' is not valid: expected float"),
+    ("lm", ["optimizer.embedding_weight_decay=-0.1"],
+     "optimizer.embedding_weight_decay=-0.1 is not valid: expected a number >= 0"),
     ("lm", ["data.context=0"], "data.context=0 is not valid"),
     ("lm", ["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive"),
     ("lm", ["trainer.accelerator=gpu"], "trainer settings are not valid"),
@@ -265,3 +271,47 @@ def test_ema_weights_are_the_recomputed_average(tmp_path, monkeypatch):
     assert moved, "the average equals the last step's weights: nothing was averaged"
     with pytest.raises(UserError, match="trainer.ema_decay=1.5"):
         lm_task.run(make_cfg(tmp_path / "bad", "trainer.ema_decay=1.5"))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_embedding_group_steps_like_a_separate_optimizer(tie):
+    """The embedding tables' own learning rate and decay: one AdamW step over the groups
+    equals two AdamW optimizers, one for the tables and one for the rest, run by hand."""
+    from omegaconf import OmegaConf
+
+    from modules.lm import CausalLM
+    from tasks.framework.optim import configure_optimization
+
+    def model():
+        torch.manual_seed(0)
+        return CausalLM(vocab_size=50, embed_dim=16, depth=2, num_heads=2, max_seq_len=16,
+                        tie_embeddings=tie)
+    cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2,
+                            "weight_decay": 0.1, "embedding_lr_scale": 10.0,
+                            "embedding_weight_decay": 0.0, "fused": None})
+    sched = OmegaConf.create({"_target_": "tasks.framework.optim.warmup_cosine",
+                              "_partial_": True, "warmup_steps": 0, "min_lr_ratio": 0.1})
+    ours, ref = model(), model()
+    opt = configure_optimization(ours, cfg, sched, total_steps=10)["optimizer"]
+    table = ref.embed.weight
+    rest = [p for p in ref.parameters() if p is not table]
+    ref_opts = [torch.optim.AdamW([table], lr=0.1, weight_decay=0.0),
+                torch.optim.AdamW([p for p in rest if p.dim() >= 2], lr=1e-2,
+                                  weight_decay=0.1),
+                torch.optim.AdamW([p for p in rest if p.dim() < 2], lr=1e-2,
+                                  weight_decay=0.0)]
+    assert [g["lr"] for g in opt.param_groups][-1] == pytest.approx(0.1)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(ours.parameters()))
+    tokens = torch.randint(0, 50, (3, 12))
+    for m, step in ((ours, [opt.step]), (ref, [o.step for o in ref_opts])):
+        for _ in range(2):
+            m.zero_grad()
+            torch.nn.functional.cross_entropy(m(tokens[:, :-1]).flatten(0, 1),
+                                              tokens[:, 1:].flatten()).backward()
+            for s in step:
+                s()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    # the default (scale 1, decay as the matrices) keeps the two groups of before
+    cfg.embedding_lr_scale, cfg.embedding_weight_decay = 1.0, None
+    assert len(configure_optimization(model(), cfg, sched, 10)["optimizer"].param_groups) == 2

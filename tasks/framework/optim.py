@@ -29,13 +29,44 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms and biases are not decayed."""
-    decay, keep = [], []
+def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | None = None,
+                 embedding_lr_scale: float = 1.0,
+                 embedding_weight_decay: float | None = None) -> list[dict]:
+    """Weight decay on matrices only; norms and biases are not decayed.
+
+    The tables of ``nn.Embedding`` layers form a group of their own when
+    ``embedding_lr_scale`` is not 1 (their learning rate is ``lr * embedding_lr_scale``) or
+    ``embedding_weight_decay`` is set: a token's row gets a gradient only in the steps
+    that see the token, so at a small model's learning rate the table moves slowly.
+    """
+    own = embedding_lr_scale != 1.0 or embedding_weight_decay is not None
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)} \
+        if own else set()
+    decay, keep, embed = [], [], []
     for p in module.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else keep).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+            (embed if id(p) in tables else decay if p.dim() >= 2 else keep).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": keep, "weight_decay": 0.0}]
+    if embed:
+        groups.append({"params": embed, "lr": lr * embedding_lr_scale,
+                       "weight_decay": weight_decay if embedding_weight_decay is None
+                       else embedding_weight_decay})
+    return groups
+
+
+def _embedding_settings(opt_cfg: dict) -> dict:
+    """Pop and check ``embedding_lr_scale`` and ``embedding_weight_decay``."""
+    scale = opt_cfg.pop("embedding_lr_scale", 1.0)
+    wd = opt_cfg.pop("embedding_weight_decay", None)
+    number = (int, float)
+    if isinstance(scale, bool) or not isinstance(scale, number) or not scale > 0:
+        raise UserError(f"optimizer.embedding_lr_scale={scale!r} is not valid: expected a "
+                        f"number > 0 (1: the embedding tables learn at optimizer.lr)")
+    if wd is not None and (isinstance(wd, bool) or not isinstance(wd, number) or wd < 0):
+        raise UserError(f"optimizer.embedding_weight_decay={wd!r} is not valid: expected a "
+                        f"number >= 0, or null for optimizer.weight_decay")
+    return {"embedding_lr_scale": float(scale), "embedding_weight_decay": wd}
 
 
 def _clipping_under_mixed_precision(trainer) -> bool:
@@ -56,6 +87,7 @@ def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg
     from hydra.utils import instantiate
     opt_cfg = OmegaConf.to_container(optimizer_cfg, resolve=True)
     wd = opt_cfg.pop("weight_decay", 0.0)
+    embedding = _embedding_settings(opt_cfg)
     if opt_cfg.get("fused") and _clipping_under_mixed_precision(trainer):
         opt_cfg["fused"], opt_cfg["foreach"] = None, True
         log.info("optimizer: foreach instead of fused (gradient clipping under %s)",
@@ -63,7 +95,8 @@ def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg
     if opt_cfg.get("fused") is None:
         opt_cfg.pop("fused", None)
     try:
-        optimizer = instantiate(opt_cfg)(decay_groups(module, wd))
+        optimizer = instantiate(opt_cfg)(decay_groups(module, wd, lr=opt_cfg.get("lr"),
+                                                      **embedding))
         scheduler = instantiate(scheduler_cfg)(optimizer, total_steps=total_steps)
     except (ValueError, TypeError, InstantiationException) as exc:
         cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ \
