@@ -182,7 +182,7 @@ def hf_llama_init(path: str | Path, model_kwargs: Mapping) -> tuple[dict, dict[s
 
 
 def load_hf_llama(path: str | Path, **overrides) -> CausalLM:
-    """Build a ``CausalLM`` from a local Hugging Face Llama directory.
+    """Build a ``CausalLM`` from a local Hugging Face Llama or Qwen3 directory.
 
     Args:
         path: directory with ``config.json`` and ``model.safetensors`` (or shards).

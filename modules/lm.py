@@ -24,7 +24,7 @@ class CausalLM(nn.Module):
         max_seq_len: longest context; sizes the RoPE table and caches by default.
         rope_theta: RoPE base.
         tie_embeddings: share the embedding and output matrices.
-        qk_norm: RMSNorm on each head's queries and keys (OLMo 2, Qwen3).
+        qk_norm: RMSNorm on each head's queries and keys (as Qwen3).
         norm_eps, drop, attn_drop: as in ``Transformer``.
         backend: attention kernel (``auto``, ``sdpa``, ``math``, ``flash``).
     """

@@ -96,8 +96,8 @@ class MultiHeadAttention(nn.Module):
         causal: mask future keys (decoder self-attention).
         rope: rotary embedding applied to q and k (self-attention only).
         qkv_bias, out_bias: biases on the projections.
-        qk_norm: RMSNorm over each head's queries and keys before RoPE (as OLMo 2 and
-            Qwen3), which bounds the attention logits; the norms' weights are learned.
+        qk_norm: RMSNorm over each head's queries and keys before RoPE (as Qwen3), which
+            bounds the attention logits; the norms' weights are learned. norm_eps: its eps.
         attn_drop: attention-probability dropout, training only.
         backend: attention kernel, see ``modules.attention``.
     """
@@ -106,7 +106,7 @@ class MultiHeadAttention(nn.Module):
                  head_dim: int | None = None, context_dim: int | None = None,
                  causal: bool = False, rope: RotaryEmbedding | None = None,
                  qkv_bias: bool = False, out_bias: bool = False, qk_norm: bool = False,
-                 attn_drop: float = 0.0, backend: str = "auto"):
+                 norm_eps: float = 1e-6, attn_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads % num_kv_heads:
@@ -133,8 +133,8 @@ class MultiHeadAttention(nn.Module):
         else:  # one matmul for q, k and v
             self.qkv_proj = nn.Linear(embed_dim, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(q_dim, embed_dim, bias=out_bias)
-        self.q_norm = RMSNorm(head_dim) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim) if qk_norm else None
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self._logged = False
 
     def _heads(self, x: Tensor, n: int, norm: nn.Module | None = None) -> Tensor:

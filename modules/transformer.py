@@ -53,7 +53,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         heads = dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
                      head_dim=head_dim, qkv_bias=qkv_bias, out_bias=proj_bias,
-                     qk_norm=qk_norm, attn_drop=attn_drop, backend=backend)
+                     qk_norm=qk_norm, norm_eps=norm_eps, attn_drop=attn_drop,
+                     backend=backend)
         self.norm1 = norm_layer(embed_dim, eps=norm_eps)
         self.attn = MultiHeadAttention(causal=causal, rope=rope, **heads)
         self.cross_norm = self.cross_attn = None

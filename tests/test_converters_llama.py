@@ -146,12 +146,15 @@ def test_qwen3_directory_sets_qk_norm_and_matches_transformers(tmp_path):
     hf = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=50000.0,
-        rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
+        # an eps near the queries' and keys' mean square, so the q/k norms must use it too
+        rms_norm_eps=0.05, max_position_embeddings=64, tie_word_embeddings=False,
         attention_bias=False, use_sliding_window=False)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:  # non-trivial norm weights, the q/k ones included
                 p.uniform_(0.5, 1.5)
+            if name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.mul_(10.0)  # attention outputs that weigh in the logits
     hf.save_pretrained(tmp_path / "qwen3", safe_serialization=True)
     kwargs, state = hf_llama_init(tmp_path / "qwen3", USER)
     assert kwargs["qk_norm"] is True and "decoder.blocks.1.attn.k_norm.weight" in state

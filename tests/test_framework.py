@@ -216,6 +216,10 @@ def test_resume_needs_the_same_model(tmp_path):
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     proc = cli(tmp_path, "lm", f"resume={last}", "model.embed_dim=48", "trainer.max_steps=3")
     one_line_error(proc, f"resume={last} does not fit this model")
+    # the same model, but the token table no longer in a group of its own
+    proc = cli(tmp_path, "lm", f"resume={last}", "optimizer.embedding_lr_scale=1",
+               "optimizer.embedding_weight_decay=null", "trainer.max_steps=3")
+    one_line_error(proc, "these settings make [")
 
 
 def test_a_run_prints_no_advertising(tmp_path):

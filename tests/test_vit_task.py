@@ -200,8 +200,9 @@ def test_test_time_views_average_the_probabilities(tmp_path, image_folder):
 @pytest.mark.parametrize("value", ["-1", "8", "1.5", "true", "one"])
 def test_bad_test_time_shifts_is_one_line(tmp_path, image_folder, value):
     with pytest.raises(UserError, match=r"test_time_shifts=.* is not valid: expected an "
-                                        r"integer from 0 to 7"):
+                                        r"integer from 0 to 7 \(pixels, for 16 px images"):
         vit_task.run(make_cfg(tmp_path / "r", image_folder, f"test_time_shifts={value}"))
+    assert not (tmp_path / "r" / "split.json").exists()  # refused before the data is read
 
 
 def test_bad_image_can_stop_the_run(tmp_path, image_folder):

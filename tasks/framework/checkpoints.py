@@ -181,9 +181,13 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
     return str(cfg.resume)
 
 
-def check_resume_fits(module: torch.nn.Module, path: str, task: str) -> None:
-    """``resume=`` a checkpoint of other model settings is one error naming a tensor."""
-    state = load_checkpoint(path, task)["state_dict"]
+def check_resume_fits(module: torch.nn.Module, path: str, task: str,
+                      optimizer: torch.optim.Optimizer | None = None) -> None:
+    """``resume=`` a checkpoint of other model settings is one error naming a tensor; one
+    whose optimizer had other parameter groups (``optimizer.embedding_lr_scale``,
+    ``optimizer.embedding_weight_decay``) is one error naming those settings."""
+    ckpt = load_checkpoint(path, task)
+    state = ckpt["state_dict"]
     own = module.state_dict()
     wrong = shape_mismatches(state, own)
     missing = sorted(set(own) - set(state))
@@ -193,6 +197,15 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str) -> None:
                   if wrong else f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
         raise UserError(f"resume={path} does not fit this model: {detail}; expected the "
                         f"model settings of the run it came from")
+    saved = (ckpt.get("optimizer_states") or [None])[0]
+    if optimizer is not None and saved is not None:
+        theirs = [len(g["params"]) for g in saved["param_groups"]]
+        ours = [len(g["params"]) for g in optimizer.param_groups]
+        if theirs != ours:
+            raise UserError(f"resume={path} was trained with optimizer parameter groups of "
+                            f"{theirs} tensors, these settings make {ours}; expected the "
+                            f"optimizer.embedding_lr_scale and "
+                            f"optimizer.embedding_weight_decay of the run it came from")
 
 
 class RNGState(Callback):

@@ -48,7 +48,13 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | No
             (embed if id(p) in tables else decay if p.dim() >= 2 else keep).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": keep, "weight_decay": 0.0}]
+    if own and not embed:
+        log.info("optimizer: embedding_lr_scale / embedding_weight_decay set, but the model "
+                 "has no nn.Embedding table")
     if embed:
+        if lr is None:
+            raise UserError("optimizer.embedding_lr_scale needs optimizer.lr, the rate it "
+                            "scales")
         groups.append({"params": embed, "lr": lr * embedding_lr_scale,
                        "weight_decay": weight_decay if embedding_weight_decay is None
                        else embedding_weight_decay})

@@ -126,10 +126,11 @@ def train(task: Task, cfg: DictConfig) -> dict:
     module = task.module_class(model_cfg=prep.model_cfg, meta=prep.meta,
                                optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler,
                                total_steps=cfg.trainer.max_steps, **prep.options)
-    configure_optimization(module.model, cfg.optimizer, cfg.scheduler, 1)  # fail early
+    optimizer = configure_optimization(module.model, cfg.optimizer, cfg.scheduler,
+                                       1)["optimizer"]  # fail early
     init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
     if resume:
-        check_resume_fits(module, resume, cfg.task)
+        check_resume_fits(module, resume, cfg.task, optimizer)
     trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
                                              mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
