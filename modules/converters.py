@@ -73,7 +73,8 @@ def llama_kwargs_from_hf(cfg: dict) -> dict:
         head_dim=cfg.get("head_dim"), mlp_hidden_dim=cfg["intermediate_size"],
         max_seq_len=cfg.get("max_position_embeddings", 2048), rope_theta=_rope_theta(cfg),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qk_norm=model_type == "qwen3", norm_eps=cfg.get("rms_norm_eps", 1e-6))
+        qk_norm=model_type == "qwen3", bigram_buckets=0, value_embeds=0,
+        norm_eps=cfg.get("rms_norm_eps", 1e-6))
 
 
 def llama_state_dict_from_hf(hf: dict[str, Tensor], depth: int,

@@ -149,7 +149,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, mask: Tensor | None = None,
                 cache: KVCache | StaticKV | None = None,
-                positions: int | Tensor | None = None, queries: int | None = None) -> Tensor:
+                positions: int | Tensor | None = None, queries: int | None = None,
+                values: Tensor | None = None) -> Tensor:
         """Attend from x ``(B, L, E)``.
 
         Args:
@@ -164,8 +165,14 @@ class MultiHeadAttention(nn.Module):
             queries: outputs for the first ``queries`` tokens only, ``(B, queries, E)``:
                 their queries attend to keys and values from all L tokens (bidirectional
                 self-attention without cache or RoPE, e.g. a ViT's class token at the end).
+            values: ``(B, L, Hk * D)`` added to the values of x's tokens before attention
+                (value embeddings: a per-token table lookup; self-attention only); with a
+                cache, what is stored includes it.
         """
         B, L, _ = x.shape
+        if values is not None and (self.is_cross or queries is not None):
+            raise ValueError("values are added in self-attention over all tokens only, not "
+                             "in cross-attention or with queries")
         if queries is not None:
             given = [name for name, on in (("cross-attention", self.is_cross),
                                            ("causal", self.causal),
@@ -193,6 +200,8 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.qkv_proj(x).split(
                 [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2,
                 dim=-1)
+            if values is not None:
+                v = v + values
             q, k, v = (self._heads(t, n, norm) for t, n, norm in
                        ((q, self.num_heads, self.q_norm), (k, self.num_kv_heads, self.k_norm),
                         (v, self.num_kv_heads, None)))

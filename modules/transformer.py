@@ -70,15 +70,16 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, cache=None, positions=None,
                 keep: int | None = None, rows: Tensor | None = None,
-                in_place: bool = False) -> Tensor:
+                in_place: bool = False, values: Tensor | None = None) -> Tensor:
         """x ``(B, L, E)`` -> ``(B, L, E)``, or ``(B, keep, E)``: with ``keep``, only the
         first ``keep`` tokens are carried through (see ``MultiHeadAttention``'s queries).
         ``rows``: the real tokens (``layers.kept_rows``); the MLP runs on those alone.
         ``in_place``: the residual sums update ``x`` and return it (no gradients; see
-        ``Transformer``), so a hook keeping a block's output sees it change afterwards."""
+        ``Transformer``), so a hook keeping a block's output sees it change afterwards.
+        ``values``: added to the self-attention values (``MultiHeadAttention``)."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
         h = self.attn(self.norm1(x), mask=mask, cache=self_cache, positions=positions,
-                      queries=keep)
+                      queries=keep, values=values)
         if keep is not None:
             x = x[:, :keep]
         x = residual_add(x, self.drop_path(self.drop(h)), in_place=in_place)
@@ -139,7 +140,8 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, caches: list | None = None,
-                positions: int | Tensor | None = None, keep: int | None = None) -> Tensor:
+                positions: int | Tensor | None = None, keep: int | None = None,
+                values: list | None = None) -> Tensor:
         """x ``(B, L, E)`` -> ``(B, L, E)``; see ``MultiHeadAttention.forward`` for masks.
 
         A ``(B, L)`` self-attention mask marks padding: no real token sees a padded one,
@@ -152,7 +154,12 @@ class Transformer(nn.Module):
         ``keep``: return only the first ``keep`` tokens ``(B, keep, E)``. The last block
         then computes attention outputs, MLP and norm for those tokens alone, since nothing
         else reaches the result: a class-token classifier skips most of its last block.
+
+        ``values``: one ``(B, L, Hk * D)`` tensor or None per block, added to that block's
+        self-attention values (value embeddings, see ``modules.lm.CausalLM``).
         """
+        if values is not None and len(values) != len(self.blocks):
+            raise ValueError(f"values has {len(values)} entries for {len(self.blocks)} blocks")
         last = len(self.blocks) - 1
         rows = kept_rows(mask, x) if caches is None and keep is None else None
         in_place = not torch.is_grad_enabled()
@@ -161,7 +168,8 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, context=context, context_mask=context_mask,
                       cache=None if caches is None else caches[i], positions=positions,
-                      keep=keep if i == last else None, rows=rows, in_place=in_place)
+                      keep=keep if i == last else None, rows=rows, in_place=in_place,
+                      values=None if values is None else values[i])
         if keep is not None and not self.blocks:
             x = x[:, :keep]
         return self.norm(x)

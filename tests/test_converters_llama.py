@@ -176,5 +176,8 @@ def test_qwen3_directory_sets_qk_norm_and_matches_transformers(tmp_path):
                               strict=True)
         assert (plain(tokens) - want).abs().max() > 1e-3
     save_llama(tmp_path / "llama")
-    kwargs, _ = hf_llama_init(tmp_path / "llama", USER | {"qk_norm": True})
+    kwargs, _ = hf_llama_init(tmp_path / "llama", USER | {"qk_norm": True, "value_embeds": 2,
+                                                         "bigram_buckets": 4096})
+    # nor does it have our extra tables: a caller's are turned off, so the weights load
     assert kwargs["qk_norm"] is False
+    assert kwargs["value_embeds"] == 0 and kwargs["bigram_buckets"] == 0

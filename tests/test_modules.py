@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modules.generation import StaticDecoder, filter_logits, generate
-from modules.lm import CausalLM
+from modules.lm import CausalLM, bigram_index
 from modules.mha import KVCache, MultiHeadAttention
 from modules.rope import RotaryEmbedding
 from modules.transformer import Transformer
@@ -147,8 +147,9 @@ def test_batched_prompts_equal_each_alone():
 
 def test_compiled_static_decoding_equals_eager():
     """The compiled step over a static cache gives the eager tokens (padded batch, sampling),
-    and follows the weights when they change after compiling."""
-    model = tiny_lm()
+    and follows the weights when they change after compiling. The model has the bigram and
+    value tables, whose state (each row's last token) the compiled step carries too."""
+    model = tiny_lm(bigram_buckets=97, value_embeds=1)
     prompts = [[7, 8, 9, 10, 11, 12], [3], [40, 41, 42]]
     eager = generate(model, prompts, max_new_tokens=9)
     assert generate(model, prompts, max_new_tokens=9, compile=True) == eager
@@ -341,3 +342,117 @@ def test_padding_skip_under_cpu_autocast_and_strided_input(block, grad, monkeypa
     for a, b in zip(got, expect):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a[keep], b[keep], atol=2e-2, rtol=2e-2)
+
+
+def test_added_values_equal_a_value_bias():
+    """``values`` equal to one vector b at every token is a bias b on the value projection:
+    checked against the same attention with that bias, in a full pass and step by step
+    through the cache (which then stores values with b added)."""
+    torch.manual_seed(0)
+    plain = MultiHeadAttention(embed_dim=32, num_heads=4, num_kv_heads=2, causal=True,
+                               rope=RotaryEmbedding(head_dim=8, max_seq_len=16)).eval()
+    biased = MultiHeadAttention(embed_dim=32, num_heads=4, num_kv_heads=2, causal=True,
+                                qkv_bias=True, rope=plain.rope).eval()
+    b = torch.randn(16)
+    with torch.no_grad():
+        biased.qkv_proj.weight.copy_(plain.qkv_proj.weight)
+        biased.qkv_proj.bias.zero_()
+        biased.qkv_proj.bias[-16:] = b
+        biased.out_proj.weight.copy_(plain.out_proj.weight)
+    x = torch.randn(2, 7, 32)
+    values = b.expand(2, 7, 16)
+    want = biased(x)
+    assert not torch.allclose(plain(x), want, atol=1e-3)
+    torch.testing.assert_close(plain(x, values=values), want)
+    cache = plain.new_cache(2, 7)
+    steps = [plain(x[:, i:i + 1], cache=cache, values=values[:, i:i + 1]) for i in range(7)]
+    torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
+    cross = MultiHeadAttention(embed_dim=32, num_heads=4, context_dim=8)
+    with pytest.raises(ValueError, match="values are added in self-attention"):
+        cross(x, torch.randn(2, 3, 8), values=torch.zeros(2, 7, 32))
+
+
+def test_value_embeddings_reach_the_first_blocks_only():
+    """With ``value_embeds=n`` blocks 0..n-1 get their table's rows for the tokens as
+    ``values``, the others nothing; zero tables give the plain model's logits; cached
+    decoding still equals the full pass."""
+    torch.manual_seed(0)
+    model = tiny_lm(depth=3, value_embeds=2)
+    assert [t.weight.shape for t in model.value_embeds] == [(61, 16)] * 2
+    tokens = torch.randint(0, 61, (2, 9))
+    seen = {}
+    hooks = [b.attn.register_forward_pre_hook(
+        lambda m, args, kw, i=i: seen.__setitem__(i, kw.get("values")), with_kwargs=True)
+        for i, b in enumerate(model.decoder.blocks)]
+    full = model(tokens)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(seen[0], model.value_embeds[0].weight[tokens])
+    torch.testing.assert_close(seen[1], model.value_embeds[1].weight[tokens])
+    assert seen[2] is None
+    caches = model.new_caches(2, 9)
+    steps = [model(tokens[:, :4], caches=caches)]
+    steps += [model(tokens[:, i:i + 1], caches=caches) for i in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    plain = tiny_lm(depth=3)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items()
+                           if not k.startswith("value_embeds")})
+    assert not torch.allclose(plain(tokens), full, atol=1e-4)
+    with torch.no_grad():
+        for t in model.value_embeds:
+            t.weight.zero_()
+    torch.testing.assert_close(model(tokens), plain(tokens))
+    for bad in (4, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"value_embeds={bad!r}; expected a whole "
+                                             rf"number of blocks from 0 to depth=3"):
+            tiny_lm(depth=3, value_embeds=bad)
+
+
+def test_bigram_rows_pair_each_token_with_the_one_before():
+    """The decoder's input is the token's row plus the bigram row of (previous token,
+    token), recomputed here with Python integers from the documented hash; a sequence
+    start (position 0, also after left padding) pairs with ``vocab_size``."""
+    torch.manual_seed(0)
+    model = tiny_lm(bigram_buckets=97)
+    tokens = torch.randint(0, 61, (2, 8))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 0, 0, 0, 1, 2, 3, 4]])
+    for pos, rows_before in ((None, [[61] + r[:-1] for r in tokens.tolist()]),
+                             (positions, [[61] + tokens[0].tolist()[:-1],
+                                          [61] * 4 + tokens[1].tolist()[3:7]])):
+        seen = []
+        hook = model.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        model(tokens, positions=pos)
+        hook.remove()
+        rows = [[(p * 1000003 + t * 972663749) % (2**31 - 1) % 97 for p, t in zip(ps, ts)]
+                for ps, ts in zip(rows_before, tokens.tolist())]
+        want = model.embed.weight[tokens] + model.bigram.weight[torch.tensor(rows)]
+        torch.testing.assert_close(seen[0], want)
+    # ids sharing their low bits do not crowd together: 4,096 pairs of multiples of 32 in
+    # 1,024 rows fill nearly all of them (a hash keeping low bits would fill 32), and all
+    # pairs of a 2,048-token vocabulary spread evenly over 16,384 rows
+    ids = torch.arange(64) * 32
+    assert bigram_index(ids[:, None], ids[None, :], 1024).unique().numel() > 950
+    ids = torch.arange(2049)
+    counts = torch.bincount(bigram_index(ids[:, None], ids[None, :2048], 16384).flatten())
+    assert counts.numel() == 16384 and counts.min() > 200 and counts.max() < 320
+
+
+def test_bigram_and_value_tables_decode_with_the_cache_as_in_full():
+    """Prefill chunks and single steps through the cache equal the full pass, and a prompt
+    decodes the same in a left-padded batch as alone (its first token has no previous)."""
+    torch.manual_seed(0)
+    model = tiny_lm(bigram_buckets=97, value_embeds=2)
+    tokens = torch.randint(0, 61, (3, 12))
+    full = model(tokens)
+    caches = model.new_caches(3, 12)
+    steps = [model(tokens[:, :5], caches=caches)]
+    steps += [model(tokens[:, i:i + 1], caches=caches) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    prompts = [[7, 8, 9, 10, 11, 12], [3], [40, 41, 42]]
+    batched = generate(model, prompts, max_new_tokens=8)
+    assert batched == [generate(model, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == generate(model, prompts, max_new_tokens=8, use_cache=False)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"bigram_buckets={bad!r}; expected a whole "
+                                             rf"number >= 0"):
+            tiny_lm(bigram_buckets=bad)
