@@ -141,6 +141,7 @@ def cli(tmp_path, *args):
     (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int"),
     (["ckpt=/nonexistent.ckpt", "mode=generate"], "checkpoint /nonexistent.ckpt does not exist"),
     (["mode=sample"], "mode='sample' is not a mode of the lm task; expected one of"),
+    (["model.value_embeds=3"], "value_embeds=3; expected a whole number of blocks from 0 to depth=2"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expect):
     proc = cli(tmp_path, *args)
