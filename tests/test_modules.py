@@ -420,7 +420,7 @@ def test_bigram_rows_pair_each_token_with_the_one_before():
                              (positions, [[61] + tokens[0].tolist()[:-1],
                                           [61] * 4 + tokens[1].tolist()[3:7]])):
         seen = []
-        hook = model.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        hook = model.decoder.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0]))
         model(tokens, positions=pos)
         hook.remove()
         rows = [[(p * 1000003 + t * 972663749) % (2**31 - 1) % 97 for p, t in zip(ps, ts)]
