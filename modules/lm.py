@@ -49,7 +49,7 @@ class CausalLM(nn.Module):
                  value_embeds: int = 0, norm_eps: float = 1e-5, drop: float = 0.0,
                  attn_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
-        if not _whole(value_embeds) or not 0 <= value_embeds <= depth:
+        if not _whole(value_embeds) or value_embeds < 0 or value_embeds > max(depth, 0):
             raise ValueError(f"value_embeds={value_embeds!r}; expected a whole number of "
                              f"blocks from 0 to depth={depth}")
         if not _whole(bigram_buckets) or bigram_buckets < 0:
