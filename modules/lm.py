@@ -34,6 +34,9 @@ class CausalLM(nn.Module):
         bigram_buckets: rows of the hashed bigram table (0: none). Row
             ``bigram_index(previous, token)`` is added to the token's embedding; a token
             at position 0 has no previous token and uses ``vocab_size`` in its place.
+        bigram_drop: dropout on the bigram rows in training (0: none). Over several passes
+            the table learns the training text's pairs by heart; dropping part of each row
+            makes the model keep predicting from the context as well.
         value_embeds: blocks 0 .. value_embeds - 1 each get a token table of width
             ``num_kv_heads * head_dim`` whose row for a token is added to that token's
             attention values (0: none, a plain Llama). Cheap in compute; the tables are
@@ -46,8 +49,8 @@ class CausalLM(nn.Module):
                  num_kv_heads: int | None = None, head_dim: int | None = None,
                  mlp_hidden_dim: int | None = None, max_seq_len: int = 1024, rope_theta: float = 10000.0,
                  tie_embeddings: bool = False, qk_norm: bool = False, bigram_buckets: int = 0,
-                 value_embeds: int = 0, norm_eps: float = 1e-5, drop: float = 0.0,
-                 attn_drop: float = 0.0, backend: str = "auto"):
+                 bigram_drop: float = 0.0, value_embeds: int = 0, norm_eps: float = 1e-5,
+                 drop: float = 0.0, attn_drop: float = 0.0, backend: str = "auto"):
         super().__init__()
         if not _whole(value_embeds) or value_embeds < 0 or value_embeds > max(depth, 0):
             raise ValueError(f"value_embeds={value_embeds!r}; expected a whole number of "
@@ -55,11 +58,16 @@ class CausalLM(nn.Module):
         if not _whole(bigram_buckets) or bigram_buckets < 0:
             raise ValueError(f"bigram_buckets={bigram_buckets!r}; expected a whole number "
                              f">= 0 (0: no bigram table)")
+        if isinstance(bigram_drop, bool) or not isinstance(bigram_drop, (int, float)) \
+                or not 0.0 <= bigram_drop < 1.0:
+            raise ValueError(f"bigram_drop={bigram_drop!r}; expected a number in [0, 1) "
+                             f"(0: no dropout on the bigram rows)")
         if mlp_hidden_dim is None:
             mlp_hidden_dim = 64 * math.ceil(8 * embed_dim / 3 / 64)
         self.vocab_size, self.max_seq_len = vocab_size, max_seq_len
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.bigram = nn.Embedding(bigram_buckets, embed_dim) if bigram_buckets else None
+        self.bigram_drop = nn.Dropout(bigram_drop)
         self.decoder = Transformer(
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, mlp_hidden_dim=mlp_hidden_dim, norm="rmsnorm", mlp="swiglu", norm_eps=norm_eps,
@@ -100,7 +108,7 @@ class CausalLM(nn.Module):
         """
         x = self.embed(tokens)
         if self.bigram is not None:
-            x = x + self.bigram(self._bigram_rows(tokens, caches, positions))
+            x = x + self.bigram_drop(self.bigram(self._bigram_rows(tokens, caches, positions)))
         values = None
         if len(self.value_embeds):
             values = [table(tokens) for table in self.value_embeds]

@@ -142,6 +142,7 @@ def cli(tmp_path, *args):
     (["ckpt=/nonexistent.ckpt", "mode=generate"], "checkpoint /nonexistent.ckpt does not exist"),
     (["mode=sample"], "mode='sample' is not a mode of the lm task; expected one of"),
     (["model.value_embeds=3"], "value_embeds=3; expected a whole number of blocks from 0 to depth=2"),
+    (["model.bigram_drop=1.0"], "bigram_drop=1.0; expected a number in [0, 1)"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expect):
     proc = cli(tmp_path, *args)

@@ -437,6 +437,34 @@ def test_bigram_rows_pair_each_token_with_the_one_before():
     assert counts.numel() == 16384 and counts.min() > 200 and counts.max() < 320
 
 
+def test_bigram_drop_drops_the_bigram_rows_only_in_training():
+    """``bigram_drop`` is dropout on the bigram rows alone: the decoder's input is recomputed
+    from the tables with the same random stream; evaluation adds the whole rows."""
+    torch.manual_seed(0)
+    model = tiny_lm(bigram_buckets=97, bigram_drop=0.5)
+    tokens = torch.randint(0, 61, (2, 8))
+    prev = torch.cat([torch.full((2, 1), 61), tokens[:, :-1]], 1)
+    rows = model.bigram.weight[bigram_index(prev, tokens, 97)]
+    seen = []
+    hook = model.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model.train()
+    torch.manual_seed(1)
+    model(tokens)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(rows, 0.5, training=True)
+    model.eval()
+    model(tokens)
+    hook.remove()
+    torch.testing.assert_close(seen[0], model.embed.weight[tokens] + dropped)
+    torch.testing.assert_close(seen[1], model.embed.weight[tokens] + rows)
+    zeroed = (dropped == 0).float().mean().item()
+    assert 0.35 < zeroed < 0.65
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match=rf"bigram_drop={bad!r}; expected a number in "
+                                             rf"\[0, 1\)"):
+            tiny_lm(bigram_buckets=97, bigram_drop=bad)
+
+
 def test_bigram_and_value_tables_decode_with_the_cache_as_in_full():
     """Prefill chunks and single steps through the cache equal the full pass, and a prompt
     decodes the same in a left-padded batch as alone (its first token has no previous)."""
