@@ -116,6 +116,23 @@ def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch):
     assert answer in vocab["answers"] and "yes" in vocab["answers"]
 
 
+def test_each_data_set_sets_its_token_table_rate(tmp_path):
+    """The emoji's token table learns at 10 x optimizer.lr, the scenes' at optimizer.lr, and
+    optimizer.embedding_lr_scale on the command line still wins: read from the optimizer's
+    parameter groups."""
+    from tasks.framework.optim import configure_optimization
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4))
+    shapes = ["data=shapes", "data.templates=['{caption}']", "data.zero_shot_labels=[]"]
+    for overrides, scale in (([], 10.0), (shapes, 1.0),
+                             (["optimizer.embedding_lr_scale=3"], 3.0)):
+        cfg = make_cfg(tmp_path, *overrides)
+        opt = configure_optimization(model, cfg.optimizer, cfg.scheduler, 10)["optimizer"]
+        table = next(g for g in opt.param_groups if any(p is model[0].weight for p in g["params"]))
+        matrix = next(g for g in opt.param_groups if any(p is model[1].weight for p in g["params"]))
+        assert matrix["initial_lr"] == pytest.approx(3e-3)
+        assert table["initial_lr"] == pytest.approx(3e-3 * scale)
+
+
 def test_recall_and_rerank_against_a_direct_count():
     torch.manual_seed(1)
     scores = torch.randn(30, 30)
