@@ -191,6 +191,7 @@ def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
     ("data.templates=['{caption} {colour}']", "names 'colour'"),
     ("data.objectives=[answer]", "no 'qa' questions"),
     ("model.loss=softmax", "loss must be 'clip' or 'siglip'"),
+    ("data.table_lr_scale=0", "data.table_lr_scale=0 is not valid: expected a number > 0"),
     ("data.lexicon.name=babelnet", "data.lexicon.name='babelnet'; expected wordnet or null"),
     ("data.lexicon=wordnet", "data.lexicon=wordnet; expected its fields"),
     (("data.lexicon.name=wordnet", "data.lexicon.depth=0"),

@@ -116,6 +116,8 @@ SHARED_RANGES = (
     ("data.max_text_len", lambda v: v >= 2, "a length in tokens >= 2"),
     ("data.questions_per_image", lambda v: v >= 1, "a count >= 1 (null: all)"),
     ("eval.rerank_k", lambda v: v >= 1, "a count >= 1"),
+    ("data.table_lr_scale", lambda v: v > 0,
+     "a number > 0 (optimizer.embedding_lr_scale follows it; 1: the token table at optimizer.lr)"),
 )
 
 
