@@ -93,8 +93,11 @@ def read_text(files: list[Path], what: str) -> str:
 
 
 # --------------------------------------------------------------------------- tokenizer
+TOKENIZER_KINDS = ("bpe", "unigram")
+
+
 class Tokenizer:
-    """sentencepiece BPE with byte fallback, identity normalisation and a newline token.
+    """sentencepiece (BPE or unigram) with byte fallback, identity normalisation and a newline token.
 
     Ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, 4 <nl>.
     """
@@ -126,7 +129,15 @@ class Tokenizer:
                             f"sentencepiece") from None
 
     @classmethod
-    def train(cls, text: str, vocab_size: int, *, max_lines: int = 300_000) -> Tokenizer:
+    def train(cls, text: str, vocab_size: int, *, kind: str = "bpe",
+              max_lines: int = 300_000) -> Tokenizer:
+        """A sentencepiece model of ``vocab_size`` pieces trained on ``text``'s lines.
+
+        ``kind``: ``bpe`` (merges) or ``unigram`` (Kudo, 2018: the vocabulary pruned from a
+        large one under a unigram language model, each text segmented into its most likely
+        pieces)."""
+        if kind not in TOKENIZER_KINDS:
+            raise DataError(f"tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
         lines = [ln for ln in text.split("\n") if ln.strip()]
         if len(lines) < 10:
             raise DataError(f"too little text to train a tokenizer ({len(lines)} lines)")
@@ -134,7 +145,7 @@ class Tokenizer:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
-                model_type="bpe", character_coverage=1.0, byte_fallback=True,
+                model_type=kind, character_coverage=1.0, byte_fallback=True,
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 split_digits=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
                 user_defined_symbols=["<nl>"], input_sentence_size=max_lines,
@@ -177,7 +188,7 @@ def digest(*parts) -> str:
     return h.hexdigest()[:12]
 
 
-def train_or_load_tokenizer(text: str, vocab_size: int, cache: Path) -> Tokenizer:
+def train_or_load_tokenizer(text: str, vocab_size: int, cache: Path, kind: str = "bpe") -> Tokenizer:
     """The tokenizer trained on ``text``, cached in ``cache`` by content hash.
 
     Trained by the first process to get here; processes starting together (DDP ranks,
@@ -188,14 +199,15 @@ def train_or_load_tokenizer(text: str, vocab_size: int, cache: Path) -> Tokenize
         text: training text.
         vocab_size: sentencepiece vocabulary size.
         cache: directory of the cached ``spm-<hash>.model`` files.
+        kind: ``bpe`` or ``unigram`` (``Tokenizer.train``).
     """
-    path = Path(cache) / f"spm-{digest(text, vocab_size)}.model"
+    path = Path(cache) / f"spm-{digest(text, vocab_size, kind)}.model"
     if path.is_file():
         return Tokenizer.load(path)
     with prepare_lock("spm", cache):
         if path.is_file():
             return Tokenizer.load(path)
-        tok = Tokenizer.train(text, vocab_size)
+        tok = Tokenizer.train(text, vocab_size, kind=kind)
         tok.save(path)
     return tok
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from data.cache import cache_dir
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import (
+    TOKENIZER_KINDS,
     Tokenizer,
     TokenWindows,
     encode_cached,
@@ -80,10 +81,12 @@ def prepare_data(cfg: DictConfig) -> LMData:
     require(d.context >= 1, "data.context", d.context, "a positive number of tokens")
     require(d.batch_size >= 1, "data.batch_size", d.batch_size, "a positive batch size")
     require(d.vocab_size >= 16, "data.vocab_size", d.vocab_size, "at least 16 pieces")
+    require(d.tokenizer_type in TOKENIZER_KINDS, "data.tokenizer_type", d.tokenizer_type,
+            " or ".join(TOKENIZER_KINDS))
     train_text, val_text, source = _texts(d)
     cache = cache_dir() / "tokenized"
     tok = Tokenizer.load(d.tokenizer) if d.tokenizer is not None else \
-        train_or_load_tokenizer(train_text, d.vocab_size, cache)
+        train_or_load_tokenizer(train_text, d.vocab_size, cache, d.tokenizer_type)
     train_ids = encode_cached(tok, train_text, cache)
     val_ids = encode_cached(tok, val_text, cache)
     if len(train_ids) < d.context + 2:

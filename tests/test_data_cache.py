@@ -76,6 +76,9 @@ def test_tokenizer_is_trained_once_then_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(Tokenizer, "train", no_training)
     assert train_or_load_tokenizer(text, 400, tmp_path).proto == tok.proto
     assert not list(tmp_path.glob("*.tmp"))
+    # the other kind is a model of its own, not the cached BPE one
+    with pytest.raises(AssertionError, match="trained again"):
+        train_or_load_tokenizer(text, 400, tmp_path, "unigram")
 
 
 def test_atomic_dir_replaces_on_success_and_keeps_the_old_folder_on_error(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
+from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from data.text import Tokenizer
 from tasks import lm as lm_task
@@ -35,9 +36,13 @@ def make_cfg(run_dir, *overrides):
             "generate.max_new_tokens=12", f"run_dir={run_dir}", *overrides])
 
 
-def test_tokenizer_round_trips_text_exactly():
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_tokenizer_round_trips_text_exactly(kind):
     text = CORPUS.read_text()
-    tok = Tokenizer.train(text, 400)
+    tok = Tokenizer.train(text, 400, kind=kind)
+    proto = sp_model.ModelProto()
+    proto.ParseFromString(tok.proto)
+    assert sp_model.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type) == kind.upper()
     sample = text[:2000] + "\n  indented line, digits 1234 and ünïcödé ✓\n\n"
     assert tok.decode(tok.encode(sample)) == sample
     assert tok.encode("a\nb").count(Tokenizer.NL) == 1
@@ -143,6 +148,8 @@ def cli(tmp_path, *args):
     (["mode=sample"], "mode='sample' is not a mode of the lm task; expected one of"),
     (["model.value_embeds=3"], "value_embeds=3; expected a whole number of blocks from 0 to depth=2"),
     (["model.bigram_drop=1.0"], "bigram_drop=1.0; expected a number in [0, 1)"),
+    (["data.tokenizer_type=wordpiece"],
+     "data.tokenizer_type='wordpiece' is not valid: expected bpe or unigram"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, expect):
     proc = cli(tmp_path, *args)
