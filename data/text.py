@@ -97,7 +97,8 @@ TOKENIZER_KINDS = ("bpe", "unigram")
 
 
 class Tokenizer:
-    """sentencepiece (BPE or unigram) with byte fallback, identity normalisation and a newline token.
+    """sentencepiece (BPE or unigram) with byte fallback, identity normalisation and a
+    newline token.
 
     Ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, 4 <nl>.
     """
@@ -137,7 +138,8 @@ class Tokenizer:
         large one under a unigram language model, each text segmented into its most likely
         pieces)."""
         if kind not in TOKENIZER_KINDS:
-            raise DataError(f"tokenizer kind {kind!r}; expected one of {', '.join(TOKENIZER_KINDS)}")
+            raise DataError(f"tokenizer kind {kind!r}; expected one of "
+                            f"{', '.join(TOKENIZER_KINDS)}")
         lines = [ln for ln in text.split("\n") if ln.strip()]
         if len(lines) < 10:
             raise DataError(f"too little text to train a tokenizer ({len(lines)} lines)")
@@ -188,8 +190,10 @@ def digest(*parts) -> str:
     return h.hexdigest()[:12]
 
 
-def train_or_load_tokenizer(text: str, vocab_size: int, cache: Path, kind: str = "bpe") -> Tokenizer:
-    """The tokenizer trained on ``text``, cached in ``cache`` by content hash.
+def train_or_load_tokenizer(text: str, vocab_size: int, cache: Path,
+                            kind: str = "bpe") -> Tokenizer:
+    """The tokenizer trained on ``text``, cached in ``cache`` under a hash of the text, the
+    size and the kind.
 
     Trained by the first process to get here; processes starting together (DDP ranks,
     SLURM tasks) wait for it and load the same model, rather than each training its own

@@ -123,11 +123,28 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, overrides):
     assert hist[0]["val_loss"] == hist[1]["val_loss"]
 
 
+def _kind(tokenizer_file: Path) -> str:
+    proto = sp_model.ModelProto()
+    proto.ParseFromString(tokenizer_file.read_bytes())
+    return sp_model.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
+
+
 def test_init_from_loads_weights_and_refuses_other_shapes(tmp_path):
-    lm_task.run(make_cfg(tmp_path / "a"))
+    """Fine-tuning keeps the checkpoint's tokenizer (its embedding rows stand for those
+    pieces), whatever the config would train: here a unigram run is fine-tuned under the
+    BPE setting of the test data."""
+    lm_task.run(make_cfg(tmp_path / "a", "data.tokenizer_type=unigram"))
+    assert _kind(tmp_path / "a" / "tokenizer.model") == "UNIGRAM"
     ckpt = tmp_path / "a" / "checkpoints" / "best.ckpt"
     res = lm_task.run(make_cfg(tmp_path / "b", f"init_from={ckpt}", "optimizer.lr=1e-4"))
     assert res["init_from"]["loaded"] > 0 and not res["init_from"]["missing"]
+    assert (tmp_path / "b" / "tokenizer.model").read_bytes() == \
+        (tmp_path / "a" / "tokenizer.model").read_bytes()
+    bpe = tmp_path / "bpe.model"
+    Tokenizer.train(CORPUS.read_text(), 400).save(bpe)
+    with pytest.raises(UserError, match=r"data.tokenizer=.*bpe.model is not the tokenizer "
+                                        r".*best.ckpt was trained with"):
+        lm_task.run(make_cfg(tmp_path / "d", f"init_from={ckpt}", f"data.tokenizer={bpe}"))
     with pytest.raises(UserError, match="differ in shape"):
         lm_task.run(make_cfg(tmp_path / "c", f"init_from={ckpt}", "model.embed_dim=48"))
 
