@@ -14,6 +14,7 @@ import glob
 import hashlib
 import io
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -184,9 +185,13 @@ class Tokenizer:
 
 
 def digest(*parts) -> str:
+    """A short hash of ``parts``; each part is length-prefixed, so parts that run into each
+    other ("a1", "23" and "a12", "3") hash apart."""
     h = hashlib.sha1()
     for p in parts:
-        h.update(p if isinstance(p, bytes) else str(p).encode())
+        b = p if isinstance(p, bytes) else str(p).encode()
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
     return h.hexdigest()[:12]
 
 
@@ -214,6 +219,29 @@ def train_or_load_tokenizer(text: str, vocab_size: int, cache: Path,
         tok = Tokenizer.train(text, vocab_size, kind=kind)
         tok.save(path)
     return tok
+
+
+def tokenizer_for_run(configured: str | None, start: tuple[str, dict] | None,
+                      train: Callable[[], Tokenizer], key: str = "tokenizer") -> Tokenizer:
+    """The tokenizer a run reads its text with.
+
+    Args:
+        configured: ``data.tokenizer``, a sentencepiece model file, or None.
+        start: (path, metadata) of the checkpoint the run resumes or starts from
+            (``tasks.framework.checkpoints.start_meta``), or None. Its tokenizer model
+            (``metadata[key]``) is used whatever the config would train, as the checkpoint's
+            embedding rows stand for its pieces; a ``configured`` model other than it is an
+            error.
+        train: trains (or loads from the cache) the config's tokenizer, for a new run.
+    """
+    proto = start[1].get(key) if start is not None else None
+    if proto is not None:
+        if configured is not None and Tokenizer.load(configured).proto != proto:
+            raise DataError(f"data.tokenizer={configured} is not the tokenizer {start[0]} was "
+                            f"trained with; expected that run's tokenizer.model, or no "
+                            f"data.tokenizer (the checkpoint's is used)")
+        return Tokenizer(proto)
+    return Tokenizer.load(configured) if configured is not None else train()
 
 
 def encode_cached(tok: Tokenizer, text: str, cache: Path) -> np.ndarray:

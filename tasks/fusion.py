@@ -39,11 +39,17 @@ from data.fusion import (
 from data.images import load_image, split_indices
 from data.lexicon import Lexicon, LexiconTokenizer, check_spec, load_lexicon
 from data.sampling import ResumableLoader, SeededBatchSampler
-from data.text import Tokenizer, expand_files, train_or_load_tokenizer
+from data.text import Tokenizer, expand_files, tokenizer_for_run, train_or_load_tokenizer
 from modules.fusion import contrastive_loss, hard_negatives
 
 from .framework import entry, training
-from .framework.checkpoints import CKPT_KEY, init_weights_from, load_weights_file, model_state
+from .framework.checkpoints import (
+    CKPT_KEY,
+    init_weights_from,
+    load_weights_file,
+    model_state,
+    start_meta,
+)
 from .framework.errors import UserError
 from .framework.module import TaskModule
 from .framework.reporting import gather_to_all
@@ -568,14 +574,16 @@ def training_lines(d: DictConfig, train: PairSet) -> list[str]:
     return lines
 
 
-def build_tokenizer(d: DictConfig, lines: list[str], lexicon: Lexicon | None) -> Tokenizer:
-    """The configured tokenizer, or one trained on the training texts (and, with a lexicon,
-    on their WordNet kinds)."""
-    if d.tokenizer is not None:
-        return Tokenizer.load(d.tokenizer)
-    if lexicon is not None:
-        lines = lines + [k for k in map(lexicon.kinds_text, lines) if k]
-    return train_or_load_tokenizer("\n".join(lines), d.vocab_size, cache_dir() / "tokenized")
+def build_tokenizer(d: DictConfig, lines: list[str], lexicon: Lexicon | None,
+                    start: tuple[str, dict] | None) -> Tokenizer:
+    """The tokenizer of the checkpoint the run continues (``start``), the configured one,
+    or one trained on the training texts (and, with a lexicon, on their WordNet kinds)."""
+    def train():
+        texts = lines + ([k for k in map(lexicon.kinds_text, lines) if k] if lexicon else [])
+        return train_or_load_tokenizer("\n".join(texts), d.vocab_size,
+                                       cache_dir() / "tokenized")
+
+    return tokenizer_for_run(d.tokenizer, start, train)
 
 
 def lexicon_spec(d: DictConfig) -> dict | None:
@@ -661,7 +669,7 @@ class FusionTask(training.Task):
         if spec is not None:  # the words the model reads in training need no kinds
             spec["known"] = sorted(set().union(*map(caption_words, lines)))
         lexicon = load_lexicon(spec)
-        tok = build_tokenizer(d, lines, lexicon)
+        tok = build_tokenizer(d, lines, lexicon, start_meta(cfg, out, self.name))
         if is_rank_zero():
             tok.save(out / "tokenizer.model")
         kinds_only = float(spec.get("kinds_only", 0.0)) if spec is not None else 0.0

@@ -33,12 +33,13 @@ from data.text import (
     expand_files,
     prepare_shakespeare,
     read_text,
+    tokenizer_for_run,
     train_or_load_tokenizer,
 )
 from modules.generation import generate
 
 from .framework import entry, training
-from .framework.checkpoints import CKPT_KEY, init_weights_from, load_checkpoint, resume_path
+from .framework.checkpoints import init_weights_from, start_meta
 from .framework.config import require
 from .framework.errors import UserError
 from .framework.module import TaskModule
@@ -75,13 +76,11 @@ def _texts(d: DictConfig) -> tuple[str, str, str]:
     return train_text[:cut], train_text[cut:], str(d.train_files)
 
 
-def prepare_data(cfg: DictConfig, start: tuple[str, bytes] | None = None) -> LMData:
+def prepare_data(cfg: DictConfig, start: tuple[str, dict] | None = None) -> LMData:
     """Corpus -> tokenizer -> token ids, each step cached on disk.
 
-    ``start``: (path, tokenizer) of the lm checkpoint the run starts from
-    (``checkpoint_tokenizer``). Its tokenizer is used rather than a new one, as the
-    checkpoint's embedding rows stand for its pieces; a ``data.tokenizer`` other than it is
-    an error.
+    ``start``: (path, metadata) of the lm checkpoint the run resumes or starts from; its
+    tokenizer is used rather than a new one (``tokenizer_for_run``).
     """
     d = cfg.data
     require(d.context >= 1, "data.context", d.context, "a positive number of tokens")
@@ -91,16 +90,8 @@ def prepare_data(cfg: DictConfig, start: tuple[str, bytes] | None = None) -> LMD
             " or ".join(TOKENIZER_KINDS))
     train_text, val_text, source = _texts(d)
     cache = cache_dir() / "tokenized"
-    if d.tokenizer is not None:
-        tok = Tokenizer.load(d.tokenizer)
-        if start is not None and tok.proto != start[1]:
-            raise UserError(f"data.tokenizer={d.tokenizer} is not the tokenizer {start[0]} was "
-                            f"trained with; expected that run's tokenizer.model, or no "
-                            f"data.tokenizer (the checkpoint's is used)")
-    elif start is not None:
-        tok = Tokenizer(start[1])
-    else:
-        tok = train_or_load_tokenizer(train_text, d.vocab_size, cache, d.tokenizer_type)
+    tok = tokenizer_for_run(d.tokenizer, start, lambda: train_or_load_tokenizer(
+        train_text, d.vocab_size, cache, d.tokenizer_type))
     train_ids = encode_cached(tok, train_text, cache)
     val_ids = encode_cached(tok, val_text, cache)
     if len(train_ids) < d.context + 2:
@@ -110,18 +101,6 @@ def prepare_data(cfg: DictConfig, start: tuple[str, bytes] | None = None) -> LMD
         raise UserError(f"the validation text has {len(val_ids)} tokens; give more "
                         f"(data.val_files or data.val_fraction)")
     return LMData(tok, train_ids, val_ids, len(val_text), source)
-
-
-def checkpoint_tokenizer(cfg: DictConfig, out: Path) -> tuple[str, bytes] | None:
-    """(path, sentencepiece model) of the lm checkpoint this run continues (``resume``) or
-    starts from (``init_from=FILE``); None for a new run or a Hugging Face directory."""
-    path = resume_path(cfg, out)
-    if path is None and cfg.init_from and not Path(str(cfg.init_from)).expanduser().is_dir():
-        path = str(cfg.init_from)
-    if path is None:
-        return None
-    proto = load_checkpoint(path, LMTask.name)[CKPT_KEY].get("tokenizer")
-    return (str(path), proto) if proto else None
 
 
 def make_loaders(cfg: DictConfig, data: LMData):
@@ -218,7 +197,7 @@ class LMTask(training.Task):
         return {"generate": run_generate}
 
     def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
-        data = prepare_data(cfg, checkpoint_tokenizer(cfg, out))
+        data = prepare_data(cfg, start_meta(cfg, out, self.name))
         if is_rank_zero():
             data.tokenizer.save(out / "tokenizer.model")
         train_loader, val_loader = make_loaders(cfg, data)

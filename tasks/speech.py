@@ -31,12 +31,13 @@ from data.speech import (
     normalize_text,
     read_manifest,
 )
-from data.text import Tokenizer, digest, expand_files, train_or_load_tokenizer
+from data.text import Tokenizer, digest, expand_files, tokenizer_for_run, train_or_load_tokenizer
 from modules.ctc import LMFusion, beam_decode, greedy_decode
 from modules.ngram import CharNgramLM
 from modules.speech import LogMel
 
 from .framework import entry, training
+from .framework.checkpoints import start_meta
 from .framework.config import require
 from .framework.errors import UserError
 from .framework.module import TaskModule
@@ -257,16 +258,21 @@ def _features(path: Path, cfg: DictConfig, narrow: float = 0.0) -> tuple[list, l
     return feats, texts, voices, skipped + bad
 
 
-def _labels(cfg: DictConfig, train_texts: list[str]) -> Labels:
+def _labels(cfg: DictConfig, train_texts: list[str], start: tuple[str, dict] | None) -> Labels:
+    """The output labels; sentencepiece pieces are those of the checkpoint the run continues
+    (``start``), if it has them, as its output rows stand for them."""
     if cfg.model.head == "classify":
         return Labels("classes", classes=sorted(set(train_texts)))
     if cfg.data.units == "chars":
         return Labels("chars")
     if cfg.data.units != "sentencepiece":
         raise UserError(f"data.units={cfg.data.units!r}; expected 'chars' or 'sentencepiece'")
-    text = "\n".join(normalize_text(t) for t in train_texts)
-    tok = train_or_load_tokenizer(text, cfg.data.vocab_size, cache_dir() / "tokenized")
-    return Labels("sentencepiece", spm=tok.proto)
+
+    def train():
+        text = "\n".join(normalize_text(t) for t in train_texts)
+        return train_or_load_tokenizer(text, cfg.data.vocab_size, cache_dir() / "tokenized")
+
+    return Labels("sentencepiece", spm=tokenizer_for_run(None, start, train, key="spm").proto)
 
 
 def _collate(items):
@@ -449,7 +455,7 @@ class SpeechTask(training.Task):
                 path, cfg, d.narrowband if name == "train" else 0.0)
             if not feats[name]:
                 raise UserError(f"{path} holds no usable utterance ({skipped[name]} skipped)")
-        labels = _labels(cfg, texts["train"])
+        labels = _labels(cfg, texts["train"], start_meta(cfg, out, self.name))
         if labels.kind == "classes":
             for name, path in sets.items():
                 unseen = sorted(set(texts[name]) - set(labels.classes))

@@ -22,9 +22,10 @@ from data.batching import bucketed_loader
 from data.cache import cache_dir
 from data.errors import read_utf8
 from data.parallel import pad, prepare_bible, prepare_ding, read_pairs, split_pairs, write_tsv
-from data.text import Tokenizer, train_or_load_tokenizer
+from data.text import Tokenizer, tokenizer_for_run, train_or_load_tokenizer
 
 from .framework import entry, training
+from .framework.checkpoints import start_meta
 from .framework.config import require
 from .framework.errors import UserError
 from .framework.module import TaskModule
@@ -34,7 +35,8 @@ DEFAULTS = {"bible": prepare_bible, "ding": prepare_ding}
 
 
 def load_corpus(cfg: DictConfig, out: Path):
-    """Pairs -> fixed splits (saved) -> joint tokenizer -> id lists."""
+    """Pairs -> fixed splits (saved) -> joint tokenizer (the checkpoint's when the run
+    continues one) -> id lists."""
     d = cfg.data
     if d.train_file is None and d.source_file is None:
         if d.name not in DEFAULTS:
@@ -51,11 +53,12 @@ def load_corpus(cfg: DictConfig, out: Path):
     if is_rank_zero():
         for name, part in split.items():
             write_tsv(part, out / f"{name}.tsv")
-    if d.tokenizer is not None:
-        tok = Tokenizer.load(d.tokenizer)
-    else:
+
+    def train():
         text = "\n".join(s for pair in split["train"] for s in pair)
-        tok = train_or_load_tokenizer(text, d.vocab_size, cache_dir() / "tokenized")
+        return train_or_load_tokenizer(text, d.vocab_size, cache_dir() / "tokenized")
+
+    tok = tokenizer_for_run(d.tokenizer, start_meta(cfg, out, "translation"), train)
     return split, tok, source
 
 

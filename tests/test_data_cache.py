@@ -81,6 +81,18 @@ def test_tokenizer_is_trained_once_then_loaded(tmp_path, monkeypatch):
         train_or_load_tokenizer(text, 400, tmp_path, "unigram")
 
 
+def test_cache_keys_keep_their_parts_apart():
+    """Parts that run into each other name different entries: a corpus "a1" at size 23 is
+    not the corpus "a12" at size 3."""
+    import hashlib
+
+    from data.text import digest
+    assert digest("a1", 23) != digest("a12", 3)
+    assert digest(b"x", "y") != digest("xy") and digest("a", "b") == digest("a", "b")
+    one = b"".join(len(p).to_bytes(8, "little") + p for p in (b"a1", b"23"))
+    assert digest("a1", 23) == hashlib.sha1(one).hexdigest()[:12]
+
+
 def test_atomic_dir_replaces_on_success_and_keeps_the_old_folder_on_error(tmp_path):
     from data.cache import atomic_dir
     out = tmp_path / "set"

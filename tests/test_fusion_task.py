@@ -160,6 +160,22 @@ def test_recall_and_rerank_against_a_direct_count():
         assert new[q, rest].argsort(descending=True).tolist() == list(range(26))
 
 
+def test_fine_tuning_on_other_texts_keeps_the_checkpoints_tokenizer(tmp_path, pairs_dir):
+    """The token table's rows stand for the checkpoint's pieces: fine-tuning on other texts
+    (other templates) reads them with its tokenizer, and keeps the table."""
+    data = f"data.manifest={pairs_dir}/pairs.jsonl"
+    fusion_task.run(make_cfg(tmp_path / "a", data, "trainer.max_steps=2"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    other = "data.templates=['{caption}','a picture of {color}: {caption}']"
+    res = fusion_task.run(make_cfg(tmp_path / "b", data, other, f"init_from={ckpt}",
+                                   "trainer.max_steps=1"))
+    assert not res["init_from"]["missing"]  # the token table too
+    first = (tmp_path / "a" / "tokenizer.model").read_bytes()
+    assert (tmp_path / "b" / "tokenizer.model").read_bytes() == first
+    fusion_task.run(make_cfg(tmp_path / "c", data, other, "trainer.max_steps=1"))
+    assert (tmp_path / "c" / "tokenizer.model").read_bytes() != first  # what they would give
+
+
 def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
     open_clip = pytest.importorskip("open_clip")
     from tasks.framework.checkpoints import safe_load

@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from data.speech import write_wav
+from data.text import Tokenizer
 from tasks import speech as speech_task
 from tasks.framework.errors import UserError
 
@@ -154,6 +155,19 @@ def test_conformer_block_and_sentencepiece_units_train(tmp_path, corpus):
                                    "data.units=sentencepiece", "data.vocab_size=300",
                                    "trainer.max_steps=2", "trainer.val_check_interval=2"))
     assert res["labels"] == "sentencepiece" and math.isfinite(res["val_loss"])
+    # fine-tuning keeps the checkpoint's pieces (its output rows stand for them), whatever
+    # vocabulary the config would train
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    tuned = tmp_path / "tuned"
+    res = speech_task.run(make_cfg(tuned, corpus, "model.block=conformer",
+                                   f"data.train={tmp_path}/train.jsonl",
+                                   f"data.val={tmp_path}/val.jsonl", "data.max_frames=1200",
+                                   "data.units=sentencepiece", "data.vocab_size=320",
+                                   f"init_from={ckpt}", "trainer.max_steps=1"))
+    assert res["init_from"]["loaded"] > 0 and not res["init_from"]["missing"]
+    spm = [torch.load(p / "checkpoints" / "last.ckpt", weights_only=True)["attnkit"]["spm"]
+           for p in (tmp_path, tuned)]
+    assert spm[0] == spm[1] and Tokenizer(spm[1]).vocab_size == 300
 
 
 def cli(tmp_path, corpus, *args):

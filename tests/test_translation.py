@@ -135,6 +135,24 @@ def test_train_scores_and_translates(tmp_path):
     assert len(tl["translations"]) == 2 and tl["langs"] == ["en", "es"]
 
 
+def test_init_from_reads_new_text_with_the_checkpoints_tokenizer(tmp_path):
+    """Fine-tuning on other pairs keeps the checkpoint's tokenizer, as its embedding rows
+    stand for those pieces; a config-trained one would give the same shapes, other pieces."""
+    tr_task.run(make_cfg(tmp_path / "a", "trainer.max_steps=2"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    res = tr_task.run(make_cfg(tmp_path / "b", f"init_from={ckpt}", "data.max_pairs=120",
+                               "trainer.max_steps=2"))
+    assert res["init_from"]["loaded"] > 0 and not res["init_from"]["missing"]
+    first = (tmp_path / "a" / "tokenizer.model").read_bytes()
+    assert (tmp_path / "b" / "tokenizer.model").read_bytes() == first
+    tr_task.run(make_cfg(tmp_path / "c", "data.max_pairs=120", "trainer.max_steps=1"))
+    other = tmp_path / "c" / "tokenizer.model"
+    assert other.read_bytes() != first  # what the pairs alone would have given
+    with pytest.raises(UserError, match=r"data.tokenizer=.*tokenizer.model is not the "
+                                        r"tokenizer .*last.ckpt was trained with"):
+        tr_task.run(make_cfg(tmp_path / "d", f"init_from={ckpt}", f"data.tokenizer={other}"))
+
+
 def test_translate_from_stdin_cli(tmp_path):
     out = tmp_path / "run"
     tr_task.run(make_cfg(out, "trainer.max_steps=2", "trainer.val_check_interval=2"))

@@ -181,6 +181,28 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
     return str(cfg.resume)
 
 
+def start_meta(cfg: DictConfig, out: Path, task: str) -> tuple[str, dict] | None:
+    """(path, attnkit metadata) of the ``task`` checkpoint this run resumes (``resume``) or
+    starts from (``init_from=FILE``); None for a new run or for weights of another toolkit
+    (a timm, OpenCLIP or Hugging Face file, which carries no vocabulary of ours).
+
+    The vocabularies in that metadata (tokenizer, class names) say what the checkpoint's
+    embedding and output rows stand for, so a run that continues from it reads its data
+    with them rather than with ones derived anew from the config."""
+    path = resume_path(cfg, out)
+    if path is None and cfg.get("init_from"):
+        src = Path(str(cfg.init_from)).expanduser()
+        if src.is_dir():
+            return None
+        obj = load_weights_file(src, f"an attnkit {task} checkpoint")
+        if not (isinstance(obj, dict) and CKPT_KEY in obj):
+            return None
+        path = str(src)
+    if path is None:
+        return None
+    return path, load_checkpoint(path, task)[CKPT_KEY]
+
+
 def check_resume_fits(module: torch.nn.Module, path: str, task: str,
                       optimizer: torch.optim.Optimizer | None = None) -> None:
     """``resume=`` a checkpoint of other model settings is one error naming a tensor; one
