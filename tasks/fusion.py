@@ -596,14 +596,15 @@ def lexicon_spec(d: DictConfig) -> dict | None:
 
 def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
     """A fusion checkpoint, or an OpenCLIP ``CLIP`` state dict (ViT image tower + text
-    transformer of this model's shape; the fusion encoder keeps its initialisation). A
-    different vocabulary or answer set re-initialises the token embedding or answer head."""
+    transformer of this model's shape; the fusion encoder keeps its initialisation). The
+    answer head's rows follow the answers by name; OpenCLIP's token table of another size
+    is not loaded."""
     from modules.converters import clip_state_dict_from_open_clip
     src = Path(str(cfg.init_from)).expanduser()
     obj = load_weights_file(src, "an attnkit fusion checkpoint or an OpenCLIP state dict")
     fresh: tuple[str, ...] = ()
     if isinstance(obj, dict) and CKPT_KEY in obj:
-        state = model_state(src, FusionModule.task)
+        state = model_state(src, FusionModule.task, module, FusionTask.named_rows)
     elif isinstance(obj, dict) and "visual.conv1.weight" in obj:
         m = module.model_cfg
         try:
@@ -637,6 +638,7 @@ def check_templates(d: DictConfig, train: PairSet) -> None:
 
 class FusionTask(training.Task):
     name, module_class = "fusion", FusionModule
+    named_rows = {"answer_head": "answers"}
     monitor, monitor_mode = "val/score", "max"
     curves = [(["train/loss", "train/contrastive", "train/match", "train/answer"],
                "loss_curves.png", "fusion: training losses"),

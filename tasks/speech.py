@@ -423,6 +423,7 @@ def plot_utterance(module: SpeechModule, feats: torch.Tensor, text: str, path: P
 
 class SpeechTask(training.Task):
     name, module_class = "speech", SpeechModule
+    named_rows = {"head": "classes"}  # keyword spotting
     curves = [(["train/loss", "val/loss"], "loss_curves.png", "speech: loss"),
               (["val/cer"], "val_cer.png", "validation character error rate (greedy)"),
               (["val/acc"], "val_acc.png", "validation accuracy")]

@@ -126,15 +126,17 @@ def model_config(cfg: DictConfig, num_classes: int) -> dict:
 
 
 def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
-    """A vit checkpoint or a timm state dict; a new class count replaces only the head, a
-    new image size interpolates the position embeddings."""
+    """A vit checkpoint or a timm state dict. The head's rows follow the class names of a
+    vit checkpoint (a class of both keeps its row, a new one starts fresh); a timm head of
+    another class count is replaced. A new image size interpolates the position
+    embeddings."""
     if not cfg.init_from:
         return None
     from modules.converters import vit_state_dict_from_timm
     src = Path(str(cfg.init_from)).expanduser()
     obj = load_weights_file(src, "a timm VisionTransformer state dict")
     if isinstance(obj, dict) and CKPT_KEY in obj:
-        state = model_state(src, ViTModule.task)
+        state = model_state(src, ViTModule.task, module, ViTTask.named_rows)
     elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:
         depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
         state = vit_state_dict_from_timm(obj, depth)
@@ -193,6 +195,7 @@ def make_loaders(cfg: DictConfig, out: Path):
 
 class ViTTask(training.Task):
     name, module_class = "vit", ViTModule
+    named_rows = {"head": "classes"}
     monitor, monitor_mode = "val/acc", "max"
     curves = [(["train/loss", "val/loss"], "loss_curves.png", "ViT: loss"),
               (["val/acc"], "val_acc.png", "validation accuracy")]

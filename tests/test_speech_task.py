@@ -137,6 +137,24 @@ def test_keyword_spotting_learns_and_draws_its_confusion(tmp_path, corpus):
         res["test"]["accuracy"] * 8) and sum(v["utterances"] for v in by.values()) == 8
     assert len(res["test"]["confusion"]) == 4
     assert (tmp_path / "confusion_test.png").is_file()
+    # fine-tuning with "up" renamed "stop": the other keywords keep their rows of the head
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for split in ("train", "val", "test"):
+        rows = [json.loads(r) for r in (corpus / f"{split}.jsonl").read_text().splitlines()]
+        (renamed / f"{split}.jsonl").write_text("".join(json.dumps(dict(
+            r, audio=str(corpus / r["audio"]), text={"up": "stop"}.get(r["text"], r["text"])))
+            + "\n" for r in rows))
+    ckpt = tmp_path / "checkpoints" / "best.ckpt"
+    speech_task.run(make_cfg(tmp_path / "tuned", renamed, "model.head=classify",
+                             f"init_from={ckpt}", "trainer.max_steps=1", "optimizer.lr=1e-9"))
+    old = torch.load(ckpt, weights_only=True)
+    new = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert old["attnkit"]["classes"] == ["down", "no", "up", "yes"]
+    assert new["attnkit"]["classes"] == ["down", "no", "stop", "yes"]
+    w0, w1 = old["state_dict"]["model.head.weight"], new["state_dict"]["model.head.weight"]
+    assert torch.allclose(w1[[0, 1, 3]], w0[[0, 1, 3]], atol=1e-6)
+    assert not torch.allclose(w1[2], w0[2], atol=1e-3)  # "stop" is not "up"
 
 
 def test_conformer_block_and_sentencepiece_units_train(tmp_path, corpus):

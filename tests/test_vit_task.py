@@ -211,17 +211,34 @@ def test_bad_image_can_stop_the_run(tmp_path, image_folder):
 
 
 def test_init_from_new_classes_and_image_size(tmp_path, image_folder):
+    """The head's rows follow the class names: "middle" renamed "centre" (as many classes,
+    a different list) starts fresh, "left" and "right" keep their trained rows."""
     out = tmp_path / "a"
     vit_task.run(make_cfg(out, image_folder))
-    two = tmp_path / "two"
-    for name in ("left", "right"):
-        (two / name).mkdir(parents=True)
-        for f in sorted((image_folder / name).glob("[0-9]*.png")):
-            Image.open(f).resize((32, 32)).save(two / name / f.name)
-    res = vit_task.run(make_cfg(tmp_path / "b", two, f"init_from={out}/checkpoints/best.ckpt",
-                                "data.img_size=32", "trainer.max_steps=4"))
-    assert "head.weight" in res["init_from"]["missing"]
-    assert res["init_from"]["loaded"] >= 10
+    other = tmp_path / "other"
+    for old, new in (("left", "left"), ("middle", "centre"), ("right", "right")):
+        (other / new).mkdir(parents=True)
+        for f in sorted((image_folder / old).glob("[0-9]*.png")):
+            Image.open(f).resize((32, 32)).save(other / new / f.name)
+    ckpt = out / "checkpoints" / "best.ckpt"
+    res = vit_task.run(make_cfg(tmp_path / "b", other, f"init_from={ckpt}",
+                                "data.img_size=32", "trainer.max_steps=2", "optimizer.lr=1e-9"))
+    assert not res["init_from"]["missing"] and res["init_from"]["loaded"] >= 10
+
+    def head(path):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        return state["model.head.weight"], state["model.head.bias"]
+
+    (w0, b0), (w1, b1) = head(ckpt), head(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    for new, old in ((1, 0), (2, 2)):  # centre, left, right <- left, middle, right
+        assert torch.allclose(w1[new], w0[old], atol=1e-6) and abs(b1[new] - b0[old]) < 1e-6
+    assert not torch.allclose(w1[0], w0[0], atol=1e-3)  # centre is not left's row
+    assert not torch.allclose(w1[0], w0[1], atol=1e-3)  # nor middle's
+    # resuming on other classes is one error naming them
+    with pytest.raises(UserError, match=r"resume=.*last.ckpt was trained on other classes "
+                                        r"than this run's data gives \('left' vs 'centre'\)"):
+        vit_task.run(make_cfg(tmp_path / "c", other, f"resume={out}/checkpoints/last.ckpt",
+                              "trainer.max_steps=40"))
 
 
 def test_timm_state_dict_as_init_from(tmp_path, image_folder):

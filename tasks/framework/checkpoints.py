@@ -15,7 +15,7 @@ import os
 import pickle
 import random
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +120,47 @@ def load_checkpoint(path: str | os.PathLike, task: str) -> dict:
     return ckpt
 
 
-def model_state(path: str | os.PathLike, task: str) -> dict:
-    """The ``model.*`` weights of a ``task`` checkpoint, with the prefix removed."""
-    state = load_checkpoint(path, task)["state_dict"]
-    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+def model_state(path: str | os.PathLike, task: str, module: torch.nn.Module | None = None,
+                named_rows: dict[str, str] | None = None) -> dict:
+    """The ``model.*`` weights of a ``task`` checkpoint, with the prefix removed.
+
+    ``named_rows``: output layer -> the metadata key naming its rows (class names,
+    answers); those rows are moved to the names of ``module`` (a ``TaskModule``: its
+    ``meta`` and ``model``) by ``rows_by_name``.
+    """
+    ckpt = load_checkpoint(path, task)
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
+             if k.startswith("model.")}
+    if named_rows:
+        own = module.model.state_dict()
+        for layer, key in named_rows.items():
+            state = rows_by_name(state, own, layer, ckpt[CKPT_KEY].get(key),
+                                 module.meta.get(key), source=str(path))
+    return state
+
+
+def rows_by_name(state: dict, own: dict, layer: str, old: list | None, new: list | None,
+                 source: str = "") -> dict:
+    """``state`` with the rows of the output layer ``layer`` (``.weight`` and ``.bias``, a
+    row per class) moved from the checkpoint's names ``old`` to this run's ``new``: a name
+    in both keeps its trained row, a new name the model's own fresh row. Rows stand for
+    names, not places: fine-tuning on other classes, even as many, inherits no row of
+    another class."""
+    if old is None or new is None or list(old) == list(new):
+        return state
+    index = {name: i for i, name in enumerate(old)}
+    state = dict(state)
+    for key in (f"{layer}.weight", f"{layer}.bias"):
+        if key in state and key in own:
+            rows = own[key].clone()
+            for j, name in enumerate(new):
+                if name in index:
+                    rows[j] = state[key][index[name]]
+            state[key] = rows
+    kept = sum(name in index for name in new)
+    log.info("init_from %s: %s keeps the rows of %d of this run's %d names; %d start fresh",
+             source, layer, kept, len(new), len(new) - kept)
+    return state
 
 
 def shape_mismatches(state: dict, own: dict) -> list[str]:
@@ -204,11 +241,22 @@ def start_meta(cfg: DictConfig, out: Path, task: str) -> tuple[str, dict] | None
 
 
 def check_resume_fits(module: torch.nn.Module, path: str, task: str,
-                      optimizer: torch.optim.Optimizer | None = None) -> None:
+                      optimizer: torch.optim.Optimizer | None = None,
+                      names: Iterable[str] = ()) -> None:
     """``resume=`` a checkpoint of other model settings is one error naming a tensor; one
     whose optimizer had other parameter groups (``optimizer.embedding_lr_scale``,
-    ``optimizer.embedding_weight_decay``) is one error naming those settings."""
+    ``optimizer.embedding_weight_decay``) is one error naming those settings; one whose
+    metadata ``names`` (the class names or answers its output rows stand for) differ from
+    the module's is one error naming the first difference."""
     ckpt = load_checkpoint(path, task)
+    for key in names:
+        theirs, ours = ckpt[CKPT_KEY].get(key), module.meta.get(key)
+        if theirs is not None and ours is not None and list(theirs) != list(ours):
+            first = next((f"{a!r} vs {b!r}" for a, b in zip(theirs, ours) if a != b),
+                         f"{len(theirs)} vs {len(ours)} of them")
+            raise UserError(f"resume={path} was trained on other {key} than this run's data "
+                            f"gives ({first}); expected the data of the run it came from "
+                            f"(init_from= starts a new run from its weights)")
     state = ckpt["state_dict"]
     own = module.state_dict()
     wrong = shape_mismatches(state, own)

@@ -72,6 +72,9 @@ class Task:
     monitor: ClassVar[str] = "val/loss"
     monitor_mode: ClassVar[str] = "min"
     curves: ClassVar[list[tuple[list[str], str, str]]] = []
+    # output layer -> the ``meta`` key naming its rows (class names, answers): init_from
+    # moves those rows by name, resume requires the same names
+    named_rows: ClassVar[dict[str, str]] = {}
 
     def modes(self) -> dict[str, Callable[[DictConfig], dict]]:
         """Modes besides ``train`` (``generate``, ``predict``, ...)."""
@@ -82,8 +85,9 @@ class Task:
 
     def init_from(self, module: TaskModule, cfg: DictConfig, prep: Prepared) -> dict | None:
         """``init_from=PATH``: by default a checkpoint of this task, weights only."""
-        return init_weights_from(module.model, model_state(cfg.init_from, self.name),
-                                 strict=cfg.init_strict, source=str(cfg.init_from))
+        return init_weights_from(
+            module.model, model_state(cfg.init_from, self.name, module, self.named_rows),
+            strict=cfg.init_strict, source=str(cfg.init_from))
 
     def evaluate(self, trainer: L.Trainer, module: TaskModule, prep: Prepared,
                  cfg: DictConfig, out: Path) -> dict:
@@ -130,7 +134,7 @@ def train(task: Task, cfg: DictConfig) -> dict:
                                        1)["optimizer"]  # fail early
     init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
     if resume:
-        check_resume_fits(module, resume, cfg.task, optimizer)
+        check_resume_fits(module, resume, cfg.task, optimizer, task.named_rows.values())
     trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
                                              mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
