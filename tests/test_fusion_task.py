@@ -114,6 +114,14 @@ def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch):
     answer = got["answers"][0]["answers"]["how many shapes are there?"]
     vocab = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "best.ckpt").meta
     assert answer in vocab["answers"] and "yes" in vocab["answers"]
+    # init_from moves the answer head's rows by answer: here to the answers in reverse
+    from tasks.framework.checkpoints import model_state
+    module = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "best.ckpt")
+    old = model_state(out / "checkpoints" / "best.ckpt", "fusion")["answer_head.weight"]
+    module.meta["answers"] = module.meta["answers"][::-1]
+    moved = model_state(out / "checkpoints" / "best.ckpt", "fusion", module,
+                        fusion_task.FusionTask.named_rows)["answer_head.weight"]
+    assert len(old) > 2 and torch.equal(moved, old.flip(0))
 
 
 def test_each_data_set_sets_its_token_table_rate(tmp_path):
