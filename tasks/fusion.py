@@ -617,8 +617,7 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
         raise UserError(f"init_from {src} is neither an attnkit fusion checkpoint nor an "
                         f"OpenCLIP CLIP state dict (no visual.conv1.weight)")
     own = module.model.state_dict()
-    fresh += tuple(k for k in ("text.token_embed.weight", "answer_head.weight",
-                               "answer_head.bias")
+    fresh += tuple(k for k in ("text.token_embed.weight",)  # the answers moved by name
                    if k in state and k in own and state[k].shape != own[k].shape)
     return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
                              skip=lambda k: k.startswith(fresh))

@@ -108,7 +108,11 @@ def load_weights_file(path: str | os.PathLike, expected: str) -> object:
 
 def load_checkpoint(path: str | os.PathLike, task: str) -> dict:
     """A checkpoint of ``task``; any other file is an error that says what it is."""
-    ckpt = safe_load(path, "checkpoint")
+    return checked_checkpoint(safe_load(path, "checkpoint"), path, task)
+
+
+def checked_checkpoint(ckpt: object, path: str | os.PathLike, task: str) -> dict:
+    """``ckpt``, read from ``path``, if it is an attnkit checkpoint of ``task``."""
     meta = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or "state_dict" not in ckpt:
         raise UserError(f"checkpoint {path} was not written by attnkit (no {CKPT_KEY!r} "
@@ -234,7 +238,7 @@ def start_meta(cfg: DictConfig, out: Path, task: str) -> tuple[str, dict] | None
         obj = load_weights_file(src, f"an attnkit {task} checkpoint")
         if not (isinstance(obj, dict) and CKPT_KEY in obj):
             return None
-        path = str(src)
+        return str(src), checked_checkpoint(obj, src, task)[CKPT_KEY]
     if path is None:
         return None
     return path, load_checkpoint(path, task)[CKPT_KEY]
