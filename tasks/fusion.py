@@ -373,11 +373,19 @@ def embed_texts(module: FusionModule, texts: list[str], batch: int = 256):
     return torch.cat(embs), torch.cat(toks), torch.cat(masks)
 
 
+def positive_rank(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Per query (row of ``scores``): how many wrong candidates score at or above its best
+    right one. A tie counts against the query, so pixel-identical images under different
+    names (Noto draws some flags with another flag's glyph) are never a free hit."""
+    best = scores.masked_fill(~positive, float("-inf")).amax(1, keepdim=True)
+    return ((scores >= best) & ~positive).sum(1)
+
+
 def recall_at(scores: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Share of queries (rows of ``scores``) with a positive candidate in their top k."""
-    order = scores.argsort(dim=1, descending=True)
-    hit = positive.gather(1, order)
-    return {f"r{k}": float(hit[:, :k].any(1).float().mean()) for k in ks}
+    """Share of queries (rows of ``scores``) with a right candidate in their top k (ties
+    with a wrong candidate count as misses, see ``positive_rank``)."""
+    rank = positive_rank(scores, positive)
+    return {f"r{k}": float((rank < k).float().mean()) for k in ks}
 
 
 @torch.no_grad()
@@ -396,8 +404,9 @@ def rerank(module: FusionModule, scores: torch.Tensor, query_is_text: bool, txt_
                                                   img_tok[i_idx[s:s + batch]])
                         for s in range(0, len(q), batch)]).view(-1, k)
     new = logits + alpha * top.values
-    out = scores - scores.max() - 1e4  # everything outside the top k below it
-    out.scatter_(1, top.indices, new - new.min() + 1)
+    # The top k above every other score, which keep their values (and so their order).
+    out = scores.clone()
+    out.scatter_(1, top.indices, new - new.min() + scores.max() + 1)
     return out
 
 
@@ -442,7 +451,7 @@ def zero_shot(module: FusionModule, img_emb: torch.Tensor, labels: dict[str, lis
         out[name] = {"accuracy": float((pred[ok] == t[ok]).float().mean()),
                      "balanced_accuracy": sum(recall) / len(recall),
                      "classes": len(classes),
-                     "majority_rate": max((t == c).float().mean().item()
+                     "majority_rate": max((t[ok] == c).float().mean().item()
                                           for c in range(len(classes)))}
     return out
 
@@ -762,7 +771,7 @@ def _sibling_split(sim: torch.Tensor, siblings: list[bool], unseen: list[list[st
     if not siblings:
         return {}
     scores = sim.T  # texts x images
-    rank = (scores > scores.diagonal()[:, None]).sum(1)  # images scored above the right one
+    rank = positive_rank(scores, torch.eye(len(scores), dtype=torch.bool))
     groups = {"with_sibling": list(siblings),
               "without_sibling": [not s for s in siblings],
               "without_sibling_words_seen": [not s and not u for s, u in zip(siblings, unseen)],

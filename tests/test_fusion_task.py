@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -166,6 +167,72 @@ def test_recall_and_rerank_against_a_direct_count():
         assert set(new[q].topk(4).indices.tolist()) == top4  # the same four on top
         rest = [c for c in scores[q].argsort(descending=True).tolist() if c not in top4]
         assert new[q, rest].argsort(descending=True).tolist() == list(range(26))
+
+
+def test_ties_with_a_wrong_candidate_count_as_misses():
+    """Pixel-identical images under different names score the same: a caption is first only
+    if no wrong image scores as high, in the whole-split recall and in the sibling
+    breakdown alike."""
+    scores = torch.tensor([[0.5, 0.5, 0.1],     # the right one (0) tied with a wrong one
+                           [0.2, 0.9, 0.9],     # the right one (1) tied with a wrong one
+                           [0.1, 0.2, 0.3]])    # the right one (2) alone on top
+    positive = torch.eye(3, dtype=torch.bool)
+    assert fusion_task.positive_rank(scores, positive).tolist() == [1, 1, 0]
+    assert fusion_task.recall_at(scores, positive, ks=(1, 2)) == {
+        "r1": pytest.approx(1 / 3), "r2": pytest.approx(1.0)}
+    flat = torch.zeros(5, 5)  # a collapsed model: every image scores the same
+    assert fusion_task.recall_at(flat, torch.eye(5, dtype=torch.bool), ks=(1, 5)) == {
+        "r1": 0.0, "r5": 1.0}
+    out = fusion_task._sibling_split(flat, [True, True, False, False, False],
+                                     [[], [], [], ["x"], []])["siblings"]
+    assert out["r1_t2i_with_sibling"] == out["r1_t2i_without_sibling"] == 0.0
+    assert out["r10_t2i_with_sibling"] == 1.0
+    # two right candidates: the better one counts
+    two = torch.tensor([[0.1, 0.8, 0.3]])
+    assert fusion_task.positive_rank(two, torch.tensor([[True, False, True]])).item() == 1
+
+
+def test_reranking_keeps_close_scores_below_the_top_k_in_order():
+    """Candidates outside the re-ranked top k keep their order however close their scores
+    are (shifting them far down in float32 merged scores 3e-4 apart)."""
+    scores = torch.tensor([[50.0, 30.0003, 30.0006, 30.0009, -50.0]])
+
+    class Stub:
+        class model:
+            @staticmethod
+            def match_logits(t, m, i):
+                return torch.zeros(len(i))
+    tok, mask = torch.zeros(1, 2, 1), torch.ones(1, 2, dtype=torch.bool)
+    new = fusion_task.rerank(Stub, scores, True, tok, mask, torch.zeros(5, 1, 1), k=1,
+                             alpha=1.0)
+    assert new[0].argsort(descending=True).tolist() == [0, 3, 2, 1, 4]
+    right = torch.tensor([[False, False, False, True, False]])
+    assert fusion_task.recall_at(new, right, ks=(2,))["r2"] == 1.0
+
+
+def test_zero_shot_majority_rate_counts_labelled_images_only():
+    """Images without the label are left out of the accuracy and of the majority rate
+    beside it alike."""
+    class Tok:
+        EOS, PAD = 1, 0
+
+        def encode(self, text):
+            return [2 + ["a", "b"].index(text.split()[-1])]
+
+    class Model:
+        @staticmethod
+        def encode_text(ids, mask):  # class a -> (1, 0), class b -> (0, 1)
+            return F.one_hot(ids[:, 0] - 2, 2).float(), torch.zeros(len(ids), 2, 4)
+
+    class Stub:
+        meta = {"label_classes": {"g": ["a", "b"]}, "zero_shot_template": "{label}",
+                "max_text_len": 4}
+        tok, model = Tok(), Model()
+
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    out = fusion_task.zero_shot(Stub, img, {"g": ["a", "a", "b", ""]})["g"]
+    assert out["accuracy"] == 1.0 and out["classes"] == 2
+    assert out["majority_rate"] == pytest.approx(2 / 3)  # of the three labelled images
 
 
 def test_fine_tuning_on_other_texts_keeps_the_checkpoints_tokenizer(tmp_path, pairs_dir):
