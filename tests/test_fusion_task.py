@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from tasks import fusion as fusion_task
+from tasks.framework.checkpoints import model_state
 from tasks.framework.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,14 +114,13 @@ def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch):
                                    f"ckpt={out}/checkpoints/best.ckpt", f"images={scene}",
                                    "questions=[how many shapes are there?]"))
     answer = got["answers"][0]["answers"]["how many shapes are there?"]
-    vocab = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "best.ckpt").meta
-    assert answer in vocab["answers"] and "yes" in vocab["answers"]
+    best = out / "checkpoints" / "best.ckpt"
+    module = fusion_task.FusionModule.from_checkpoint(best)
+    assert answer in module.meta["answers"] and "yes" in module.meta["answers"]
     # init_from moves the answer head's rows by answer: here to the answers in reverse
-    from tasks.framework.checkpoints import model_state
-    module = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "best.ckpt")
-    old = model_state(out / "checkpoints" / "best.ckpt", "fusion")["answer_head.weight"]
+    old = model_state(best, "fusion")["answer_head.weight"]
     module.meta["answers"] = module.meta["answers"][::-1]
-    moved = model_state(out / "checkpoints" / "best.ckpt", "fusion", module,
+    moved = model_state(best, "fusion", module,
                         fusion_task.FusionTask.named_rows)["answer_head.weight"]
     assert len(old) > 2 and torch.equal(moved, old.flip(0))
 

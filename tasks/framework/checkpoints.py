@@ -231,17 +231,17 @@ def start_meta(cfg: DictConfig, out: Path, task: str) -> tuple[str, dict] | None
     embedding and output rows stand for, so a run that continues from it reads its data
     with them rather than with ones derived anew from the config."""
     path = resume_path(cfg, out)
-    if path is None and cfg.get("init_from"):
-        src = Path(str(cfg.init_from)).expanduser()
-        if src.is_dir():
-            return None
-        obj = load_weights_file(src, f"an attnkit {task} checkpoint")
-        if not (isinstance(obj, dict) and CKPT_KEY in obj):
-            return None
-        return str(src), checked_checkpoint(obj, src, task)[CKPT_KEY]
-    if path is None:
+    if path is not None:
+        return path, load_checkpoint(path, task)[CKPT_KEY]
+    if not cfg.get("init_from"):
         return None
-    return path, load_checkpoint(path, task)[CKPT_KEY]
+    src = Path(str(cfg.init_from)).expanduser()
+    if src.is_dir():
+        return None
+    obj = load_weights_file(src, f"an attnkit {task} checkpoint")
+    if not (isinstance(obj, dict) and CKPT_KEY in obj):
+        return None
+    return str(src), checked_checkpoint(obj, src, task)[CKPT_KEY]
 
 
 def check_resume_fits(module: torch.nn.Module, path: str, task: str,
