@@ -874,11 +874,13 @@ def plot_ranked(texts: list[str], files: list[str], x: torch.Tensor, scores: tor
     std = torch.tensor(meta["std"]).view(-1, 1, 1)
     k = min(5, len(files))
     n = min(rows, len(texts))
-    fig, axes = plt.subplots(n, k + 1, figsize=(1.5 * (k + 1), 1.5 * n), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(n, k + 1, figsize=(1.5 * (k + 2), 1.5 * n), dpi=110,
+                             squeeze=False, gridspec_kw={"width_ratios": [2] + [1] * k})
     for r in range(n):
         axes[r, 0].axis("off")
-        axes[r, 0].text(0, 0.5, texts[r][:40], fontsize=7, va="center", wrap=True)
+        lines = textwrap.wrap(texts[r], 30)
+        axes[r, 0].text(0, 0.5, "\n".join(lines[:3]) + (" ..." if len(lines) > 3 else ""),
+                        fontsize=7, va="center")
         top = scores[r].topk(k)
         for c, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             _show(axes[r, c + 1], (x[i] * std + mean).clamp(0, 1))

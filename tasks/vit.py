@@ -259,8 +259,8 @@ def plot_mistakes(test_outputs: list[tuple[torch.Tensor, torch.Tensor]], data,
         return None
     cols = 8
     rows = -(-len(wrong) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.6 + 0.4), dpi=110,
+                             squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, w in zip(axes.flat, wrong):
@@ -269,7 +269,6 @@ def plot_mistakes(test_outputs: list[tuple[torch.Tensor, torch.Tensor]], data,
                   cmap="gray" if img.shape[0] == 1 else None)
         ax.set_title(f"{data.classes[labels[w]]}->{data.classes[preds[w]]}", fontsize=8)
     fig.suptitle("misclassified test images (true->predicted)")
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -59,7 +59,7 @@ def make_cfg(run_dir, *overrides):
             f"run_dir={run_dir}", *overrides])
 
 
-def test_train_figures_pictures_and_modes(tmp_path, pairs_dir):
+def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures):
     out = tmp_path / "run"
     res = fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl"))
     assert res["skipped_images"] == 1 and res["train_items"] + res["val_items"] + res["test_items"] == 72
@@ -75,7 +75,8 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir):
         assert (out / name).is_file(), name
     ckpt = out / "checkpoints" / "best.ckpt"
     texts = tmp_path / "texts.txt"
-    texts.write_text("a red square\na blue disc\n")
+    texts.write_text("a red square\na blue disc\n"
+                     "a long description of one red square in the middle of a white picture\n")
     got = fusion_task.run(make_cfg(tmp_path / "m", "mode=retrieve", f"ckpt={ckpt}",
                                    f"images={pairs_dir}/img/*.png", f"texts={texts}"))
     assert got["skipped_images"] == [str(pairs_dir / "img" / "broken.png")]
@@ -84,6 +85,8 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir):
     assert json.loads((tmp_path / "m" / "retrieve.json").read_text())["text_to_image"] == \
         got["text_to_image"]
     assert (tmp_path / "m" / "retrieve.png").is_file()
+    for name in ("retrieval_grid.png", "similarity.png", "retrieve.png"):
+        assert saved_figures[name] == [], name  # no caption or title on an image
     cls = fusion_task.run(make_cfg(tmp_path / "m", "mode=classify", f"ckpt={ckpt}",
                                    f"images={pairs_dir}/img/1*.png", "classes=[red,blue]"))
     assert len(cls["predictions"]) == 11  # 1.png, 10.png ... 19.png
@@ -96,7 +99,7 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir):
                                  "data.on_bad_image=error"))
 
 
-def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch):
+def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch, saved_figures):
     monkeypatch.setenv("ATTNKIT_DATA", str(tmp_path / "cache"))
     out = tmp_path / "run"
     shapes = ["data=shapes", "data.templates=['{caption}']", "data.zero_shot_labels=[]"]
@@ -108,7 +111,7 @@ def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch):
     assert ans["questions"] == 16 * 4 and 0 <= ans["accuracy"] <= 1
     assert set(ans["per_type"]) <= {"color", "shape", "count", "exists", "left_of"}
     assert set(res["test"]["answer_image_blanked"]["per_type"]) == set(ans["per_type"])
-    assert (out / "answers.png").is_file()
+    assert (out / "answers.png").is_file() and saved_figures["answers.png"] == []
     scene = sorted((tmp_path / "cache").glob("shapes-*/test/*.png"))[0]
     got = fusion_task.run(make_cfg(tmp_path / "m", *shapes, "mode=answer",
                                    f"ckpt={out}/checkpoints/best.ckpt", f"images={scene}",

@@ -63,7 +63,7 @@ def make_cfg(run_dir, corpus, *overrides):
             "scheduler.warmup_steps=1", "decode.beam_size=4", f"run_dir={run_dir}", *overrides])
 
 
-def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus):
+def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figures):
     res = speech_task.run(make_cfg(tmp_path, corpus))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["steps"] == 6 and saved["labels"] == "chars"
@@ -81,6 +81,7 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus):
     for name in ("loss_curves.png", "val_cer.png", "utterance.png",
                  "checkpoints/best.ckpt"):
         assert (tmp_path / name).is_file(), name
+    assert {k: v for k, v in saved_figures.items() if v} == {}  # no title on an image
     assert res["test"] == saved["test"]
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
     out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
@@ -127,7 +128,7 @@ def test_transcribe_any_rate_and_stereo(tmp_path, corpus):
     assert a["transcripts"][0]["text"] == b["transcripts"][0]["text"]
 
 
-def test_keyword_spotting_learns_and_draws_its_confusion(tmp_path, corpus):
+def test_keyword_spotting_learns_and_draws_its_confusion(tmp_path, corpus, saved_figures):
     res = speech_task.run(make_cfg(tmp_path, corpus, "model.head=classify",
                                    "trainer.max_steps=30", "trainer.val_check_interval=15",
                                    "optimizer.lr=3e-3"))
@@ -136,7 +137,7 @@ def test_keyword_spotting_learns_and_draws_its_confusion(tmp_path, corpus):
     assert sum(v["accuracy"] * v["utterances"] for v in by.values()) == pytest.approx(
         res["test"]["accuracy"] * 8) and sum(v["utterances"] for v in by.values()) == 8
     assert len(res["test"]["confusion"]) == 4
-    assert (tmp_path / "confusion_test.png").is_file()
+    assert (tmp_path / "confusion_test.png").is_file() and saved_figures["confusion_test.png"] == []
     # fine-tuning with "up" renamed "stop": the other keywords keep their rows of the head
     renamed = tmp_path / "renamed"
     renamed.mkdir()

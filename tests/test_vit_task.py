@@ -3,6 +3,7 @@ task end to end on a small image folder (training, plots, prediction, init-from,
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -153,6 +154,18 @@ def test_train_predict_and_outputs(tmp_path, image_folder):
     with pytest.raises(UserError, match="broken.png cannot be read"):
         vit_task.run(make_cfg(out, image_folder, "mode=predict", "data.on_bad_image=error",
                               f"ckpt={out}/checkpoints/best.ckpt", f"images={broken}"))
+
+
+def test_mistake_grid_keeps_titles_off_the_images(tmp_path, saved_figures):
+    n = 40  # 11 mistakes: a second row, whose titles sat on the first row's images
+    data = SimpleNamespace(images=torch.rand(n, 1, 28, 28), labels=torch.arange(n) % 10,
+                           classes=[str(i) for i in range(10)])
+    preds = torch.arange(n) % 10
+    preds[:11] = (preds[:11] + 1) % 10
+    path = vit_task.plot_mistakes([(torch.arange(n), preds)], data, list(range(n)),
+                                  tmp_path / "misclassified.png")
+    assert path.is_file()
+    assert saved_figures["misclassified.png"] == []
 
 
 def test_shifted_views_move_the_image_and_repeat_its_border():
