@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -210,14 +211,53 @@ def narrowband(samples: torch.Tensor, sample_rate: int = SAMPLE_RATE,
 MIN_AUDIO_MS = 25  # one 25 ms analysis window of the log-mel features
 
 
+PCM_WIDTHS = (1, 2, 3, 4)  # bytes a sample: 8, 16, 24 and 32-bit PCM
+
+
+def _plain_pcm(path: Path) -> io.BytesIO | None:
+    """A WAVE_FORMAT_EXTENSIBLE file whose sub-format is PCM (what ffmpeg writes for 24-bit
+    audio and for rates over 48 kHz), with its format chunk rewritten as plain PCM for the
+    ``wave`` module, which reads the extensible form only from Python 3.12; None for any
+    other file."""
+    data = path.read_bytes()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    chunks, pos, found = [], 12, False
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        end = pos + 8 + size + size % 2
+        if cid == b"fmt ":
+            body = data[pos + 8:pos + 8 + size]
+            if len(body) < 40 or body[:2] != b"\xfe\xff" or body[24:26] != b"\x01\x00":
+                return None  # not extensible, or its sub-format GUID is not PCM's
+            chunks.append(b"fmt " + (16).to_bytes(4, "little") + b"\x01\x00" + body[2:16])
+            found = True
+        else:
+            chunks.append(data[pos:end])
+        pos = end
+    if not found:
+        return None
+    body = b"WAVE" + b"".join(chunks)
+    return io.BytesIO(b"RIFF" + len(body).to_bytes(4, "little") + body)
+
+
 def _open_wav(path: Path) -> wave.Wave_read:
     try:
-        w = wave.open(str(path), "rb")
+        try:
+            w = wave.open(str(path), "rb")
+        except wave.Error as exc:
+            if "65534" not in str(exc) or (pcm := _plain_pcm(path)) is None:
+                raise
+            w = wave.open(pcm, "rb")
     except FileNotFoundError:
         raise UserError(f"audio file {path} does not exist") from None
     except (wave.Error, EOFError, OSError) as exc:
-        raise UserError(f"audio file {path} cannot be read ({exc or type(exc).__name__}); "
-                        f"expected a PCM WAV file (8, 16, 24 or 32 bit)") from None
+        raise UserError(f"audio file {path} cannot be read ({str(exc) or type(exc).__name__})"
+                        f"; expected a PCM WAV file (8, 16, 24 or 32 bit)") from None
+    if w.getsampwidth() not in PCM_WIDTHS:
+        w.close()
+        raise UserError(f"audio file {path} has {8 * w.getsampwidth()}-bit samples; expected "
+                        f"a PCM WAV file (8, 16, 24 or 32 bit)")
     if w.getnframes() == 0 or w.getframerate() <= 0:
         w.close()
         raise UserError(f"audio file {path} holds no audio samples")

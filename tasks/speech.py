@@ -69,9 +69,11 @@ class Labels:
         return self.classes.index(text)
 
     def decode(self, ids) -> str:
-        if self.kind == "chars":
-            return "".join(CHARSET[i - 1] for i in ids if i > 0)
-        return self.tok.decode(ids)
+        """The transcript of CTC label ids, its whitespace collapsed as ``normalize_text``
+        leaves the references: a leading, trailing or doubled space is not an error."""
+        text = ("".join(CHARSET[i - 1] for i in ids if i > 0) if self.kind == "chars"
+                else self.tok.decode(ids))
+        return " ".join(text.split())
 
     def pieces(self) -> list[str]:
         """The text each CTC label id adds to a transcript, for the language model: its
@@ -463,17 +465,20 @@ class SpeechTask(training.Task):
                 if unseen:
                     raise UserError(f"{path} has the label {unseen[0]!r}, which no training "
                                     f"utterance has; expected one of {labels.classes}")
-        items, item_voices, dropped = {}, {}, {}
+        items, item_voices, dropped, too_long = {}, {}, {}, {}
         for name in sets:
             keep = [(f, labels.encode(t), v) for f, t, v in
                     zip(feats[name], texts[name], voices[name])
-                    if len(f) <= d.max_frames and (cfg.model.head == "classify" or
-                                                   normalize_text(t))]
-            if cfg.model.head == "ctc":  # CTC needs at least one frame per label
+                    if cfg.model.head == "classify" or normalize_text(t)]
+            # Evaluation scores every utterance: one longer than the model takes counts as
+            # all wrong (evaluate), one with fewer encoder frames than labels as decoded.
+            too_long[name] = [(y, v) for f, y, v in keep if len(f) > d.max_frames]
+            keep = [(f, y, v) for f, y, v in keep if len(f) <= d.max_frames]
+            if cfg.model.head == "ctc" and name == "train":  # CTC needs a frame per label
                 keep = [(f, y, v) for f, y, v in keep if (len(f) + 3) // 4 >= len(y)]
             item_voices[name] = [v for _, _, v in keep]
             keep = [(f, y) for f, y, _ in keep]
-            dropped[name] = len(feats[name]) - len(keep)
+            dropped[name] = len(feats[name]) - len(keep) - len(too_long[name])
             if not keep and name in ("train", "val"):
                 raise UserError(f"{sets[name]}: none of its {len(feats[name])} utterances fits "
                                 f"(longer than data.max_frames={d.max_frames}, or fewer "
@@ -491,9 +496,15 @@ class SpeechTask(training.Task):
                                          if labels.kind != "classes" else None)},
             info={"data": source, "utterances": {k: len(v) for k, v in items.items()},
                   "train_hours": round(frames / 100 / 3600, 2),
-                  "skipped_bad_audio": skipped, "dropped_too_long_or_short": dropped,
+                  "skipped_bad_audio": skipped,
+                  "dropped": {"train_too_long_or_short": dropped["train"] +
+                              len(too_long["train"]),
+                              "empty_text": {k: v for k, v in dropped.items() if k != "train"},
+                              "too_long_scored_as_errors": {k: len(v) for k, v in
+                                                            too_long.items() if k != "train"}},
                   "labels": labels.kind, "text_normalizer": NORMALIZER},
-            data={"items": items, "sets": sets, "texts": texts, "voices": item_voices})
+            data={"items": items, "sets": sets, "texts": texts, "voices": item_voices,
+                  "too_long": too_long})
 
     def evaluate(self, trainer, module, prep, cfg, out):
         final = trainer.validate(module, prep.val_loader, verbose=False)[0]
@@ -507,7 +518,8 @@ class SpeechTask(training.Task):
         if lm is not None:
             figures["lm"] = lm_summary(lm, time.time() - t0)
         for name, items in prep.data["items"].items():
-            if name == "train" or not items:
+            too_long = prep.data["too_long"][name]
+            if name == "train" or not (items or too_long):
                 continue
             # Every batch, on this rank alone (a rank-split loader would give it a share).
             batches = length_batches([len(f) for f, _ in items], cfg.data.max_frames_per_batch)
@@ -515,13 +527,23 @@ class SpeechTask(training.Task):
             voices = [prep.data["voices"][name][i] for b in batches for i in b]  # batch order
             t0 = time.time()
             res = transcribe_batches(module, loader, cfg.decode.beam_size, lm)
+            # Utterances longer than the model takes: no output, every label wrong.
+            voices += [v for _, v in too_long]
+            if module.ctc:
+                res["refs"] += [module.labels.decode(y) for y, _ in too_long]
+                res["greedy"] += [""] * len(too_long)
+                res["beam"] += [""] * len(too_long) if res["beam"] else []
+            else:
+                res["true"] += [y for y, _ in too_long]
+                res["pred"] += [-1] * len(too_long)
             if not module.ctc:
                 acc = sum(p == t for p, t in zip(res["pred"], res["true"])) / len(res["true"])
                 figures[name] = {"accuracy": round(acc, 4), "utterances": len(res["true"])}
                 cm = torch.zeros(len(module.labels.classes), len(module.labels.classes),
                                  dtype=torch.long)
                 for t, p in zip(res["true"], res["pred"]):
-                    cm[t, p] += 1
+                    if p >= 0:  # not an utterance too long to classify
+                        cm[t, p] += 1
                 figures[name]["confusion"] = cm.tolist()  # rows: true, columns: predicted
                 by = _by_voice(voices, res["pred"], res["true"],
                                lambda p, t: {"accuracy": round(

@@ -196,6 +196,53 @@ def test_load_audio_16_and_32_bit(tmp_path):
         torch.testing.assert_close(load_audio(path), torch.from_numpy(x / 32768.0).float())
 
 
+def _riff(fmt: bytes, frames: bytes) -> bytes:
+    body = (b"WAVE" + b"fmt " + len(fmt).to_bytes(4, "little") + fmt
+            + b"data" + len(frames).to_bytes(4, "little") + frames)
+    return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+
+def test_extensible_pcm_wav_reads_as_its_plain_pcm_twin(tmp_path):
+    # WAVE_FORMAT_EXTENSIBLE (tag 0xFFFE) holding 24-bit PCM, as ffmpeg writes it
+    x = (np.sin(np.arange(8000) * 0.05) * 0.7 * 2**23).astype(np.int32)
+    frames = b"".join(int(v).to_bytes(3, "little", signed=True) for v in x)
+    rate, block = 16_000, 3
+    common = ((1).to_bytes(2, "little") + rate.to_bytes(4, "little")  # mono
+              + (rate * block).to_bytes(4, "little") + block.to_bytes(2, "little")
+              + (24).to_bytes(2, "little"))
+    pcm_guid = bytes.fromhex("0100000000001000800000aa00389b71")
+    extensible = (b"\xfe\xff" + common + (22).to_bytes(2, "little")
+                  + (24).to_bytes(2, "little") + (4).to_bytes(4, "little") + pcm_guid)
+    (tmp_path / "plain.wav").write_bytes(_riff(b"\x01\x00" + common, frames))
+    (tmp_path / "ext.wav").write_bytes(_riff(extensible, frames))
+    got = load_audio(tmp_path / "ext.wav")
+    torch.testing.assert_close(got, load_audio(tmp_path / "plain.wav"), atol=0, rtol=0)
+    torch.testing.assert_close(got, torch.from_numpy(x / 2**23).float(), atol=1e-6, rtol=0)
+    # the same with a float sub-format GUID is not PCM: one error naming the file
+    (tmp_path / "float.wav").write_bytes(_riff(extensible[:24] + b"\x03" + extensible[25:],
+                                               frames))
+    with pytest.raises(UserError, match="float.wav cannot be read"):
+        load_audio(tmp_path / "float.wav")
+
+
+def test_unsupported_sample_widths_and_empty_files_are_named(tmp_path):
+    rate, block = 16_000, 8  # 64-bit samples: a valid header wave reads, no PCM width of ours
+    fmt = ((1).to_bytes(2, "little") + (1).to_bytes(2, "little") + rate.to_bytes(4, "little")
+           + (rate * block).to_bytes(4, "little") + block.to_bytes(2, "little")
+           + (64).to_bytes(2, "little"))
+    (tmp_path / "wide.wav").write_bytes(_riff(fmt, bytes(8 * 800)))
+    with pytest.raises(UserError, match="wide.wav has 64-bit samples"):
+        load_audio(tmp_path / "wide.wav")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "wide.wav", "text": "x"}) + "\n")
+    with pytest.raises(UserError, match="wide.wav has 64-bit samples"):
+        read_manifest(manifest, on_bad_audio="error")
+    assert read_manifest(manifest, on_bad_audio="skip").utterances == []
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.wav cannot be read \(EOFError\)"):
+        load_audio(tmp_path / "empty.wav")
+
+
 def test_bad_audio_files_are_named_and_skipped(tmp_path):
     write_wav(tmp_path / "good.wav", _tone(0.5))
     (tmp_path / "empty.wav").write_bytes(b"")

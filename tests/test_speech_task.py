@@ -104,6 +104,39 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figur
                                  f"audio={corpus}/broken.wav", "data.on_bad_audio=error"))
 
 
+def test_hypotheses_are_scored_with_the_references_whitespace():
+    labels = speech_task.Labels("chars")
+    space = labels.encode("a b")[1]
+    # a CTC path may emit a space first, last, or twice with a blank between them
+    ids = [space, *labels.encode("hi"), space, 0, space, *labels.encode("there"), space]
+    assert labels.decode(ids) == "hi there"
+    assert speech_task.error_rates([labels.decode(ids)], ["hi there"]) == {"cer": 0.0,
+                                                                          "wer": 0.0}
+
+
+def test_every_evaluation_utterance_is_scored(tmp_path, corpus):
+    from data.speech import load_audio
+    from modules.speech import LogMel
+    frames = [len(LogMel()(load_audio(corpus / "test" / f"{i}.wav"))) for i in range(8)]
+    limit = sorted(frames)[4]  # the longest test utterances do not fit the model
+    long = [WORDS[i % 4] for i in range(8) if frames[i] > limit]
+    assert 0 < len(long) < 8
+    res = speech_task.run(make_cfg(tmp_path / "ctc", corpus, f"data.max_frames={limit}",
+                                   "decode.beam_size=1"))
+    assert res["dropped"]["too_long_scored_as_errors"]["test"] == len(long)
+    test = res["test"]
+    assert test["utterances"] == 8
+    # each too-long utterance is every one of its characters deleted
+    refs = sum(len(WORDS[i % 4]) for i in range(8))
+    assert test["greedy"]["cer"] >= round(sum(map(len, long)) / refs, 4)
+    assert sum(v["utterances"] for v in test["by_voice"].values()) == 8
+    res = speech_task.run(make_cfg(tmp_path / "kws", corpus, f"data.max_frames={limit}",
+                                   "model.head=classify"))
+    test = res["test"]
+    assert test["utterances"] == 8 and test["accuracy"] <= (8 - len(long)) / 8
+    assert sum(map(sum, test["confusion"])) == 8 - len(long)  # classified ones only
+
+
 def test_transcribe_any_rate_and_stereo(tmp_path, corpus):
     """A 44.1 kHz stereo file transcribes as its 16 kHz mono original does."""
     import wave
