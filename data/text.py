@@ -14,7 +14,7 @@ import glob
 import hashlib
 import io
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,13 @@ def _write_shakespeare(root: Path, train: Path, val: Path, val_fraction: float) 
 def expand_files(pattern: str | list[str], what: str,
                  expected: str = "UTF-8 text files") -> list[Path]:
     """Files matching a glob (or list of globs); an error names the pattern if none do."""
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    if isinstance(pattern, str):
+        patterns = [pattern]
+    elif isinstance(pattern, Sequence) and all(isinstance(p, str) for p in pattern):
+        patterns = list(pattern)
+    else:
+        raise DataError(f"{what}={pattern!r} is not a path; expected a path or glob of "
+                        f"{expected}, or a list of them")
     files = sorted({Path(f) for p in patterns for f in glob.glob(str(Path(p).expanduser()),
                                                                   recursive=True)})
     files = [f for f in files if f.is_file()]
@@ -106,9 +112,13 @@ class Tokenizer:
 
     PAD, UNK, BOS, EOS, NL = 0, 1, 2, 3, 4
 
-    def __init__(self, model_proto: bytes):
-        self.proto = bytes(model_proto)
-        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+    def __init__(self, model_proto: bytes, source: str = "the checkpoint's tokenizer"):
+        try:
+            self.proto = bytes(model_proto)
+            self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        except (TypeError, RuntimeError) as exc:  # not bytes; sentencepiece's parse error
+            raise DataError(f"{source} is not a sentencepiece model ({type(exc).__name__}); "
+                            f"expected a .model file written by sentencepiece") from None
         if self.sp.piece_to_id("<nl>") != self.NL:
             raise DataError("tokenizer model lacks the <nl> symbol at id 4; train it with "
                             "attnkit or give data.tokenizer=null to train a new one")
@@ -123,12 +133,7 @@ class Tokenizer:
         if not path.is_file():
             raise DataError(f"tokenizer file {path} does not exist; expected a sentencepiece "
                             f".model file")
-        try:
-            return cls(path.read_bytes())
-        except RuntimeError as exc:  # sentencepiece's parse error
-            raise DataError(f"tokenizer file {path} is not a sentencepiece model "
-                            f"({type(exc).__name__}); expected a .model file written by "
-                            f"sentencepiece") from None
+        return cls(path.read_bytes(), f"tokenizer file {path}")
 
     @classmethod
     def train(cls, text: str, vocab_size: int, *, kind: str = "bpe",

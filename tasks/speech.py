@@ -634,6 +634,9 @@ def run_transcribe(cfg: DictConfig) -> dict:
             text = module.labels.classes[int(logits.argmax(-1))]
         print(f"{f}: {text}")
         results.append({"file": str(f), "text": text})
+    if not results:
+        raise UserError(f"audio={cfg.audio}: none of the {len(skipped)} files could be read ("
+                        f"{skipped[0]['reason']})")
     if skipped:
         print(f"skipped {len(skipped)} file(s): " + "; ".join(s["reason"] for s in skipped[:3]))
     return {"transcripts": results, "skipped": skipped,

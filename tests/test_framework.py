@@ -15,6 +15,7 @@ import torch
 
 from tasks import lm as lm_task
 from tasks.framework import checkpoints
+from tasks.framework.config import check_command_line
 from tasks.framework.errors import UserError
 from tests.test_lm_task import CORPUS, ROOT, data_cache, make_cfg  # noqa: F401 (fixture)
 
@@ -182,6 +183,13 @@ def _image_folder(root: Path) -> Path:
     ("speech", ["data.train=a.jsonl", "data.val=b.jsonl", "data.test={train: c.jsonl}"],
      "data.test names a set 'train'"),
     ("vit", ["run_dir=/proc/version"], "run_dir='/proc/version' cannot be used"),
+    ("vit", ["seed=-1"], "seed=-1; expected a whole number from 0"),
+    ("vit", ["trainer.accumulate_grad_batches=0", "data.batch_size=2"],
+     "trainer.accumulate_grad_batches=0; expected a whole number of at least 1"),
+    ("vit", ["data.batch_size=1000"], "the training set gives no batch"),
+    ("vit", ["data.split=abc"], "data.split='abc' is not valid: expected list"),
+    ("vit", ["model.img_size=abc"], "model.img_size='abc' is not valid: expected int"),
+    ("lm", ["optimizer._target_=bogus.thing"], "optimizer/scheduler settings are not valid"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None
@@ -192,6 +200,23 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
         base = ["model=seq2seq_tiny"]
     proc = cli(tmp_path, task, *args, base=base)
     one_line_error(proc, expect)
+
+
+@pytest.mark.parametrize("task,args", [
+    ("fusion", ["optimizer.embedding_lr_scale=1"]),  # the default is ${data.table_lr_scale}
+    ("vit", ["model.img_size=32"]), ("speech", ["model.max_frames=1600"]),
+    ("lm", ["data.train_files=a.txt"]), ("lm", ["data.train_files=[a.txt,b.txt]"])])
+def test_overrides_of_interpolated_and_list_defaults_are_accepted(task, args):
+    check_command_line(task, args)  # raises a UserError if refused
+
+
+def test_a_tokenizer_or_file_list_of_the_wrong_kind_is_one_error():
+    from data.text import Tokenizer, expand_files
+    for bad in (b"not a model", "a string, not bytes"):
+        with pytest.raises(UserError, match="the checkpoint's tokenizer is not a sentencepiece"):
+            Tokenizer(bad)
+    with pytest.raises(UserError, match=r"images=5 is not a path; expected a path or glob"):
+        expand_files(5, "images", "image files")
 
 
 def test_a_finished_run_directory_is_not_overwritten(tmp_path):

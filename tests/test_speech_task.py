@@ -97,8 +97,11 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figur
         assert saved["test"]["by_voice"][voice] == want | {"utterances": 4}
     assert "by_voice" not in saved["val"]  # its manifest names no voice
     out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
-                                   f"audio={corpus}/broken.wav"))
-    assert out["transcripts"] == [] and "broken.wav" in out["skipped"][0]["reason"]
+                                   f"audio=[{corpus}/broken.wav,{corpus}/test/0.wav]"))
+    assert len(out["transcripts"]) == 1 and "broken.wav" in out["skipped"][0]["reason"]
+    with pytest.raises(UserError, match=r"none of the 1 files could be read .*broken.wav"):
+        speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+                                 f"audio={corpus}/broken.wav"))
     with pytest.raises(UserError, match="broken.wav"):
         speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
                                  f"audio={corpus}/broken.wav", "data.on_bad_audio=error"))

@@ -254,6 +254,24 @@ def test_init_from_new_classes_and_image_size(tmp_path, image_folder):
                               "trainer.max_steps=40"))
 
 
+def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, image_folder):
+    import shutil
+    out = tmp_path / "a"
+    vit_task.run(make_cfg(out, image_folder))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    # another split rewrites split.json before the model is found not to fit
+    with pytest.raises(UserError, match="does not fit this model"):
+        vit_task.run(make_cfg(out, image_folder, "resume=auto", "model.depth=3",
+                              "data.split=[0.6,0.2,0.2]", "trainer.max_steps=40"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # another run's checkpoint does not continue into a folder holding a finished run
+    shutil.copytree(out, tmp_path / "b")
+    with pytest.raises(UserError, match="already holds a run"):
+        vit_task.run(make_cfg(tmp_path / "b", image_folder,
+                              f"resume={out}/checkpoints/last.ckpt", "trainer.max_steps=40"))
+    assert (tmp_path / "b" / "results.json").read_bytes() == before["results.json"]
+
+
 def test_timm_state_dict_as_init_from(tmp_path, image_folder):
     timm = pytest.importorskip("timm")
     ref = timm.models.vision_transformer.VisionTransformer(

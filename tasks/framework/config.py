@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .errors import UserError
 
@@ -35,16 +35,28 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(parts) or type(exc).__name__
 
 
-def _type_errors(cfg: dict, defaults: dict) -> None:
-    """An override whose type differs from the default's (``trainer.max_steps=abc``)."""
+def _type_errors(cfg: dict, defaults: DictConfig) -> None:
+    """An override whose type differs from the default's (``trainer.max_steps=abc``); a
+    default that interpolates another key (``${data.img_size}``) has that key's type, and
+    a list default takes a list or one string (``data.train_files=a.txt``)."""
     actual = dict(_leaves(cfg))
-    for key, default in _leaves(defaults):
+    for key, default in _leaves(OmegaConf.to_container(defaults, resolve=False)):
         if key not in actual or default is None or key.startswith("hydra."):
             continue
         value = actual[key]
         if value is None or isinstance(value, str) and value.startswith("${"):
             continue
-        ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if isinstance(default, str) and default.startswith("${"):
+            try:
+                default = OmegaConf.select(defaults, key)
+            except Exception:  # a resolver that needs Hydra's runtime (${now:...})
+                continue
+            if default is None or isinstance(default, (DictConfig, ListConfig)):
+                continue
+        numbers = isinstance(default, list) and default and all(
+            isinstance(v, (int, float)) for v in default)
+        ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,),
+              list: (list,) if numbers else (list, str)}.get(type(default))
         if ok is None or isinstance(value, ok) and not (type(default) is int and
                                                          isinstance(value, bool)):
             continue
@@ -90,8 +102,7 @@ def check_command_line(config_name: str, overrides: list[str]) -> None:
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(_one_line(exc)) from None
-    _type_errors(OmegaConf.to_container(cfg, resolve=False),
-                 OmegaConf.to_container(defaults, resolve=False))
+    _type_errors(OmegaConf.to_container(cfg, resolve=False), defaults)
 
 
 # Settings with a range, in whichever task has them: (key, valid, what is expected). Checked

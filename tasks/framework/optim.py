@@ -107,6 +107,7 @@ def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg
     except (ValueError, TypeError, InstantiationException) as exc:
         cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ \
             else exc
+        cause = " ".join(str(cause).split())  # one line: Hydra's messages span several
         raise UserError(f"optimizer/scheduler settings are not valid: {cause} (optimizer: "
                         f"{opt_cfg.get('_target_')}, lr={opt_cfg.get('lr')})") from None
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

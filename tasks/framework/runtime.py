@@ -3,6 +3,7 @@ our callbacks, preemption and requeue under SLURM, and the clock."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -72,6 +73,24 @@ def refuse_finished_run(out: Path) -> None:
     if held:
         raise UserError(f"run_dir={str(out)!r} already holds a run ({' and '.join(held)}); "
                         f"expected a new folder, or resume=auto to continue that run")
+
+
+@contextlib.contextmanager
+def files_kept_on_error(out: Path):
+    """The files directly in ``out`` as they were, should the block fail: a resume whose
+    data or model turns out not to fit leaves the run it points at as it found it (its
+    split, its data files) instead of half rewritten."""
+    saved = {p: p.read_bytes() for p in out.iterdir() if p.is_file()} if out.is_dir() else {}
+    try:
+        yield
+    except BaseException:
+        for p in (out.iterdir() if out.is_dir() else ()):
+            if p.is_file() and p not in saved:
+                p.unlink()
+        for p, data in saved.items():
+            if not p.is_file() or p.read_bytes() != data:
+                p.write_bytes(data)
+        raise
 
 
 def global_rank() -> int:
@@ -181,6 +200,9 @@ def seconds_since(t0: float) -> float:
 def begin(cfg: DictConfig) -> tuple[float, Path]:
     """Start a training run: the clock, the seeds, the run directory."""
     t0 = time.time()
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or \
+            not 0 <= cfg.seed < 2**32:
+        raise UserError(f"seed={cfg.seed!r}; expected a whole number from 0 to 4294967295")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return t0, run_dir(cfg)
 
@@ -201,6 +223,10 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
                  SlurmRequeue(out, enabled=on_slurm)]
     callbacks += extra_callbacks or []
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in ("accumulate_grad_batches", "log_every_n_steps"):
+        value = tcfg.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"trainer.{key}={value!r}; expected a whole number of at least 1")
     ema_decay = tcfg.pop("ema_decay", None)
     if ema_decay is not None:
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) \

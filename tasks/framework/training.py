@@ -17,6 +17,7 @@ curves, ``results.json`` and the summary.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -116,6 +117,14 @@ def fit_and_restore_best(trainer: L.Trainer, module: TaskModule, prep: Prepared,
     return best
 
 
+def _batches(loader) -> int | None:
+    """Batches in an epoch of ``loader``; None when it cannot tell (an iterable stream)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
 def train(task: Task, cfg: DictConfig) -> dict:
     """The training skeleton; returns the results dict (empty on ranks other than zero)."""
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
@@ -123,18 +132,23 @@ def train(task: Task, cfg: DictConfig) -> dict:
                         f"of optimizer steps")
     t0, out = runtime.begin(cfg)
     resume = resume_path(cfg, out)  # a bad resume= fails here, before any work
-    if resume is None and runtime.is_rank_zero():  # other ranks start once rank 0 wrote
-        runtime.refuse_finished_run(out)
-    prep = task.prepare(cfg, out)
-    t_data = runtime.seconds_since(t0)
-    module = task.module_class(model_cfg=prep.model_cfg, meta=prep.meta,
-                               optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler,
-                               total_steps=cfg.trainer.max_steps, **prep.options)
-    optimizer = configure_optimization(module.model, cfg.optimizer, cfg.scheduler,
-                                       1)["optimizer"]  # fail early
-    init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
-    if resume:
-        check_resume_fits(module, resume, cfg.task, optimizer, task.named_rows.values())
+    own = resume is not None and Path(resume).resolve().is_relative_to(out.resolve())
+    if not own and runtime.is_rank_zero():  # other ranks start once rank 0 wrote
+        runtime.refuse_finished_run(out)  # only its own checkpoint continues a run
+    with runtime.files_kept_on_error(out) if resume else contextlib.nullcontext():
+        prep = task.prepare(cfg, out)
+        t_data = runtime.seconds_since(t0)
+        module = task.module_class(model_cfg=prep.model_cfg, meta=prep.meta,
+                                   optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler,
+                                   total_steps=cfg.trainer.max_steps, **prep.options)
+        optimizer = configure_optimization(module.model, cfg.optimizer, cfg.scheduler,
+                                           1)["optimizer"]  # fail early
+        init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
+        if resume:
+            check_resume_fits(module, resume, cfg.task, optimizer, task.named_rows.values())
+    if _batches(prep.train_loader) == 0:
+        raise UserError("the training set gives no batch: it holds fewer items than "
+                        "data.batch_size; expected a smaller data.batch_size or more data")
     trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
                                              mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
