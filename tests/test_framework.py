@@ -39,7 +39,7 @@ class _CreatesFile:
 
 
 def cli(tmp_path, task, *args, base=None):
-    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"), ATTNKIT_SECRET="hunter2")
     if base is None:
         base = ["model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
                 "trainer.max_steps=2"] if task == "lm" else []
@@ -88,6 +88,21 @@ def test_checkpoint_naming_a_foreign_model_class_is_refused(tmp_path, trained, t
     proc = cli(tmp_path, "lm", "mode=generate", f"ckpt={bad}")
     one_line_error(proc, f"names model '{target}'; expected one of")
     assert not victim.exists()
+
+
+@pytest.mark.parametrize("where,value,expect", [
+    ("model", {"_partial_": True}, "holds '_partial_' at attnkit.model._partial_"),
+    ("model", {"backend": "${oc.env:ATTNKIT_SECRET}"},
+     "holds '${oc.env:ATTNKIT_SECRET}' at attnkit.model.backend"),
+])
+def test_checkpoint_settings_are_never_interpolated(tmp_path, trained, where, value, expect):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["attnkit"][where] |= value
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    proc = cli(tmp_path, "lm", "mode=generate", f"ckpt={bad}")
+    one_line_error(proc, expect)
+    assert "hunter2" not in proc.stdout + proc.stderr
 
 
 def test_lightning_resume_loads_weights_only(tmp_path, trained):

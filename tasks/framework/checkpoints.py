@@ -121,7 +121,36 @@ def checked_checkpoint(ckpt: object, path: str | os.PathLike, task: str) -> dict
         raise UserError(f"checkpoint {path} is from the {meta.get('task')!r} task; expected a "
                         f"{task!r} checkpoint")
     check_model_target(meta.get("model"), f"checkpoint {path}")
+    bad = _hydra_syntax(meta)
+    if bad is not None:
+        raise UserError(f"checkpoint {path} holds {bad[1]!r} at {bad[0]}; expected plain "
+                        f"values (a checkpoint's settings are never interpolated or "
+                        f"given to instantiate's options)")
     return ckpt
+
+
+INSTANTIATE_KEYS = {"_partial_", "_args_", "_convert_", "_recursive_"}
+
+
+def _hydra_syntax(node, path: str = CKPT_KEY) -> tuple[str, object] | None:
+    """The first key of instantiate's options (``_partial_``...) or ``${...}`` string in a
+    checkpoint's metadata: the model is built from it, and an interpolation there would be
+    resolved (``${oc.env:TOKEN}`` reads the environment)."""
+    if isinstance(node, str):
+        return (path, node) if "${" in node else None
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in INSTANTIATE_KEYS:
+                return f"{path}.{k}", k
+            found = _hydra_syntax(v, f"{path}.{k}")
+            if found is not None:
+                return found
+    elif isinstance(node, list | tuple):
+        for i, v in enumerate(node):
+            found = _hydra_syntax(v, f"{path}.{i}")
+            if found is not None:
+                return found
+    return None
 
 
 def model_state(path: str | os.PathLike, task: str, module: torch.nn.Module | None = None,
