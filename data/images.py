@@ -121,6 +121,10 @@ def split_indices(n: int, fractions, seed: int) -> dict[str, list[int]]:
         raise DataError(f"data.split={fractions} must be three positive fractions summing to 1")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val, n_test = round(n * fractions[1]), round(n * fractions[2])
+    if min(n_val, n_test, n - n_val - n_test) < 1:
+        raise DataError(f"data.split={fractions} of {n} images leaves a part empty (train "
+                        f"{n - n_val - n_test}, val {n_val}, test {n_test}); expected more "
+                        f"images or other fractions")
     return {"val": order[:n_val], "test": order[n_val:n_val + n_test],
             "train": order[n_val + n_test:]}
 

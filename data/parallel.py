@@ -172,6 +172,9 @@ def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = Non
 
 def split_pairs(pairs, *, dev: int, test: int, seed: int) -> dict[str, list]:
     """Seeded dev / test / train split."""
+    if dev < 1 or test < 1:
+        raise DataError(f"data.dev_size={dev}, data.test_size={test}: expected at least one "
+                        f"pair in each")
     if dev + test >= len(pairs):
         raise DataError(f"data.dev_size + data.test_size = {dev + test} leaves no training "
                         f"pairs out of {len(pairs)}")

@@ -164,6 +164,9 @@ class TextImageModel(nn.Module):
         super().__init__()
         if loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}")
+        if fusion_depth < 0:
+            raise ValueError(f"fusion_depth={fusion_depth}; expected 0 (no fusion encoder) "
+                             f"or more blocks")
         vision = {**dict(vision), "num_classes": embed_dim, "backend": backend}
         text = {**dict(text), "backend": backend}
         self.loss_kind = loss

@@ -70,6 +70,8 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_path rate {p}; expected a probability in [0, 1)")
         self.p = p
 
     def forward(self, x: Tensor) -> Tensor:

@@ -123,6 +123,8 @@ class MultiHeadAttention(nn.Module):
         if rope is not None and rope.head_dim != head_dim:
             raise ValueError(f"rope.head_dim ({rope.head_dim}) != head_dim ({head_dim})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"attn_drop={attn_drop}; expected a probability in [0, 1)")
         self.causal, self.rope, self.attn_drop = causal, rope, attn_drop
         self.is_cross = context_dim is not None
         self.backend = check_backend(backend, head_dim)

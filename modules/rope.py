@@ -66,6 +66,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        if not theta > 0:
+            raise ValueError(f"rope_theta={theta}; expected a positive base (e.g. 10000)")
         self.head_dim = head_dim
         self.theta = float(theta)
         self.max_seq_len = max_seq_len

@@ -103,6 +103,8 @@ class ConvSubsampling(nn.Module):
 
     def __init__(self, *, n_mels: int, channels: int, embed_dim: int):
         super().__init__()
+        if channels < 1:
+            raise ValueError(f"subsample_channels={channels}; expected at least 1")
         self.conv1 = nn.Conv2d(1, channels, 3, 2, 1)
         self.conv2 = nn.Conv2d(channels, channels, 3, 2, 1)
         self.proj = nn.Linear(channels * ((n_mels + 3) // 4), embed_dim)

@@ -831,6 +831,8 @@ def _as_list(value, what: str) -> list[str]:
                             f"a line, or the text itself")
         else:
             return [value]
+    elif isinstance(value, (int, float)):  # texts=5: one item, as the text "5"
+        return [str(value)]
     elif value is not None:
         items = [str(v) for v in OmegaConf.to_container(value)]
     if not items:

@@ -178,6 +178,9 @@ def _hf_init(cfg: DictConfig, model_cfg: dict, tok: Tokenizer) -> tuple[dict, di
         model_cfg, state = hf_llama_init(src, model_cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(f"init_from={src}: {exc}") from None
+    except KeyError as exc:  # a config.json or weights without a key a Llama/Qwen3 has
+        raise UserError(f"init_from={src} lacks {exc} of a Hugging Face Llama or Qwen3 "
+                        f"model; expected its config.json and safetensors weights") from None
     if model_cfg["vocab_size"] != tok.vocab_size:
         raise UserError(f"init_from={src} has a vocabulary of {model_cfg['vocab_size']} "
                         f"tokens but the tokenizer has {tok.vocab_size}; give "

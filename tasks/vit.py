@@ -138,16 +138,24 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
     if isinstance(obj, dict) and CKPT_KEY in obj:
         state = model_state(src, ViTModule.task, module, ViTTask.named_rows)
     elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:
-        depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
-        state = vit_state_dict_from_timm(obj, depth)
+        try:
+            depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
+            state = vit_state_dict_from_timm(obj, depth)
+        except (KeyError, ValueError, IndexError) as exc:
+            raise UserError(f"init_from {src} is not a complete timm VisionTransformer state "
+                            f"dict ({type(exc).__name__}: {exc})") from None
     else:
         raise UserError(f"init_from {src} is neither an attnkit vit checkpoint nor a timm "
                         f"VisionTransformer state dict")
     own = module.model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         prefix = 1 if module.model.cls_token is not None else 0
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], module.model.patch_embed.grid,
-                                              prefix)
+        try:
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"],
+                                                  module.model.patch_embed.grid, prefix)
+        except ValueError as exc:
+            raise UserError(f"init_from {src}: its position embeddings cannot be resized "
+                            f"({exc})") from None
     new_head = state.get("head.weight") is not None and \
         state["head.weight"].shape != own["head.weight"].shape
     return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),

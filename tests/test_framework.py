@@ -205,6 +205,11 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["data.split=abc"], "data.split='abc' is not valid: expected list"),
     ("vit", ["model.img_size=abc"], "model.img_size='abc' is not valid: expected int"),
     ("lm", ["optimizer._target_=bogus.thing"], "optimizer/scheduler settings are not valid"),
+    ("translation", ["data.test_size=0"], "data.test_size=0: expected at least one pair"),
+    ("vit", ["data.split=[0.98,0.01,0.01]"], "of 8 images leaves a part empty"),
+    ("vit", ["model.attn_drop=1.5"], "attn_drop=1.5; expected a probability in [0, 1)"),
+    ("vit", ["model.drop_path_rate=2"], "expected a probability in [0, 1)"),
+    ("lm", ["model.rope_theta=0"], "rope_theta=0; expected a positive base"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None

@@ -469,3 +469,7 @@ def test_text_lists_name_a_missing_or_unreadable_file(tmp_path):
     with pytest.raises(UserError, match="is not UTF-8 text"):
         fusion_task._as_list(str(tmp_path / "c.txt"), "texts")
     assert fusion_task._as_list("a red square", "texts") == ["a red square"]
+
+
+def test_a_number_given_as_texts_is_one_text():
+    assert fusion_task._as_list(5, "texts") == ["5"]  # texts=5 on the command line

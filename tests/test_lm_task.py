@@ -248,6 +248,16 @@ def test_compiled_forward_and_loss_match_eager(tmp_path):
     torch.testing.assert_close(losses[1][2], losses[0][2], rtol=1e-4, atol=1e-6)
 
 
+def test_a_hf_directory_without_a_llama_config_key_is_one_error(tmp_path):
+    from tests.test_converters_llama import save_llama
+    save_llama(tmp_path / "llama", vocab_size=400, max_position_embeddings=128)
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    del config["vocab_size"]
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="lacks 'vocab_size' of a Hugging Face Llama"):
+        lm_task.run(make_cfg(tmp_path / "r", f"init_from={tmp_path / 'llama'}"))
+
+
 def test_init_from_hf_llama_directory_through_the_command_line(tmp_path):
     """init_from=DIR takes rope_theta, norm eps, head split and vocabulary from config.json;
     a tokenizer of another size is a one-line error."""

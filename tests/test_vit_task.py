@@ -272,6 +272,13 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, image_fol
     assert (tmp_path / "b" / "results.json").read_bytes() == before["results.json"]
 
 
+def test_an_incomplete_timm_state_dict_is_one_error(tmp_path, image_folder):
+    bad = tmp_path / "partial.pth"
+    torch.save({"patch_embed.proj.weight": torch.zeros(32, 1, 4, 4)}, bad)
+    with pytest.raises(UserError, match="is not a complete timm VisionTransformer state dict"):
+        vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={bad}"))
+
+
 def test_timm_state_dict_as_init_from(tmp_path, image_folder):
     timm = pytest.importorskip("timm")
     ref = timm.models.vision_transformer.VisionTransformer(
