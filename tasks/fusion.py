@@ -228,6 +228,8 @@ class FusionModule(TaskModule):
     """
 
     task = "fusion"
+    meta_types = {"tokenizer": bytes, "max_text_len": int, "mean": list, "std": list,
+                  "answers": list, "zero_shot_template": str}
 
     def __init__(self, *, objectives: dict | None = None, **kwargs):
         super().__init__(**kwargs)

@@ -128,6 +128,7 @@ class LMModule(TaskModule):
     """
 
     task = "lm"
+    meta_types = {"tokenizer": bytes}
 
     def __init__(self, *, compile: bool = False, **kwargs):
         super().__init__(**kwargs)

@@ -300,6 +300,7 @@ class SpeechModule(TaskModule):
     """
 
     task = "speech"
+    meta_types = {"labels": str, "n_mels": int}
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)

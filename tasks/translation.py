@@ -82,6 +82,7 @@ class TranslationModule(TaskModule):
     """
 
     task = "translation"
+    meta_types = {"tokenizer": bytes, "langs": list}
 
     def __init__(self, *, label_smoothing: float = 0.1, **kwargs):
         super().__init__(**kwargs)

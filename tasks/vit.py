@@ -61,6 +61,7 @@ class ViTModule(TaskModule):
     """
 
     task = "vit"
+    meta_types = {"classes": list, "mean": list, "std": list}
 
     def __init__(self, *, label_smoothing: float = 0.0, test_time_shifts: int = 0, **kwargs):
         super().__init__(**kwargs)

@@ -105,6 +105,19 @@ def test_checkpoint_settings_are_never_interpolated(tmp_path, trained, where, va
     assert "hunter2" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("value,expect", [(None, "holds nothing as its 'tokenizer'"),
+                                          ("text", "holds a str as its 'tokenizer'")])
+def test_checkpoint_metadata_of_the_wrong_kind_is_one_error(tmp_path, trained, value, expect):
+    ckpt = torch.load(trained, weights_only=True)
+    if value is None:
+        del ckpt["attnkit"]["tokenizer"]
+    else:
+        ckpt["attnkit"]["tokenizer"] = value
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    one_line_error(cli(tmp_path, "lm", "mode=generate", f"ckpt={bad}"), expect)
+
+
 def test_lightning_resume_loads_weights_only(tmp_path, trained):
     # resume= goes through Lightning's own loader: it must refuse pickled objects too.
     split = tmp_path / "split"

@@ -50,6 +50,8 @@ class TaskModule(L.LightningModule):
     """
 
     task: ClassVar[str] = ""
+    # The metadata every checkpoint of this task holds, by type (None: any value).
+    meta_types: ClassVar[dict[str, type | tuple[type, ...] | None]] = {}
 
     def __init__(self, *, model_cfg: dict, meta: dict | None = None, optimizer_cfg=None,
                  scheduler_cfg=None, total_steps: int = 1):
@@ -72,7 +74,17 @@ class TaskModule(L.LightningModule):
         ckpt = load_checkpoint(path, cls.task)
         meta = dict(ckpt[CKPT_KEY])
         meta.pop("task")
-        module = cls(model_cfg=meta.pop("model"), meta=meta, **options)
+        for key, kind in cls.meta_types.items():
+            if key not in meta or kind is not None and not isinstance(meta[key], kind):
+                found = f"a {type(meta[key]).__name__}" if key in meta else "nothing"
+                raise UserError(f"checkpoint {path} holds {found} as its {key!r}; expected a "
+                                f"{cls.task} checkpoint as attnkit writes it")
+        try:
+            module = cls(model_cfg=meta.pop("model"), meta=meta, **options)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise UserError(f"checkpoint {path} has settings its task cannot use "
+                            f"({type(exc).__name__}: {exc}); expected a {cls.task} "
+                            f"checkpoint as attnkit writes it") from None
         try:
             module.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
