@@ -217,7 +217,7 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["data.batch_size=1000"], "the training set gives no batch"),
     ("vit", ["data.split=abc"], "data.split='abc' is not valid: expected list"),
     ("vit", ["model.img_size=abc"], "model.img_size='abc' is not valid: expected int"),
-    ("lm", ["optimizer._target_=bogus.thing"], "optimizer/scheduler settings are not valid"),
+    ("lm", ["scheduler._target_=bogus.thing"], "optimizer/scheduler settings are not valid"),
     ("translation", ["data.test_size=0"], "data.test_size=0: expected at least one pair"),
     ("vit", ["data.split=[0.98,0.01,0.01]"], "of 8 images leaves a part empty"),
     ("vit", ["model.attn_drop=1.5"], "attn_drop=1.5; expected a probability in [0, 1)"),
