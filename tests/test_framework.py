@@ -223,6 +223,9 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["model.attn_drop=1.5"], "attn_drop=1.5; expected a probability in [0, 1)"),
     ("vit", ["model.drop_path_rate=2"], "expected a probability in [0, 1)"),
     ("lm", ["model.rope_theta=0"], "rope_theta=0; expected a positive base"),
+    ("lm", ["mode=generate", f"ckpt={ROOT / 'conf'}"], "is a folder; expected a checkpoint"),
+    ("lm", ["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 is not valid"),
+    ("lm", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1; expected a norm"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None
@@ -241,6 +244,14 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     ("lm", ["data.train_files=a.txt"]), ("lm", ["data.train_files=[a.txt,b.txt]"])])
 def test_overrides_of_interpolated_and_list_defaults_are_accepted(task, args):
     check_command_line(task, args)  # raises a UserError if refused
+
+
+def test_a_safetensors_file_as_a_checkpoint_is_named_as_one(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match="model.safetensors is a safetensors file; expected an "
+                                        "attnkit checkpoint"):
+        checkpoints.load_checkpoint(tmp_path / "model.safetensors", "lm")
 
 
 def test_a_tokenizer_or_file_list_of_the_wrong_kind_is_one_error():

@@ -70,8 +70,15 @@ def _nested_target(node, path: str = "") -> tuple[str, object] | None:
 def safe_load(path: str | os.PathLike, what: str) -> object:
     """``torch.load`` with pickle code execution disabled; unreadable files are UserErrors."""
     path = Path(str(path)).expanduser()
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; expected a checkpoint file (a run's "
+                        f"checkpoints/best.ckpt or last.ckpt)")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
+    if path.suffix == ".safetensors":
+        raise UserError(f"{what} {path} is a safetensors file; expected an attnkit checkpoint "
+                        f"(.ckpt; init_from= also reads safetensors weights where the task "
+                        f"takes another toolkit's)")
     try:
         with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: noise
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -93,6 +93,8 @@ def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg
     from hydra.utils import instantiate
     opt_cfg = OmegaConf.to_container(optimizer_cfg, resolve=True)
     wd = opt_cfg.pop("weight_decay", 0.0)
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd < 0:
+        raise UserError(f"optimizer.weight_decay={wd!r} is not valid: expected a number >= 0")
     embedding = _embedding_settings(opt_cfg)
     if opt_cfg.get("fused") and _clipping_under_mixed_precision(trainer):
         opt_cfg["fused"], opt_cfg["foreach"] = None, True

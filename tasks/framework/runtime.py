@@ -227,6 +227,11 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
         value = tcfg.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"trainer.{key}={value!r}; expected a whole number of at least 1")
+    clip = tcfg.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or clip < 0):
+        raise UserError(f"trainer.gradient_clip_val={clip!r}; expected a norm >= 0 (0 or null: "
+                        f"no clipping)")
     ema_decay = tcfg.pop("ema_decay", None)
     if ema_decay is not None:
         if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) \
