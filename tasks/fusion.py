@@ -514,6 +514,12 @@ def _show(ax, img: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
+def _three_lines(text: str, width: int) -> str:
+    """``text`` wrapped at ``width`` characters, at most three lines (then "...")."""
+    lines = textwrap.wrap(text, width)
+    return "\n".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
+
+
 def plot_retrieval(pairs: PairSet, scores: torch.Tensor, path: Path, rows: int = 8,
                    seed: int = 0) -> Path:
     """Captions (rows) with their top-5 images by ``scores`` ``(texts, images)``; the true
@@ -524,8 +530,8 @@ def plot_retrieval(pairs: PairSet, scores: torch.Tensor, path: Path, rows: int =
                              squeeze=False, gridspec_kw={"width_ratios": [2.4] + [1] * 5})
     for r, q in enumerate(pick):
         axes[r, 0].axis("off")
-        axes[r, 0].text(0, 0.5, "\n".join(textwrap.wrap(pairs.captions[q], 26)[:3]),
-                        fontsize=8, va="center")
+        axes[r, 0].text(0, 0.5, _three_lines(pairs.captions[q], 26), fontsize=8,
+                        va="center")
         for c, i in enumerate(scores[q].topk(5).indices.tolist()):
             ax = axes[r, c + 1]
             _show(ax, pairs.images[i])
@@ -882,9 +888,7 @@ def plot_ranked(texts: list[str], files: list[str], x: torch.Tensor, scores: tor
                              squeeze=False, gridspec_kw={"width_ratios": [2] + [1] * k})
     for r in range(n):
         axes[r, 0].axis("off")
-        lines = textwrap.wrap(texts[r], 30)
-        axes[r, 0].text(0, 0.5, "\n".join(lines[:3]) + (" ..." if len(lines) > 3 else ""),
-                        fontsize=7, va="center")
+        axes[r, 0].text(0, 0.5, _three_lines(texts[r], 30), fontsize=7, va="center")
         top = scores[r].topk(k)
         for c, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
             _show(axes[r, c + 1], (x[i] * std + mean).clamp(0, 1))

@@ -214,6 +214,8 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["seed=-1"], "seed=-1; expected a whole number from 0"),
     ("vit", ["trainer.accumulate_grad_batches=0", "data.batch_size=2"],
      "trainer.accumulate_grad_batches=0; expected a whole number of at least 1"),
+    ("vit", ["trainer.log_every_n_steps=0", "data.batch_size=2"],
+     "trainer.log_every_n_steps=0; expected a whole number of at least 1"),
     ("vit", ["data.batch_size=1000"], "the training set gives no batch"),
     ("vit", ["data.split=abc"], "data.split='abc' is not valid: expected list"),
     ("vit", ["model.img_size=abc"], "model.img_size='abc' is not valid: expected int"),
