@@ -228,6 +228,11 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["mode=generate", f"ckpt={ROOT / 'conf'}"], "is a folder; expected a checkpoint"),
     ("lm", ["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 is not valid"),
     ("lm", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1; expected a norm"),
+    ("vit", ["model.patch_size=0"], "model.patch_size=0 is not valid: expected a patch size"),
+    ("vit", ["data.augment.mix_prob=1.5"], "data.augment.mix_prob=1.5 is not valid"),
+    ("translation", ["decode.length_penalty=-1"], "decode.length_penalty=-1 is not valid"),
+    ("fusion", ["eval.rerank_alpha=-1"], "eval.rerank_alpha=-1 is not valid"),
+    ("speech", ["model.freq_width=-3"], "model.freq_width=-3 is not valid"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None
@@ -390,3 +395,33 @@ def test_embedding_group_steps_like_a_separate_optimizer(tie):
     # the default (scale 1, decay as the matrices) keeps the two groups of before
     cfg.embedding_lr_scale, cfg.embedding_weight_decay = 1.0, None
     assert len(configure_optimization(model(), cfg, sched, 10)["optimizer"].param_groups) == 2
+
+
+def test_a_multirun_sweep_is_checked_value_by_value_before_anything_launches(tmp_path):
+    from tasks.framework.config import _sweep_jobs
+    jobs = _sweep_jobs(["optimizer.lr=0.001,0.003", "model.depth=range(1,4)", "+x=a,b", "seed=5"])
+    for value in ("optimizer.lr=0.001", "optimizer.lr=0.003", "model.depth=1", "model.depth=2",
+                  "model.depth=3", "+x=a", "+x=b"):
+        assert any(value in job for job in jobs), value
+    assert all(len(job) == 4 and "seed=5" in job for job in jobs)
+    sweep = tmp_path / "sweep"
+    for args, expect in [
+            (["optimizer.lr=1e-3,abc"], "optimizer.lr='abc' is not valid: expected float"),
+            (["model.dpth=1,2"], "model.dpth is not a setting of this task; expected model.depth"),
+            (["model=lm_tiny,lm_cpux"], "Could not find 'model/lm_cpux'; Available options in "
+                                        "'model': fusion_cpu; fusion_tiny; lm_cpu")]:
+        one_line_error(cli(tmp_path, "lm", "-m", *args, f"hydra.sweep.dir={sweep}"), expect)
+        assert not sweep.exists()
+
+
+def test_every_checked_range_names_a_real_setting():
+    """A key misspelled in SHARED_RANGES would make its check silently dead."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tasks.framework.config import CONF_DIR, SHARED_CHOICES, SHARED_RANGES
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfgs = [compose(t) for t in ("lm", "vit", "translation", "speech", "fusion")]
+    absent = object()
+    for key in [k for k, *_ in SHARED_RANGES] + [k for k, _ in SHARED_CHOICES]:
+        assert any(OmegaConf.select(c, key, default=absent) is not absent for c in cfgs), key

@@ -264,6 +264,11 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, image_fol
         vit_task.run(make_cfg(out, image_folder, "resume=auto", "model.depth=3",
                               "data.split=[0.6,0.2,0.2]", "trainer.max_steps=40"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # and so does one whose new split leaves no training batch
+    with pytest.raises(UserError, match="the training set gives no batch"):
+        vit_task.run(make_cfg(out, image_folder, "resume=auto", "data.split=[0.1,0.45,0.45]",
+                              "trainer.max_steps=40"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # another run's checkpoint does not continue into a folder holding a finished run
     shutil.copytree(out, tmp_path / "b")
     with pytest.raises(UserError, match="already holds a run"):

@@ -29,10 +29,12 @@ def _one_line(exc: BaseException) -> str:
             continue
         for line in str(e).splitlines():
             line = line.strip()
+            if line.startswith("Config search path"):
+                break
             if line and not line.startswith(("full_key:", "object_type", "reference_type",
                                              "Set the environment")) and line not in parts:
                 parts.append(line)
-    return "; ".join(parts) or type(exc).__name__
+    return "; ".join(parts).replace(":; ", ": ") or type(exc).__name__
 
 
 def _type_errors(cfg: dict, defaults: DictConfig) -> None:
@@ -85,24 +87,58 @@ def _unknown_keys(defaults: DictConfig, overrides: list[str]) -> None:
                         + f", or +{key}=... to add a new one")
 
 
+def _sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The command lines of a multirun sweep (``-m optimizer.lr=1e-3,3e-3 model=a,b``) that
+    together hold every swept value once: the first value of each sweep, then each other
+    value in turn with the rest at their first. A sweep the basic sweeper cannot list
+    (``interval(0,1)`` for Optuna) is left to its sweeper."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parsed = OverridesParser.create().parse_overrides(args)
+    options = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            options.append([o.input_line])
+        elif o.is_discrete_sweep():
+            options.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            options.append([])
+    first = [vals[:1] for vals in options]
+    jobs = [sum(first, [])]
+    for i, vals in enumerate(options):
+        jobs += [sum(first[:i] + [[v]] + first[i + 1:], []) for v in vals[1:]]
+    return jobs
+
+
+def _check_job(config_name: str, overrides: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+    groups = [o for o in overrides if "=" in o and _is_group(o.split("=")[0].lstrip("+~"))]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        defaults = compose(config_name, overrides=groups)
+        _unknown_keys(defaults, overrides)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    _type_errors(OmegaConf.to_container(cfg, resolve=False), defaults)
+
+
 def check_command_line(config_name: str, overrides: list[str]) -> None:
     """Compose the config the command line asks for before Hydra runs it: a misspelled key,
-    an unknown config group option or a value of the wrong type is one UserError. Command
-    lines with flags (``-m``, ``--help``, ``--cfg``) are left to Hydra."""
-    if any(a.startswith("-") for a in overrides):
+    an unknown config group option or a value of the wrong type is one UserError. A
+    multirun (``-m``) checks every value its sweeps take; command lines with other flags
+    (``--help``, ``--cfg``) are left to Hydra."""
+    flags = {a for a in overrides if a.startswith("-")}
+    if flags - {"-m", "--multirun"}:
         return
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-    groups = [o for o in overrides if "=" in o and _is_group(o.split("=")[0].lstrip("+~"))]
+    args = [a for a in overrides if a not in flags]
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            defaults = compose(config_name, overrides=groups)
-            _unknown_keys(defaults, overrides)
-            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        for job in _sweep_jobs(args) if flags else [args]:
+            _check_job(config_name, job)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(_one_line(exc)) from None
-    _type_errors(OmegaConf.to_container(cfg, resolve=False), defaults)
+
+
+def _finite_at_least(low: float) -> Callable[[float], bool]:
+    return lambda v: low <= v < math.inf
 
 
 # Settings with a range, in whichever task has them: (key, valid, what is expected). Checked
@@ -129,6 +165,28 @@ SHARED_RANGES = (
     ("eval.rerank_k", lambda v: v >= 1, "a count >= 1"),
     ("data.table_lr_scale", lambda v: v > 0,
      "a number > 0 (optimizer.embedding_lr_scale follows it; 1: the token table at optimizer.lr)"),
+    ("data.augment.mix_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("data.augment.mixup_alpha", _finite_at_least(0), "a Beta concentration >= 0 (0: off)"),
+    ("data.augment.cutmix_alpha", _finite_at_least(0), "a Beta concentration >= 0 (0: off)"),
+    ("data.augment.num_ops", lambda v: v >= 0, "a count of operations >= 0"),
+    ("data.augment.magnitude", lambda v: 0 <= v <= 30, "a RandAugment magnitude in 0..30"),
+    ("data.shift", lambda v: v >= 0, "a shift in pixels >= 0 (0: off)"),
+    ("data.lexicon.kinds_only", lambda v: 0 <= v <= 1, "a share of texts in [0, 1]"),
+    ("model.freq_masks", lambda v: v >= 0, "a count of masks >= 0 (0: off)"),
+    ("model.time_masks", lambda v: v >= 0, "a count of masks >= 0 (0: off)"),
+    ("model.freq_width", lambda v: v >= 0, "a mask width in mel bins >= 0"),
+    ("model.time_width", lambda v: v >= 0, "a mask width in frames >= 0"),
+    ("model.patch_size", lambda v: v >= 1, "a patch size in pixels >= 1"),
+    ("model.vision.patch_size", lambda v: v >= 1, "a patch size in pixels >= 1"),
+    ("loss.contrastive", _finite_at_least(0), "a finite weight >= 0"),
+    ("loss.match", _finite_at_least(0), "a finite weight >= 0"),
+    ("loss.answer", _finite_at_least(0), "a finite weight >= 0"),
+    ("eval.rerank_alpha", _finite_at_least(0),
+     "a finite weight >= 0 of the contrastive logit beside the match logit"),
+    ("decode.length_penalty", _finite_at_least(0),
+     "a finite exponent >= 0 of the length normalisation (0: none)"),
+    ("decode.max_len_a", _finite_at_least(0), "a finite number >= 0 (tokens per source token)"),
+    ("decode.max_len_b", lambda v: v >= 0, "a count of tokens >= 0"),
 )
 
 

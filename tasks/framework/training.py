@@ -138,6 +138,9 @@ def train(task: Task, cfg: DictConfig) -> dict:
     with runtime.files_kept_on_error(out) if resume else contextlib.nullcontext():
         prep = task.prepare(cfg, out)
         t_data = runtime.seconds_since(t0)
+        if _batches(prep.train_loader) == 0:
+            raise UserError("the training set gives no batch: it holds fewer items than "
+                            "data.batch_size; expected a smaller data.batch_size or more data")
         module = task.module_class(model_cfg=prep.model_cfg, meta=prep.meta,
                                    optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler,
                                    total_steps=cfg.trainer.max_steps, **prep.options)
@@ -146,9 +149,6 @@ def train(task: Task, cfg: DictConfig) -> dict:
         init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
         if resume:
             check_resume_fits(module, resume, cfg.task, optimizer, task.named_rows.values())
-    if _batches(prep.train_loader) == 0:
-        raise UserError("the training set gives no batch: it holds fewer items than "
-                        "data.batch_size; expected a smaller data.batch_size or more data")
     trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
                                              mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
