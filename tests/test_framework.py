@@ -131,6 +131,27 @@ def test_lightning_resume_loads_weights_only(tmp_path, trained):
     assert not victim.exists()
 
 
+@pytest.mark.parametrize("edit,expect", [
+    # a moment buffer of another shape: the AdamW step read past its end (a segfault)
+    (lambda c: c["optimizer_states"][0]["state"][0].__setitem__("exp_avg", torch.zeros(3)),
+     "its optimizer state cannot be restored (exp_avg of parameter 0 has shape (3,), the "
+     "parameter (64, 32))"),
+    (lambda c: c["optimizer_states"][0].pop("state"), "no 'state' and 'param_groups'"),
+    (lambda c: c["optimizer_states"][0]["param_groups"][0].pop("lr"),
+     "parameter group 0 has no ['lr']"),
+    (lambda c: c.pop("lr_schedulers"), "its scheduler state cannot be restored (NoneType; expected a list"),
+    (lambda c: c.__setitem__("lr_schedulers", [{"last_epoch": 3}]),
+     "(KeyError: 'lr_lambdas')"),
+    (lambda c: c.__setitem__("loops", {"fit_loop": 5}), "'loops' is not a mapping"),
+])
+def test_a_cut_or_edited_training_state_is_one_error(tmp_path, trained, edit, expect):
+    ckpt = torch.load(trained.parent / "last.ckpt", weights_only=True)
+    edit(ckpt)
+    bad = tmp_path / "edited.ckpt"
+    torch.save(ckpt, bad)
+    one_line_error(cli(tmp_path, "lm", f"resume={bad}", "trainer.max_steps=12"), expect)
+
+
 # --------------------------------------------------------------------------- exact resume
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     import random

@@ -281,13 +281,14 @@ def start_meta(cfg: DictConfig, out: Path, task: str) -> tuple[str, dict] | None
 
 
 def check_resume_fits(module: torch.nn.Module, path: str, task: str,
-                      optimizer: torch.optim.Optimizer | None = None,
-                      names: Iterable[str] = ()) -> None:
+                      optimization: dict | None = None, names: Iterable[str] = ()) -> None:
     """``resume=`` a checkpoint of other model settings is one error naming a tensor; one
     whose optimizer had other parameter groups (``optimizer.embedding_lr_scale``,
     ``optimizer.embedding_weight_decay``) is one error naming those settings; one whose
     metadata ``names`` (the class names or answers its output rows stand for) differ from
-    the module's is one error naming the first difference."""
+    the module's is one error naming the first difference. ``optimization``: a throwaway
+    ``{"optimizer", "lr_scheduler"}`` of this run's settings, into which the saved training
+    state is loaded first (``check_training_state``)."""
     ckpt = load_checkpoint(path, task)
     for key in names:
         theirs, ours = ckpt[CKPT_KEY].get(key), module.meta.get(key)
@@ -307,15 +308,65 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
                   if wrong else f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
         raise UserError(f"resume={path} does not fit this model: {detail}; expected the "
                         f"model settings of the run it came from")
-    saved = (ckpt.get("optimizer_states") or [None])[0]
-    if optimizer is not None and saved is not None:
-        theirs = [len(g["params"]) for g in saved["param_groups"]]
-        ours = [len(g["params"]) for g in optimizer.param_groups]
-        if theirs != ours:
-            raise UserError(f"resume={path} was trained with optimizer parameter groups of "
-                            f"{theirs} tensors, these settings make {ours}; expected the "
-                            f"optimizer.embedding_lr_scale and "
-                            f"optimizer.embedding_weight_decay of the run it came from")
+    if optimization is not None:
+        check_training_state(ckpt, path, optimization["optimizer"],
+                             optimization["lr_scheduler"]["scheduler"])
+
+
+def check_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer,
+                         scheduler) -> None:
+    """The optimizer, scheduler and loop states Lightning will restore, checked and loaded
+    into this run's (throwaway) optimizer and scheduler first. A file whose training state
+    was cut or edited (a moment buffer of another shape, a parameter group without its
+    learning rate, no scheduler state) is one error; Lightning would raise deep inside, or
+    the fused AdamW step would read past a buffer's end."""
+    def bad(what: str, why: str) -> UserError:
+        return UserError(f"resume={path}: its {what} cannot be restored ({why}); expected a "
+                         f"checkpoint as a run of these settings saved it")
+    saved, scheds = ckpt.get("optimizer_states"), ckpt.get("lr_schedulers")
+    for what, got in (("optimizer state", saved), ("scheduler state", scheds)):
+        if not (isinstance(got, list) and len(got) == 1 and isinstance(got[0], dict)):
+            found = f"a list of {len(got)}" if isinstance(got, list) else type(got).__name__
+            raise bad(what, f"{found}; expected a list of one")
+    saved, params = saved[0], [p for g in optimizer.param_groups for p in g["params"]]
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(saved.get("state"), dict):
+        raise bad("optimizer state", "no 'state' and 'param_groups'")
+    theirs = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    if theirs != ours:
+        raise UserError(f"resume={path} was trained with optimizer parameter groups of "
+                        f"{theirs} tensors, these settings make {ours}; expected the "
+                        f"optimizer.embedding_lr_scale and "
+                        f"optimizer.embedding_weight_decay of the run it came from")
+    for i, (g, own) in enumerate(zip(groups, optimizer.param_groups)):
+        lacking = sorted(set(own) - set(g))
+        if lacking:
+            raise bad("optimizer state", f"parameter group {i} has no {lacking}")
+    # parameters are matched by position, whatever their ids (indices; names under FSDP)
+    try:
+        index = {pid: n for n, pid in enumerate(pid for g in groups for pid in g["params"])}
+    except TypeError as exc:
+        raise bad("optimizer state", f"parameter ids that are not indices: {exc}") from None
+    for i, s in saved["state"].items():
+        if i not in index or not isinstance(s, dict):
+            raise bad("optimizer state", f"an entry {i!r} for no parameter")
+        shape = tuple(params[index[i]].shape)
+        for k, v in s.items():
+            if v is not None and not torch.is_tensor(v):
+                raise bad("optimizer state", f"{k} of parameter {i} is a {type(v).__name__}")
+            if v is not None and v.ndim and tuple(v.shape) != shape:
+                raise bad("optimizer state", f"{k} of parameter {i} has shape "
+                          f"{tuple(v.shape)}, the parameter {shape}")
+    try:
+        optimizer.load_state_dict(saved)
+        scheduler.load_state_dict(dict(scheds[0]))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise bad("optimizer or scheduler state", f"{type(exc).__name__}: {exc}") from None
+    loops = ckpt.get("loops")
+    if loops is not None and not (isinstance(loops, dict)
+                                  and all(isinstance(v, dict) for v in loops.values())):
+        raise bad("loop state", "'loops' is not a mapping of loop states")
 
 
 class RNGState(Callback):

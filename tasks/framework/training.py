@@ -144,11 +144,11 @@ def train(task: Task, cfg: DictConfig) -> dict:
         module = task.module_class(model_cfg=prep.model_cfg, meta=prep.meta,
                                    optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler,
                                    total_steps=cfg.trainer.max_steps, **prep.options)
-        optimizer = configure_optimization(module.model, cfg.optimizer, cfg.scheduler,
-                                           1)["optimizer"]  # fail early
+        optimization = configure_optimization(module.model, cfg.optimizer, cfg.scheduler,
+                                              cfg.trainer.max_steps)  # fail early
         init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
         if resume:
-            check_resume_fits(module, resume, cfg.task, optimizer, task.named_rows.values())
+            check_resume_fits(module, resume, cfg.task, optimization, task.named_rows.values())
     trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
                                              mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
