@@ -259,7 +259,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None
     if task == "vit" and not any(a.startswith("data.root") for a in args):
         base = [f"data.root={_image_folder(tmp_path / 'imgs')}", "data.img_size=16",
-                "trainer.max_steps=1"]
+                "data.batch_size=2", "trainer.max_steps=1"]
     if task == "translation" and "mode=translate" not in args:
         base = ["model=seq2seq_tiny"]
     proc = cli(tmp_path, task, *args, base=base)
@@ -430,7 +430,8 @@ def test_a_multirun_sweep_is_checked_value_by_value_before_anything_launches(tmp
             (["optimizer.lr=1e-3,abc"], "optimizer.lr='abc' is not valid: expected float"),
             (["model.dpth=1,2"], "model.dpth is not a setting of this task; expected model.depth"),
             (["model=lm_tiny,lm_cpux"], "Could not find 'model/lm_cpux'; Available options in "
-                                        "'model': fusion_cpu; fusion_tiny; lm_cpu")]:
+                                        "'model': fusion_cpu; fusion_tiny; lm_cpu"),
+            (["trainer.val_check_interval=10,0"], "trainer.val_check_interval=0 is not valid")]:
         one_line_error(cli(tmp_path, "lm", "-m", *args, f"hydra.sweep.dir={sweep}"), expect)
         assert not sweep.exists()
 

@@ -117,11 +117,13 @@ def _check_job(config_name: str, overrides: list[str]) -> None:
         _unknown_keys(defaults, overrides)
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     _type_errors(OmegaConf.to_container(cfg, resolve=False), defaults)
+    check_shared_ranges(cfg)
 
 
 def check_command_line(config_name: str, overrides: list[str]) -> None:
     """Compose the config the command line asks for before Hydra runs it: a misspelled key,
-    an unknown config group option or a value of the wrong type is one UserError. A
+    an unknown config group option, a value of the wrong type or out of its range
+    (``SHARED_RANGES``) is one UserError. A
     multirun (``-m``) checks every value its sweeps take; command lines with other flags
     (``--help``, ``--cfg``) are left to Hydra."""
     flags = {a for a in overrides if a.startswith("-")}
