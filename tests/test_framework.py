@@ -251,7 +251,7 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1; expected a norm"),
     ("vit", ["model.patch_size=0"], "model.patch_size=0 is not valid: expected a patch size"),
     ("vit", ["data.augment.mix_prob=1.5"], "data.augment.mix_prob=1.5 is not valid"),
-    ("translation", ["decode.length_penalty=-1"], "decode.length_penalty=-1 is not valid"),
+    ("translation", ["decode.max_len_a=-1"], "decode.max_len_a=-1 is not valid"),
     ("fusion", ["eval.rerank_alpha=-1"], "eval.rerank_alpha=-1 is not valid"),
     ("speech", ["model.freq_width=-3"], "model.freq_width=-3 is not valid"),
 ])
@@ -447,3 +447,67 @@ def test_every_checked_range_names_a_real_setting():
     absent = object()
     for key in [k for k, *_ in SHARED_RANGES] + [k for k, _ in SHARED_CHOICES]:
         assert any(OmegaConf.select(c, key, default=absent) is not absent for c in cfgs), key
+
+
+def test_legitimate_multiruns_are_accepted():
+    from tasks.framework.config import _sweep_jobs
+    for args in (["model=lm_tiny,lm_cpu", "model.depth=2,3"], ["model=glob(lm_t*)"],
+                 ["model=glob(*,exclude=lm_gpu)"], ["prompt='a,b','c'"], ["+foo=a,b"],
+                 ["~generate.seed", "seed=range(0,3)"], ["experiment=lm_smoke,lm_gpu"],
+                 ["hydra/launcher=slurm_cpu", "optimizer.lr=interval(0.001,0.01)"]):
+        check_command_line("lm", ["-m", *args])  # raises a UserError if refused
+    assert {j[0] for j in _sweep_jobs(["model=glob(lm_*,exclude=lm_gpu)"])} == {
+        "model=lm_cpu", "model=lm_tiny"}
+
+
+def test_a_training_state_torch_accepts_from_an_older_file_resumes(tmp_path, trained):
+    """A ``step`` stored as a number and a parameter group without a newer AdamW setting
+    (``decoupled_weight_decay``) are what torch fills in itself."""
+    ckpt = torch.load(trained.parent / "last.ckpt", weights_only=True)
+    opt = ckpt["optimizer_states"][0]
+    for g in opt["param_groups"]:
+        g.pop("decoupled_weight_decay", None)
+    for s in opt["state"].values():
+        s["step"] = float(s["step"])
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    results = lm_task.run(make_cfg(tmp_path / "run", f"resume={old}", "trainer.max_steps=12"))
+    assert results["steps"] == 12
+
+
+def test_a_training_state_keyed_by_parameter_names_is_matched_by_position():
+    """FSDP saves the optimizer state keyed by parameter names, not indices."""
+    from omegaconf import OmegaConf
+
+    from tasks.framework.optim import configure_optimization
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3))
+    opt_cfg = OmegaConf.create({"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3})
+    sched_cfg = OmegaConf.create({"_target_": "tasks.framework.optim.warmup_cosine",
+                                  "_partial_": True, "warmup_steps": 1})
+
+    def optimization():
+        return configure_optimization(model, opt_cfg, sched_cfg, 10)
+
+    first = optimization()
+    model(torch.tensor([1, 2])).sum().backward()
+    first["optimizer"].step()
+    first["lr_scheduler"]["scheduler"].step()
+    state = first["optimizer"].state_dict()
+    names = {i: f"param{i}" for i in state["state"]}  # as FSDP's names stand in for indices
+    state["state"] = {names[i]: s for i, s in state["state"].items()}
+    for g in state["param_groups"]:
+        g["params"] = [names[i] for i in g["params"]]
+    ckpt = {"optimizer_states": [state], "loops": {},
+            "lr_schedulers": [first["lr_scheduler"]["scheduler"].state_dict()]}
+    fresh = optimization()
+    checkpoints.check_training_state(ckpt, "x.ckpt", fresh["optimizer"],
+                                     fresh["lr_scheduler"]["scheduler"])
+    assert len(fresh["optimizer"].state) == 3
+    params = [p for g in fresh["optimizer"].param_groups for p in g["params"]]
+    linear = names[next(i for i, p in enumerate(params) if p.shape == (3, 4))]
+    state["state"][linear]["exp_avg"] = torch.zeros(4, 4)
+    fresh = optimization()
+    with pytest.raises(UserError, match=rf"exp_avg of parameter {linear} has shape \(4, 4\), "
+                                        r"the parameter \(3, 4\)"):
+        checkpoints.check_training_state(ckpt, "x.ckpt", fresh["optimizer"],
+                                         fresh["lr_scheduler"]["scheduler"])

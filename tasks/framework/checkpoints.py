@@ -319,7 +319,9 @@ def check_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer
     into this run's (throwaway) optimizer and scheduler first. A file whose training state
     was cut or edited (a moment buffer of another shape, a parameter group without its
     learning rate, no scheduler state) is one error; Lightning would raise deep inside, or
-    the fused AdamW step would read past a buffer's end."""
+    the fused AdamW step would read past a buffer's end. What torch itself accepts from an
+    older file (a ``step`` stored as a number, a group without a newer AdamW setting such
+    as ``decoupled_weight_decay``) is accepted."""
     def bad(what: str, why: str) -> UserError:
         return UserError(f"resume={path}: its {what} cannot be restored ({why}); expected a "
                          f"checkpoint as a run of these settings saved it")
@@ -337,12 +339,8 @@ def check_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer
     if theirs != ours:
         raise UserError(f"resume={path} was trained with optimizer parameter groups of "
                         f"{theirs} tensors, these settings make {ours}; expected the "
-                        f"optimizer.embedding_lr_scale and "
-                        f"optimizer.embedding_weight_decay of the run it came from")
-    for i, (g, own) in enumerate(zip(groups, optimizer.param_groups)):
-        lacking = sorted(set(own) - set(g))
-        if lacking:
-            raise bad("optimizer state", f"parameter group {i} has no {lacking}")
+                        f"settings of the run it came from (optimizer.embedding_lr_scale, "
+                        f"optimizer.embedding_weight_decay and the objectives trained)")
     # parameters are matched by position, whatever their ids (indices; names under FSDP)
     try:
         index = {pid: n for n, pid in enumerate(pid for g in groups for pid in g["params"])}
@@ -353,16 +351,20 @@ def check_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer
             raise bad("optimizer state", f"an entry {i!r} for no parameter")
         shape = tuple(params[index[i]].shape)
         for k, v in s.items():
-            if v is not None and not torch.is_tensor(v):
+            if not (v is None or torch.is_tensor(v) or type(v) in (int, float)):
                 raise bad("optimizer state", f"{k} of parameter {i} is a {type(v).__name__}")
-            if v is not None and v.ndim and tuple(v.shape) != shape:
+            if torch.is_tensor(v) and v.ndim and tuple(v.shape) != shape:
                 raise bad("optimizer state", f"{k} of parameter {i} has shape "
                           f"{tuple(v.shape)}, the parameter {shape}")
+    settings = [set(g) for g in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(saved)  # fills in settings newer than the file (torch's own)
         scheduler.load_state_dict(dict(scheds[0]))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise bad("optimizer or scheduler state", f"{type(exc).__name__}: {exc}") from None
+    for i, (want, g) in enumerate(zip(settings, optimizer.param_groups)):
+        if want - set(g):
+            raise bad("optimizer state", f"parameter group {i} has no {sorted(want - set(g))}")
     loops = ckpt.get("loops")
     if loops is not None and not (isinstance(loops, dict)
                                   and all(isinstance(v, dict) for v in loops.values())):

@@ -90,14 +90,19 @@ def _unknown_keys(defaults: DictConfig, overrides: list[str]) -> None:
 def _sweep_jobs(args: list[str]) -> list[list[str]]:
     """The command lines of a multirun sweep (``-m optimizer.lr=1e-3,3e-3 model=a,b``) that
     together hold every swept value once: the first value of each sweep, then each other
-    value in turn with the rest at their first. A sweep the basic sweeper cannot list
-    (``interval(0,1)`` for Optuna) is left to its sweeper."""
+    value in turn with the rest at their first. A glob over a config group
+    (``model=glob(lm_*)``) takes the group's files in ``conf/`` it matches; a sweep only a
+    sweeper plugin can list (``interval(0,1)`` for Optuna) is left to that sweeper."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    parsed = OverridesParser.create().parse_overrides(args)
+    from hydra.core.override_parser.types import Glob
     options = []
-    for o in parsed:
+    for o in OverridesParser.create().parse_overrides(args):
         if not o.is_sweep_override():
             options.append([o.input_line])
+        elif isinstance(o.value(), Glob):
+            folder = CONF_DIR / o.key_or_group
+            names = sorted(f.stem for f in folder.glob("*.yaml")) if folder.is_dir() else []
+            options.append([f"{o.get_key_element()}={v}" for v in o.value().filter(names)])
         elif o.is_discrete_sweep():
             options.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
@@ -109,32 +114,30 @@ def _sweep_jobs(args: list[str]) -> list[list[str]]:
     return jobs
 
 
-def _check_job(config_name: str, overrides: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-    groups = [o for o in overrides if "=" in o and _is_group(o.split("=")[0].lstrip("+~"))]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        defaults = compose(config_name, overrides=groups)
-        _unknown_keys(defaults, overrides)
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    _type_errors(OmegaConf.to_container(cfg, resolve=False), defaults)
-    check_shared_ranges(cfg)
-
-
 def check_command_line(config_name: str, overrides: list[str]) -> None:
     """Compose the config the command line asks for before Hydra runs it: a misspelled key,
     an unknown config group option, a value of the wrong type or out of its range
-    (``SHARED_RANGES``) is one UserError. A
-    multirun (``-m``) checks every value its sweeps take; command lines with other flags
-    (``--help``, ``--cfg``) are left to Hydra."""
+    (``SHARED_RANGES``) is one UserError. A multirun (``-m``) checks every value its
+    sweeps take; command lines with other flags (``--help``, ``--cfg``) are left to Hydra."""
     flags = {a for a in overrides if a.startswith("-")}
     if flags - {"-m", "--multirun"}:
         return
+    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
     args = [a for a in overrides if a not in flags]
+    defaults_of: dict[tuple, DictConfig] = {}  # per choice of config groups
     try:
-        for job in _sweep_jobs(args) if flags else [args]:
-            _check_job(config_name, job)
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            for job in _sweep_jobs(args) if flags else [args]:
+                groups = tuple(o for o in job
+                               if "=" in o and _is_group(o.split("=")[0].lstrip("+~")))
+                if groups not in defaults_of:
+                    defaults_of[groups] = compose(config_name, overrides=list(groups))
+                _unknown_keys(defaults_of[groups], job)
+                cfg = compose(config_name, overrides=job, return_hydra_config=True)
+                _type_errors(OmegaConf.to_container(cfg, resolve=False), defaults_of[groups])
+                check_shared_ranges(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(_one_line(exc)) from None
 
@@ -185,10 +188,9 @@ SHARED_RANGES = (
     ("loss.answer", _finite_at_least(0), "a finite weight >= 0"),
     ("eval.rerank_alpha", _finite_at_least(0),
      "a finite weight >= 0 of the contrastive logit beside the match logit"),
-    ("decode.length_penalty", _finite_at_least(0),
-     "a finite exponent >= 0 of the length normalisation (0: none)"),
+    ("decode.length_penalty", math.isfinite,
+     "a finite exponent of the length normalisation (0: none; < 0 favours shorter output)"),
     ("decode.max_len_a", _finite_at_least(0), "a finite number >= 0 (tokens per source token)"),
-    ("decode.max_len_b", lambda v: v >= 0, "a count of tokens >= 0"),
 )
 
 
