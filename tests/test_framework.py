@@ -143,6 +143,10 @@ def test_lightning_resume_loads_weights_only(tmp_path, trained):
     (lambda c: c.__setitem__("lr_schedulers", [{"last_epoch": 3}]),
      "(KeyError: 'lr_lambdas')"),
     (lambda c: c.__setitem__("loops", {"fit_loop": 5}), "'loops' is not a mapping"),
+    (lambda c: c["callbacks"]["RNGState"]["python"].pop(), "its random state cannot be restored"),
+    (lambda c: c["callbacks"]["RNGState"].__setitem__("torch", torch.zeros(3)),
+     "its random state cannot be restored"),
+    (lambda c: c["callbacks"]["History"]["rows"].append(7), "its history of curves cannot be"),
 ])
 def test_a_cut_or_edited_training_state_is_one_error(tmp_path, trained, edit, expect):
     ckpt = torch.load(trained.parent / "last.ckpt", weights_only=True)

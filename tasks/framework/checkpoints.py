@@ -369,6 +369,19 @@ def check_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer
     if loops is not None and not (isinstance(loops, dict)
                                   and all(isinstance(v, dict) for v in loops.values())):
         raise bad("loop state", "'loops' is not a mapping of loop states")
+    callbacks = ckpt.get("callbacks") or {}
+    if not isinstance(callbacks, dict):
+        raise bad("callback state", f"'callbacks' is a {type(callbacks).__name__}")
+    if callbacks.get("RNGState"):
+        try:
+            RNGState.check(callbacks["RNGState"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                RuntimeError) as exc:
+            raise bad("random state", f"{type(exc).__name__}: {exc}") from None
+    rows = (callbacks.get("History") or {}).get("rows", [])
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and isinstance(r.get("step"), int)
+                                           for r in rows)):
+        raise bad("history of curves", "rows that are not {'step': int, ...} records")
 
 
 class RNGState(Callback):
@@ -390,14 +403,30 @@ class RNGState(Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    @staticmethod
+    def _python(state: dict) -> tuple:
+        py = state["python"]
+        return state["python_version"], tuple(py[:-1]), py[-1]
+
+    @staticmethod
+    def _numpy(state: dict) -> tuple:
+        n = state["numpy"]
+        return ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                n["cached_gaussian"])
+
+    @classmethod
+    def check(cls, state: dict) -> None:
+        """Restore ``state`` into fresh generators: raises on a cut or edited state, and
+        leaves the process's own random states alone."""
+        random.Random().setstate(cls._python(state))
+        np.random.RandomState().set_state(cls._numpy(state))
+        torch.Generator().set_state(state["torch"])
+
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return
-        py = state["python"]
-        random.setstate((state["python_version"], tuple(py[:-1]), py[-1]))
-        n = state["numpy"]
-        np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"],
-                             n["has_gauss"], n["cached_gaussian"]))
+        random.setstate(self._python(state))
+        np.random.set_state(self._numpy(state))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
