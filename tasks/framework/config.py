@@ -176,7 +176,6 @@ SHARED_RANGES = (
     ("data.augment.num_ops", lambda v: v >= 0, "a count of operations >= 0"),
     ("data.augment.magnitude", lambda v: 0 <= v <= 30, "a RandAugment magnitude in 0..30"),
     ("data.shift", lambda v: v >= 0, "a shift in pixels >= 0 (0: off)"),
-    ("data.lexicon.kinds_only", lambda v: 0 <= v <= 1, "a share of texts in [0, 1]"),
     ("model.freq_masks", lambda v: v >= 0, "a count of masks >= 0 (0: off)"),
     ("model.time_masks", lambda v: v >= 0, "a count of masks >= 0 (0: off)"),
     ("model.freq_width", lambda v: v >= 0, "a mask width in mel bins >= 0"),
