@@ -142,8 +142,8 @@ def check_command_line(config_name: str, overrides: list[str]) -> None:
         raise UserError(_one_line(exc)) from None
 
 
-def _finite_at_least(low: float) -> Callable[[float], bool]:
-    return lambda v: low <= v < math.inf
+def _finite_nonnegative(v: float) -> bool:
+    return 0 <= v < math.inf
 
 
 # Settings with a range, in whichever task has them: (key, valid, what is expected). Checked
@@ -156,7 +156,7 @@ SHARED_RANGES = (
     ("top_k", lambda v: v >= 1, "a count >= 1"),
     ("decode.beam_size", lambda v: v >= 1, "a beam size >= 1 (1: greedy)"),
     ("decode.lm_order", lambda v: 0 <= v <= 16, "an n-gram order in 0..16 (0: no LM)"),
-    ("decode.lm_weight", lambda v: 0 <= v < math.inf, "a finite weight >= 0"),
+    ("decode.lm_weight", _finite_nonnegative, "a finite weight >= 0"),
     ("decode.lm_bonus", math.isfinite, "a finite number"),
     ("generate.max_new_tokens", lambda v: v >= 1, "a count >= 1"),
     ("generate.temperature", lambda v: v >= 0, "a temperature >= 0 (0: greedy)"),
@@ -171,8 +171,8 @@ SHARED_RANGES = (
     ("data.table_lr_scale", lambda v: v > 0,
      "a number > 0 (optimizer.embedding_lr_scale follows it; 1: the token table at optimizer.lr)"),
     ("data.augment.mix_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    ("data.augment.mixup_alpha", _finite_at_least(0), "a Beta concentration >= 0 (0: off)"),
-    ("data.augment.cutmix_alpha", _finite_at_least(0), "a Beta concentration >= 0 (0: off)"),
+    ("data.augment.mixup_alpha", _finite_nonnegative, "a Beta concentration >= 0 (0: off)"),
+    ("data.augment.cutmix_alpha", _finite_nonnegative, "a Beta concentration >= 0 (0: off)"),
     ("data.augment.num_ops", lambda v: v >= 0, "a count of operations >= 0"),
     ("data.augment.magnitude", lambda v: 0 <= v <= 30, "a RandAugment magnitude in 0..30"),
     ("data.shift", lambda v: v >= 0, "a shift in pixels >= 0 (0: off)"),
@@ -182,14 +182,14 @@ SHARED_RANGES = (
     ("model.time_width", lambda v: v >= 0, "a mask width in frames >= 0"),
     ("model.patch_size", lambda v: v >= 1, "a patch size in pixels >= 1"),
     ("model.vision.patch_size", lambda v: v >= 1, "a patch size in pixels >= 1"),
-    ("loss.contrastive", _finite_at_least(0), "a finite weight >= 0"),
-    ("loss.match", _finite_at_least(0), "a finite weight >= 0"),
-    ("loss.answer", _finite_at_least(0), "a finite weight >= 0"),
-    ("eval.rerank_alpha", _finite_at_least(0),
+    ("loss.contrastive", _finite_nonnegative, "a finite weight >= 0"),
+    ("loss.match", _finite_nonnegative, "a finite weight >= 0"),
+    ("loss.answer", _finite_nonnegative, "a finite weight >= 0"),
+    ("eval.rerank_alpha", _finite_nonnegative,
      "a finite weight >= 0 of the contrastive logit beside the match logit"),
     ("decode.length_penalty", math.isfinite,
      "a finite exponent of the length normalisation (0: none; < 0 favours shorter output)"),
-    ("decode.max_len_a", _finite_at_least(0), "a finite number >= 0 (tokens per source token)"),
+    ("decode.max_len_a", _finite_nonnegative, "a finite number >= 0 (tokens per source token)"),
 )
 
 
