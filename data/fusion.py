@@ -54,8 +54,9 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from .cache import atomic_dir, cache_dir, npm_pack, prepare_lock
 from .errors import UserError
+from .images import to_8bit
 from .lexicon import words_of
-from .manifest import jsonl_objects
+from .manifest import as_text, jsonl_objects
 from .parallel import apt_extract
 
 NOTO_FONT = "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -103,6 +104,7 @@ def load_rgb(path: str | Path, img_size: int) -> np.ndarray:
     may be about any part of it), then resized with antialiasing."""
     with Image.open(path) as im:
         im.load()
+        im = to_8bit(im)
         if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or im.has_transparency_data:
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE + (255,)), rgba)
@@ -177,12 +179,13 @@ def _manifest_rows(path: Path) -> list[dict]:
                                                and "answer" in q for q in qa):
             raise UserError(f"{where} has qa={json.dumps(qa)[:80]}; expected a list of "
                             f'{{"question", "answer", "type"}} objects')
-        image = str(item["image"])
+        image = as_text(item["image"], where, "image")
         rows.append({"line": n, "image": image, "path": path.parent / image,
-                     "caption": str(item["caption"]), "id": str(item.get("id", image)),
-                     "labels": {str(k): str(v) for k, v in labels.items()},
-                     "qa": [{"question": str(q["question"]), "answer": str(q["answer"]),
-                             "type": str(q.get("type", ""))} for q in qa]})
+                     "caption": as_text(item["caption"], where, "caption"),
+                     "id": as_text(item.get("id", image), where, "id"),
+                     "labels": {k: as_text(v, where, f"labels.{k}") for k, v in labels.items()},
+                     "qa": [{k: as_text(q.get(k, ""), where, f"qa.{k}")
+                             for k in ("question", "answer", "type")} for q in qa]})
     return rows
 
 

@@ -69,9 +69,19 @@ class ImageSet:
     skipped: list[str] = field(default_factory=list)
 
 
+def to_8bit(im: Image.Image) -> Image.Image:
+    """``im`` with 16-bit grey levels (modes ``I;16*`` and ``I``, as Pillow opens a 16-bit
+    PNG) scaled to 8 bits; Pillow's own conversion to ``L`` or ``RGB`` clips them at 255,
+    which turns all but the darkest pixels white. Other images are returned as they are."""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    grey = np.asarray(im).astype(np.int64) >> 8
+    return Image.fromarray(grey.clip(0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: Path, size: int, channels: int) -> torch.Tensor:
     with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
+        im = to_8bit(im).convert("L" if channels == 1 else "RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BICUBIC)
         arr = np.asarray(im, dtype=np.uint8)
@@ -111,6 +121,13 @@ def scan_folder(root: str | Path, *, img_size: int, channels: int,
             files.append(str(f.relative_to(root)))
     if not images:
         raise DataError(f"data.root={str(root)!r} holds no readable images ({sorted(IMAGE_EXTS)})")
+    present = set(labels)
+    empty = [cls for label, cls in enumerate(classes) if label not in present]
+    if empty:  # a class with no example would be an output the model can never learn
+        raise DataError(f"class folder {str(root / empty[0])!r} holds no readable image"
+                        f"{f' (nor do {len(empty) - 1} more)' if len(empty) > 1 else ''}; "
+                        f"expected images ({sorted(IMAGE_EXTS)}) in every class folder "
+                        f"of data.root")
     return ImageSet(torch.stack(images), torch.tensor(labels), classes, files, skipped)
 
 

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import UserError, read_utf8
+from .errors import UserError, read_lines
 
 
 def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tuple[int, dict]]:
@@ -17,7 +17,7 @@ def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tup
     ``UserError`` naming the file, the line and the keys missing, with ``fmt`` (the expected
     line) as the example.
     """
-    for n, line in enumerate(read_utf8(path, "manifest").splitlines(), 1):
+    for n, line in enumerate(read_lines(path, "manifest"), 1):
         if not line.strip():
             continue
         try:
@@ -30,3 +30,14 @@ def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tup
             raise UserError(f"{path} line {n} lacks {' and '.join(repr(k) for k in missing)}; "
                             f"expected {fmt}")
         yield n, item
+
+
+def as_text(value, where: str, key: str) -> str:
+    """A manifest value that should be text: a string, or a number written as one (an answer
+    of 3); a list, an object, true/false or null is a ``UserError`` naming ``key`` at
+    ``where`` (the file and line), not text made of its Python form."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"{where} has {key}={json.dumps(value)[:60]}; expected text")

@@ -24,7 +24,7 @@ import torch
 
 from .batching import pad_items
 from .cache import DataError, atomic_write_text, cache_dir, prepare_lock
-from .errors import read_utf8
+from .errors import read_lines
 
 _CAPS_START = re.compile(r"^([A-ZÁÉÍÓÚÑÜ])([A-ZÁÉÍÓÚÑÜ]+)(?=\s+[a-záéíóúñü])")
 
@@ -144,12 +144,14 @@ def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = Non
             raise DataError(f"data.train_file={str(path)!r} does not exist; expected a TSV of "
                             f"source<TAB>target lines")
         pairs = []
-        for n, line in enumerate(read_utf8(path, "data.train_file").splitlines(), 1):
+        for n, line in enumerate(read_lines(path, "data.train_file"), 1):
             if not line.strip():
                 continue
-            if "\t" not in line:
-                raise DataError(f"{path} line {n} has no TAB; expected source<TAB>target")
-            s, t = line.split("\t", 1)
+            fields = line.split("\t")
+            if len(fields) != 2:
+                found = "no TAB" if len(fields) == 1 else f"{len(fields)} TAB-separated fields"
+                raise DataError(f"{path} line {n} has {found}; expected source<TAB>target")
+            s, t = fields
             pairs.append((s.strip(), t.strip()))
     else:
         if source is None or target is None:
@@ -159,7 +161,7 @@ def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = Non
         for p in paths:
             if not p.is_file():
                 raise DataError(f"{p} does not exist; expected a text file, one sentence a line")
-        src, tgt = (read_utf8(p, "data file").splitlines() for p in paths)
+        src, tgt = (read_lines(p, "data file") for p in paths)
         if len(src) != len(tgt):
             raise DataError(f"{paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; "
                             f"the two files must be line-aligned")

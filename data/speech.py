@@ -66,8 +66,8 @@ import torchaudio
 from rich import progress
 
 from .cache import atomic_dir, atomic_write_text, cache_dir, npm_pack, prepare_lock
-from .errors import UserError
-from .manifest import jsonl_objects
+from .errors import UserError, read_utf8
+from .manifest import as_text, jsonl_objects
 from .parallel import apt_extract, prepare_ding
 
 SAMPLE_RATE = 16_000
@@ -373,8 +373,10 @@ def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str, str]]:
         if duration is not None and (not isinstance(duration, (int, float))
                                      or isinstance(duration, bool) or duration <= 0):
             raise UserError(f"{path} line {n} has duration={duration!r}; expected seconds")
-        rows.append((path.parent / str(item["audio"]), duration, str(item["text"]),
-                     str(item.get("voice") or "")))
+        where = f"{path} line {n}"
+        rows.append((path.parent / as_text(item["audio"], where, "audio"), duration,
+                     as_text(item["text"], where, "text"),
+                     as_text(item.get("voice") or "", where, "voice")))
     return rows
 
 
@@ -385,7 +387,7 @@ def _folder_rows(folder: Path) -> list[tuple[Path, None, str, str]]:
         if not txt.is_file():
             raise UserError(f"{wav} has no transcript {txt.name} beside it; a speech folder "
                             f"holds x.wav + x.txt pairs")
-        rows.append((wav, None, txt.read_text(encoding="utf-8").strip(), ""))
+        rows.append((wav, None, read_utf8(txt, "transcript").strip(), ""))
     if not rows:
         raise UserError(f"{folder} holds no .wav files; expected x.wav + x.txt pairs or a "
                         f"JSONL manifest")

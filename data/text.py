@@ -83,6 +83,10 @@ def expand_files(pattern: str | list[str], what: str,
     files = sorted({Path(f) for p in patterns for f in glob.glob(str(Path(p).expanduser()),
                                                                   recursive=True)})
     files = [f for f in files if f.is_file()]
+    folders = [p for p in patterns if Path(p).expanduser().is_dir()]
+    if not files and folders:
+        raise DataError(f"{what}={folders[0]!r} is a folder; expected a path or glob of "
+                        f"{expected} (such as {str(Path(folders[0]) / '*')!r})")
     if not files:
         raise DataError(f"{what}={patterns if len(patterns) > 1 else patterns[0]!r} matches no "
                         f"file; expected a path or glob of {expected}")

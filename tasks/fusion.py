@@ -26,17 +26,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from data.cache import atomic_write_text, cache_dir
-from data.errors import read_utf8
+from data.errors import read_lines
 from data.fusion import (
     PairSet,
     caption_words,
+    load_rgb,
     near_siblings,
     prepare_emoji,
     prepare_shapes,
     read_pairs,
     unseen_words,
 )
-from data.images import load_image, split_indices
+from data.images import split_indices
 from data.lexicon import Lexicon, LexiconTokenizer, check_spec, load_lexicon
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import Tokenizer, expand_files, tokenizer_for_run, train_or_load_tokenizer
@@ -522,24 +523,25 @@ def _three_lines(text: str, width: int) -> str:
 
 def plot_retrieval(pairs: PairSet, scores: torch.Tensor, path: Path, rows: int = 8,
                    seed: int = 0) -> Path:
-    """Captions (rows) with their top-5 images by ``scores`` ``(texts, images)``; the true
-    image framed in green."""
+    """Captions (rows) with their top-5 images by ``scores`` ``(texts, images)`` (all of
+    them where the test split has fewer); the true image framed in green."""
     plt = _plt()
     pick = random.Random(seed).sample(range(len(pairs.captions)), min(rows, len(pairs.captions)))
-    fig, axes = plt.subplots(len(pick), 6, figsize=(9, 1.3 * len(pick)), dpi=110,
-                             squeeze=False, gridspec_kw={"width_ratios": [2.4] + [1] * 5})
+    k = min(5, scores.shape[1])
+    fig, axes = plt.subplots(len(pick), k + 1, figsize=(9, 1.3 * len(pick)), dpi=110,
+                             squeeze=False, gridspec_kw={"width_ratios": [2.4] + [1] * k})
     for r, q in enumerate(pick):
         axes[r, 0].axis("off")
         axes[r, 0].text(0, 0.5, _three_lines(pairs.captions[q], 26), fontsize=8,
                         va="center")
-        for c, i in enumerate(scores[q].topk(5).indices.tolist()):
+        for c, i in enumerate(scores[q].topk(k).indices.tolist()):
             ax = axes[r, c + 1]
             _show(ax, pairs.images[i])
             hit = pairs.files[i] == pairs.files[q]
             for s in ax.spines.values():
                 s.set_edgecolor("green" if hit else "lightgray")
                 s.set_linewidth(3 if hit else 1)
-    fig.suptitle("text -> image: top 5 test images per caption (true image framed green)")
+    fig.suptitle(f"text -> image: top {k} test images per caption (true image framed green)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -810,7 +812,7 @@ def _read_images(module: FusionModule, pattern, on_bad: str) -> tuple[list[str],
     files, imgs, skipped = [], [], []
     for f in expand_files(pattern, "images", "image files"):
         try:
-            imgs.append(load_image(f, size, 3))
+            imgs.append(torch.tensor(load_rgb(f, size)).permute(2, 0, 1))
             files.append(str(f))
         except Exception as exc:
             if on_bad == "error":
@@ -831,7 +833,7 @@ def _as_list(value, what: str) -> list[str]:
     if isinstance(value, str):
         p = Path(value).expanduser()
         if p.is_file():
-            items = [ln.strip() for ln in read_utf8(p, f"{what} file").splitlines()
+            items = [ln.strip() for ln in read_lines(p, f"{what} file")
                      if ln.strip()]
         elif (p.suffix.lower() in (".txt", ".tsv", ".csv", ".jsonl", ".json")
               or value.startswith(("/", "./", "../", "~"))):

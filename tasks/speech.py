@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from data.batching import bucketed_loader, length_batches, pad_items
 from data.cache import cache_dir
-from data.errors import read_utf8
+from data.errors import read_lines
 from data.speech import (
     CHARSET,
     NORMALIZER,
@@ -141,7 +141,7 @@ def language_model(labels: Labels, transcripts: str | None,
     lines = set(transcripts.split("\n")) if transcripts else set()
     path = lm_text_file(decode)
     if path is not None:
-        lines |= {normalize_text(t) for t in read_utf8(path, "decode.lm_text").splitlines()}
+        lines |= {normalize_text(t) for t in read_lines(path, "decode.lm_text")}
     lines.discard("")
     if not lines:
         return None

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.batching import bucketed_loader
 from data.cache import cache_dir
-from data.errors import read_utf8
+from data.errors import read_lines, split_lines
 from data.parallel import pad, prepare_bible, prepare_ding, read_pairs, split_pairs, write_tsv
 from data.text import Tokenizer, tokenizer_for_run, train_or_load_tokenizer
 
@@ -225,13 +225,16 @@ def run_translate(cfg: DictConfig) -> dict:
     module = TranslationModule.from_checkpoint(cfg.ckpt)
     tok = Tokenizer(module.meta["tokenizer"])
     if cfg.input == "-":
-        lines = sys.stdin.read().splitlines()
+        lines = split_lines(sys.stdin.read())
     else:
         path = Path(str(cfg.input)).expanduser()
+        if path.is_dir():
+            raise UserError(f"input={str(path)!r} is a folder; expected a text file, one "
+                            f"sentence a line (or - for stdin)")
         if not path.is_file():
             raise UserError(f"input={str(path)!r} does not exist; expected a text file, one "
                             f"sentence a line (or - for stdin)")
-        lines = read_utf8(path, "input").splitlines()
+        lines = read_lines(path, "input")
     hyps = translate_lines(module.model, tok, lines, cfg)
     for h in hyps:
         print(h)

@@ -79,6 +79,28 @@ def test_timm_pth_that_runs_code_is_refused(tmp_path):
     assert not victim.exists()
 
 
+@pytest.mark.parametrize("content", [
+    b"\x80\x02\xb0 random bytes that start like a pickle",  # torch: "Unsupported operand"
+    b"plain text, not a checkpoint\n",
+])
+def test_an_unreadable_checkpoint_is_not_called_a_code_risk(tmp_path, content):
+    bad = tmp_path / "not_a.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        checkpoints.safe_load(bad, "ckpt")
+    assert "cannot be read" in str(err.value) and "could run code" not in str(err.value)
+    assert "Weights only load failed" not in str(err.value)  # the cause, not torch's advice
+
+
+def test_a_raw_pickle_naming_a_function_is_refused_as_code(tmp_path):
+    victim = tmp_path / "created_by_pickle"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"x": _CreatesFile(str(victim))}, protocol=2))
+    with pytest.raises(UserError, match="could run code"):
+        checkpoints.safe_load(evil, "ckpt")
+    assert not victim.exists()
+
+
 @pytest.mark.parametrize("target", ["builtins.open", "torch.save", "os.mkdir"])
 def test_checkpoint_naming_a_foreign_model_class_is_refused(tmp_path, trained, target):
     ckpt = torch.load(trained, weights_only=True)
@@ -304,6 +326,22 @@ def test_a_tokenizer_or_file_list_of_the_wrong_kind_is_one_error():
             Tokenizer(bad)
     with pytest.raises(UserError, match=r"images=5 is not a path; expected a path or glob"):
         expand_files(5, "images", "image files")
+
+
+def test_a_folder_given_for_files_says_so(tmp_path):
+    from data.text import expand_files
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(UserError, match=r"data.train_files='.*corpus' is a folder; expected a "
+                                        r"path or glob of UTF-8 text files \(such as '.*corpus/\*'"):
+        expand_files(str(tmp_path / "corpus"), "data.train_files")
+
+
+def test_text_files_are_read_without_their_byte_order_mark(tmp_path):
+    from data.text import read_text
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"\xef\xbb\xbfFirst line\r\n")
+    b.write_bytes(b"\xef\xbb\xbfSecond line\n")
+    assert read_text([a, b], "data.train") == "First line\nSecond line\n"
 
 
 def test_a_finished_run_directory_is_not_overwritten(tmp_path):

@@ -30,6 +30,7 @@ from data.fusion import (
     shape_scenes,
     sibling_key,
 )
+from data.images import load_image
 
 
 def _manifest(folder, lines) -> str:
@@ -93,12 +94,45 @@ def test_read_pairs_can_stop_at_a_bad_image(tmp_path):
     ([{"image": "a.png", "caption": "a", "labels": ["x"]}], "skip", r"labels=\['x'\]"),
     ([{"image": "a.png", "caption": "a", "qa": [{"question": "q"}]}], "skip", r"line 1 has qa="),
     ([{"image": "a.png", "caption": "a"}], "sometimes", r"on_bad_image='sometimes'"),
+    ([{"image": "a.png", "caption": ["a", "list"]}], "skip",
+     r'line 1 has caption=\["a", "list"\]; expected text'),
+    ([{"image": "a.png", "caption": "a", "labels": {"color": None}}], "skip",
+     r"line 1 has labels.color=null; expected text"),
+    ([{"image": "a.png", "caption": "a", "qa": [{"question": "q", "answer": ["x"]}]}], "skip",
+     r'line 1 has qa.answer=\["x"\]; expected text'),
 ])
 def test_read_pairs_errors_are_one_line(tmp_path, lines, option, expected):
     path = tmp_path / "nowhere.jsonl" if lines is None else _manifest(tmp_path, lines)
     with pytest.raises(UserError) as err:
         read_pairs(path, img_size=8, on_bad_image=option)
     assert re.search(expected, str(err.value)) and "\n" not in str(err.value)
+
+
+def test_a_manifest_with_a_byte_order_mark_and_a_line_separator_in_a_caption(tmp_path):
+    """Valid JSON may hold U+2028 unescaped (``json.dumps(ensure_ascii=False)`` writes it);
+    it is not a line end of the manifest. A number is text where text is expected."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "caption": "one\u2028two", "qa": [
+                {"question": "how many?", "answer": 3}]},
+            {"image": "a.png", "caption": "three"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(
+        json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode())
+    got = read_pairs(path, img_size=8)
+    assert got.captions == ["one\u2028two", "three"]
+    assert got.qa[0] == [{"question": "how many?", "answer": "3", "type": ""}]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    """Pillow clips a 16-bit grey PNG at 255 when it converts it; both image readers scale it
+    to 8 bits (the top byte), as an 8-bit copy of the same picture would read."""
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0 ... 65535
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    expected = torch.from_numpy((ramp >> 8).astype(np.uint8))
+    assert torch.equal(load_image(tmp_path / "deep.png", 16, 1)[0], expected)
+    rgb = torch.tensor(fusion.load_rgb(tmp_path / "deep.png", 16))
+    assert torch.equal(rgb, expected[..., None].expand(16, 16, 3))
 
 
 # --------------------------------------------------------------------------------- emoji

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -460,6 +461,38 @@ def test_sibling_breakdown_against_a_direct_count():
         assert out[f"r1_t2i_{name}"] == pytest.approx(r1)
         assert out[f"r10_t2i_{name}"] == pytest.approx(r10)
     assert 0 < out["r1_t2i_with_sibling"] < out["r10_t2i_with_sibling"] < 1
+
+
+def test_the_modes_read_images_as_training_does(tmp_path):
+    """A transparent and a non-square image reach ``mode=retrieve/classify/answer`` with the
+    pixels training and evaluation read (transparency on white, padded to a square), not
+    stretched or on black."""
+    from types import SimpleNamespace
+
+    from data.fusion import read_pairs
+    rgba = np.zeros((12, 24, 4), dtype=np.uint8)
+    rgba[:, :12] = (200, 30, 30, 255)  # left half opaque red, right half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "a.png", "caption": "x"}) + "\n")
+    pixels = read_pairs(tmp_path / "pairs.jsonl", img_size=16).images.float() / 255
+    module = SimpleNamespace(model_cfg={"vision": {"img_size": 16}},
+                             meta={"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]})
+    files, x, skipped = fusion_task._read_images(module, str(tmp_path / "*.png"), "error")
+    mean, std = (torch.tensor(module.meta[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    assert files == [str(tmp_path / "a.png")] and skipped == []
+    assert torch.allclose(x, (pixels - mean) / std)
+
+
+def test_a_test_split_of_fewer_than_five_pairs_draws_its_retrieval_grid(tmp_path):
+    from data.fusion import read_pairs
+    rows = []
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (8, 8), color).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "caption": color}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text("".join(rows))
+    pairs = read_pairs(tmp_path / "pairs.jsonl", img_size=8)
+    path = fusion_task.plot_retrieval(pairs, torch.eye(3), tmp_path / "grid.png")
+    assert Image.open(path).size[0] > 0
 
 
 def test_text_lists_name_a_missing_or_unreadable_file(tmp_path):

@@ -288,6 +288,36 @@ def test_bad_manifest_lines_name_file_and_line(tmp_path):
         read_manifest(tmp_path / "nope.jsonl")
 
 
+@pytest.mark.parametrize("key, value", [("text", ["down", 5]), ("text", True),
+                                        ("audio", ["a.wav"]), ("voice", {"name": "x"})])
+def test_manifest_values_that_are_not_text_are_named(tmp_path, key, value):
+    write_wav(tmp_path / "a.wav", _tone(0.5))
+    manifest = tmp_path / "m.jsonl"
+    row = {"audio": "a.wav", "text": "yes", key: value}
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "go"}) + "\n" + json.dumps(row)
+                        + "\n")
+    with pytest.raises(UserError, match=rf"m\.jsonl line 2 has {key}=.*; expected text"):
+        read_manifest(manifest)
+
+
+def test_manifest_with_a_byte_order_mark_and_a_line_separator_in_a_transcript(tmp_path):
+    """Valid JSON may hold U+2028 unescaped (``json.dumps(ensure_ascii=False)`` writes it);
+    it is not a line end of the manifest."""
+    write_wav(tmp_path / "a.wav", _tone(0.5))
+    rows = [{"audio": "a.wav", "text": "go\u2028left"}, {"audio": "a.wav", "text": "stop"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"\xef\xbb\xbf" + "".join(
+        json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows).encode())
+    assert [u.text for u in read_manifest(manifest).utterances] == ["go\u2028left", "stop"]
+
+
+def test_a_folder_transcript_that_is_not_utf8_is_named(tmp_path):
+    write_wav(tmp_path / "a.wav", _tone(0.5))
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(UserError, match=r"transcript .*a\.txt is not UTF-8 text"):
+        read_manifest(tmp_path)
+
+
 # --------------------------------------------------------------------------------- flite
 @pytest.fixture(scope="module")
 def flite_or_none(tmp_path_factory):

@@ -98,6 +98,28 @@ def test_misaligned_files_name_both_counts(tmp_path):
         read_pairs(source=tmp_path / "a.txt", target=tmp_path / "b.txt")
 
 
+def test_lines_break_at_line_ends_only(tmp_path):
+    """U+2028, U+0085 and a form feed inside a sentence are not line ends (``str.splitlines``
+    would break there, so two aligned files would not line up); a byte-order mark and CRLF
+    ends are read as plain UTF-8 lines."""
+    src, tgt = tmp_path / "a.en", tmp_path / "a.es"
+    src.write_bytes("\ufeffone\u2028more\r\ntwo\x0cthree\r\nfour\x85five\r\n".encode())
+    tgt.write_text("uno\ndos\ncuatro\n", encoding="utf-8")
+    assert read_pairs(source=src, target=tgt) == [
+        ("one\u2028more", "uno"), ("two\x0cthree", "dos"), ("four\x85five", "cuatro")]
+    tsv = tmp_path / "a.tsv"
+    tsv.write_bytes("\ufeffone\u2028more\tuno\r\ntwo\tdos\r\nx\ty\n".encode())
+    assert read_pairs(tsv=tsv)[0] == ("one\u2028more", "uno")
+
+
+def test_a_tsv_line_with_three_fields_is_named(tmp_path):
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("a\tb\nc\td\ne\tf\textra\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"pairs\.tsv line 3 has 3 TAB-separated fields; "
+                                        r"expected source<TAB>target"):
+        read_pairs(tsv=tsv)
+
+
 def make_cfg(run_dir, *overrides):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("translation", overrides=[
@@ -161,10 +183,10 @@ def test_translate_from_stdin_cli(tmp_path):
         [sys.executable, "-m", "tasks.translation", "mode=translate",
          f"ckpt={out}/checkpoints/best.ckpt", "input=-", "decode.beam_size=2",
          f"hydra.run.dir={tmp_path / 'hydra'}"],
-        input="God saw the light.\nAnd the evening\n", capture_output=True, text=True,
-        cwd=ROOT, env=env, timeout=300)
+        input="God saw the light.\u2028And\x0cthe evening\nAnd there was light\n",
+        capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(proc.stdout.strip().splitlines()) >= 2
+    assert proc.stdout.count("\n") == 2, proc.stdout  # output line N translates input line N
 
 
 @pytest.mark.slow

@@ -218,6 +218,16 @@ def test_bad_test_time_shifts_is_one_line(tmp_path, image_folder, value):
     assert not (tmp_path / "r" / "split.json").exists()  # refused before the data is read
 
 
+def test_a_class_folder_without_an_image_is_named(tmp_path, image_folder):
+    """An empty class folder would be an output class no image teaches (with one real class
+    beside it, a run that reports 100%)."""
+    (image_folder / "empty").mkdir()
+    (image_folder / "empty" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"class folder '.*empty' holds no readable image; "
+                                        r"expected images .* in every class folder"):
+        vit_task.run(make_cfg(tmp_path / "r", image_folder))
+
+
 def test_bad_image_can_stop_the_run(tmp_path, image_folder):
     with pytest.raises(UserError, match="broken.png cannot be read"):
         vit_task.run(make_cfg(tmp_path / "r", image_folder, "data.on_bad_image=error"))

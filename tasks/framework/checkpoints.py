@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import pickletools
 import random
+import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -67,6 +70,30 @@ def _nested_target(node, path: str = "") -> tuple[str, object] | None:
     return None
 
 
+def _names_globals(path: Path) -> bool:
+    """Whether ``path`` is a whole pickle (raw, or the ``data.pkl`` of a torch zip file) that
+    names a class or function, read with ``pickletools``, which only lists the opcodes."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), None)
+                data = zf.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        ops = [op.name for op, _, _ in pickletools.genops(data)]
+    except Exception:  # not a pickle to the end: nothing it names can be trusted either
+        return False
+    return ops[-1:] == ["STOP"] and bool({"GLOBAL", "STACK_GLOBAL", "INST"} & set(ops))
+
+
+def _cause(message: str) -> str:
+    """The line of a ``torch.load`` error that says what failed, past torch's general
+    advice about ``weights_only``."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    return next((ln for ln in lines if not ln.startswith(advice)), lines[0] if lines else "")
+
+
 def safe_load(path: str | os.PathLike, what: str) -> object:
     """``torch.load`` with pickle code execution disabled; unreadable files are UserErrors."""
     path = Path(str(path)).expanduser()
@@ -84,12 +111,15 @@ def safe_load(path: str | os.PathLike, what: str) -> object:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch's weights-only reader names a refused class or function as a GLOBAL; a
+        # pickle it cannot follow may still name one, which a read that runs nothing finds.
+        # Other failures (bytes that are no pickle at all) are an unreadable file.
+        if re.search(r"unsupported global", str(exc), re.IGNORECASE) or _names_globals(path):
             raise UserError(f"{what} {path} holds Python objects other than tensors and plain "
                             f"data, which are not loaded (they could run code); expected a "
                             f"checkpoint or state dict of tensors") from None
         raise UserError(f"{what} {path} cannot be read (UnpicklingError: "
-                        f"{str(exc).splitlines()[0][:120]}); it may be truncated or not a "
+                        f"{_cause(str(exc))[:120]}); it may be truncated or not a "
                         f"checkpoint") from None
     except Exception as exc:
         raise UserError(f"{what} {path} cannot be read ({type(exc).__name__}: "
