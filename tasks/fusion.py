@@ -736,7 +736,8 @@ class FusionTask(training.Task):
                   **{f"{k}_items": len(v.captions) for k, v in extra.items()}},
             data={"sets": sets, "extra": extra, "tok": tok, "siblings": siblings,
                   "unseen_words": unseen,
-                  "mean": mean, "std": std})
+                  "mean": mean, "std": std},
+            split={k: v.ids for k, v in sets.items()})
 
     @torch.no_grad()
     def evaluate(self, trainer, module, prep, cfg, out):

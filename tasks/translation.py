@@ -191,7 +191,7 @@ class TranslationTask(training.Task):
             options={"label_smoothing": cfg.label_smoothing},
             info={"data": source, "pairs": {k: len(v) for k, v in split.items()},
                   "vocab_size": tok.vocab_size},
-            data={"split": split, "tokenizer": tok})
+            data={"split": split, "tokenizer": tok}, split=split)
 
     def evaluate(self, trainer, module, prep, cfg, out):
         if not trainer.is_global_zero:

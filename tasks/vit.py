@@ -224,7 +224,8 @@ class ViTTask(training.Task):
                   "classes": len(data.classes), "train": len(split["train"]),
                   "val": len(split["val"]), "test": len(split["test"]),
                   "skipped_images": len(data.skipped)},
-            data={"images": data, "split": split, "test_loader": loaders["test"]})
+            data={"images": data, "split": split, "test_loader": loaders["test"]},
+            split={k: [data.files[i] for i in v] for k, v in split.items()})
 
     def init_from(self, module, cfg, prep):
         return apply_init_from(module, cfg)

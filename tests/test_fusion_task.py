@@ -98,6 +98,10 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures):
         fusion_task.run(make_cfg(tmp_path / "m", "mode=classify", f"ckpt={ckpt}",
                                  f"images={pairs_dir}/img/*.png", "classes=[red]",
                                  "data.on_bad_image=error"))
+    # a resume with another seed would test on pairs it trained on
+    with pytest.raises(UserError, match="was trained on another split of the data"):
+        fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl", "resume=auto",
+                                 "seed=7", "trainer.max_steps=44"))
 
 
 def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch, saved_figures):

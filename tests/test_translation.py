@@ -155,6 +155,11 @@ def test_train_scores_and_translates(tmp_path):
     tl = tr_task.run(make_cfg(out, "mode=translate", f"ckpt={out}/checkpoints/best.ckpt",
                               f"input={inp}"))
     assert len(tl["translations"]) == 2 and tl["langs"] == ["en", "es"]
+    # a resume with other split sizes would test on pairs it trained on
+    before = (out / "test.tsv").read_bytes()
+    with pytest.raises(UserError, match="was trained on another split of the data"):
+        tr_task.run(make_cfg(out, "resume=auto", "data.test_size=30", "trainer.max_steps=14"))
+    assert (out / "test.tsv").read_bytes() == before
 
 
 def test_init_from_reads_new_text_with_the_checkpoints_tokenizer(tmp_path):

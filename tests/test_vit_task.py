@@ -279,6 +279,22 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, image_fol
         vit_task.run(make_cfg(out, image_folder, "resume=auto", "data.split=[0.1,0.45,0.45]",
                               "trainer.max_steps=40"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # another seed or split of the same model would test on images it trained on
+    for change in ("seed=7", "data.split=[0.6,0.2,0.2]"):
+        with pytest.raises(UserError, match=r"last.ckpt was trained on another split of the "
+                                            r"data than this run makes"):
+            vit_task.run(make_cfg(out, image_folder, "resume=auto", change,
+                                  "trainer.max_steps=40"))
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # a checkpoint from before the split was recorded, and trainer settings that fail after
+    # the data was prepared: the files are put back too
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    del ckpt["attnkit"]["split_digest"]
+    torch.save(ckpt, out / "checkpoints" / "last.ckpt")
+    with pytest.raises(UserError, match=r"trainer.ema_decay=5"):
+        vit_task.run(make_cfg(out, image_folder, "resume=auto", "data.split=[0.6,0.2,0.2]",
+                              "trainer.ema_decay=5", "trainer.max_steps=40"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # another run's checkpoint does not continue into a folder holding a finished run
     shutil.copytree(out, tmp_path / "b")
     with pytest.raises(UserError, match="already holds a run"):

@@ -316,7 +316,8 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
     whose optimizer had other parameter groups (``optimizer.embedding_lr_scale``,
     ``optimizer.embedding_weight_decay``) is one error naming those settings; one whose
     metadata ``names`` (the class names or answers its output rows stand for) differ from
-    the module's is one error naming the first difference. ``optimization``: a throwaway
+    the module's is one error naming the first difference; so is one trained on another
+    split (``split_digest``, kept by the tasks that split their data by seed). ``optimization``: a throwaway
     ``{"optimizer", "lr_scheduler"}`` of this run's settings, into which the saved training
     state is loaded first (``check_training_state``)."""
     ckpt = load_checkpoint(path, task)
@@ -338,6 +339,12 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
                   if wrong else f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
         raise UserError(f"resume={path} does not fit this model: {detail}; expected the "
                         f"model settings of the run it came from")
+    theirs, ours = ckpt[CKPT_KEY].get("split_digest"), module.meta.get("split_digest")
+    if theirs is not None and ours is not None and theirs != ours:
+        raise UserError(f"resume={path} was trained on another split of the data than this "
+                        f"run makes (the seed, the split settings or the data differ), so it "
+                        f"would test on items it trained on; expected the seed and data of the "
+                        f"run it came from (init_from= starts a new run from its weights)")
     if optimization is not None:
         check_training_state(ckpt, path, optimization["optimizer"],
                              optimization["lr_scheduler"]["scheduler"])

@@ -18,6 +18,8 @@ curves, ``results.json`` and the summary.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,6 +56,9 @@ class Prepared:
         options: further keyword arguments of the task's module (label smoothing, ...).
         info: data figures for ``results.json`` (source, sizes).
         data: anything else ``evaluate`` needs (test split, tokenizer, ...).
+        split: what each part of a seeded split holds (item ids, files or texts, as JSON
+            values); its digest is stored in the checkpoints (``meta["split_digest"]``) and
+            ``resume=`` requires the same, so a resumed run never tests on what it trained on.
     """
 
     train_loader: Any
@@ -63,6 +68,7 @@ class Prepared:
     options: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     data: Any = None
+    split: Any = None
 
 
 class Task:
@@ -137,6 +143,9 @@ def train(task: Task, cfg: DictConfig) -> dict:
         runtime.refuse_finished_run(out)  # only its own checkpoint continues a run
     with runtime.files_kept_on_error(out) if resume else contextlib.nullcontext():
         prep = task.prepare(cfg, out)
+        if prep.split is not None:
+            prep.meta["split_digest"] = hashlib.sha256(
+                json.dumps(prep.split, sort_keys=True).encode()).hexdigest()[:16]
         t_data = runtime.seconds_since(t0)
         if _batches(prep.train_loader) == 0:
             raise UserError("the training set gives no batch: it holds fewer items than "
@@ -149,8 +158,8 @@ def train(task: Task, cfg: DictConfig) -> dict:
         init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
         if resume:
             check_resume_fits(module, resume, cfg.task, optimization, task.named_rows.values())
-    trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
-                                             mode=task.monitor_mode)
+        trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
+                                                 mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
     figures = task.evaluate(trainer, module, prep, cfg, out)
     if not trainer.is_global_zero:
