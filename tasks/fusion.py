@@ -799,11 +799,21 @@ def _sibling_split(sim: torch.Tensor, siblings: list[bool], unseen: list[list[st
 
 
 # ------------------------------------------------------------------------------- modes
+MODE_OUTPUTS = {"retrieve": ("retrieve.json", "retrieve.png"), "classify": ("classify.json",),
+                "answer": ("answer.json",)}
+
+
 def _load(cfg: DictConfig, mode: str) -> FusionModule:
     if not cfg.ckpt:
         raise UserError(f"mode={mode} needs ckpt=PATH, a checkpoint of the fusion task")
     if not cfg.images:
         raise UserError(f"mode={mode} needs images=GLOB, the image files")
+    out = run_dir(cfg)
+    held = [name for name in MODE_OUTPUTS[mode] if (out / name).exists()]
+    if held:  # an earlier mode=... run's results are not overwritten
+        raise UserError(f"run_dir={str(out)!r} already holds {held[0]} of an earlier "
+                        f"mode={mode}; expected a new folder (without run_dir=, each run "
+                        f"gets its own)")
     return FusionModule.from_checkpoint(cfg.ckpt)
 
 

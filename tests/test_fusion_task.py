@@ -94,8 +94,14 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures):
     with pytest.raises(UserError, match="no answer head"):
         fusion_task.run(make_cfg(tmp_path / "m", "mode=answer", f"ckpt={ckpt}",
                                  f"images={pairs_dir}/img/1.png", "questions=[what?]"))
-    with pytest.raises(UserError, match="broken.png cannot be read"):
+    before = (tmp_path / "m" / "classify.json").read_bytes()
+    with pytest.raises(UserError, match=r"already holds classify.json of an earlier "
+                                        r"mode=classify; expected a new folder"):
         fusion_task.run(make_cfg(tmp_path / "m", "mode=classify", f"ckpt={ckpt}",
+                                 f"images={pairs_dir}/img/2*.png", "classes=[green]"))
+    assert (tmp_path / "m" / "classify.json").read_bytes() == before
+    with pytest.raises(UserError, match="broken.png cannot be read"):
+        fusion_task.run(make_cfg(tmp_path / "m2", "mode=classify", f"ckpt={ckpt}",
                                  f"images={pairs_dir}/img/*.png", "classes=[red]",
                                  "data.on_bad_image=error"))
     # a resume with another seed would test on pairs it trained on
