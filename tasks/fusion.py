@@ -15,6 +15,7 @@ procedurally drawn scenes.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
 import textwrap
@@ -618,7 +619,7 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
     transformer of this model's shape; the fusion encoder keeps its initialisation). The
     answer head's rows follow the answers by name; OpenCLIP's token table of another size
     is not loaded."""
-    from modules.converters import clip_state_dict_from_open_clip
+    from modules.converters import clip_kwargs_from_open_clip, clip_state_dict_from_open_clip
     src = Path(str(cfg.init_from)).expanduser()
     obj = load_weights_file(src, "an attnkit fusion checkpoint or an OpenCLIP state dict")
     fresh: tuple[str, ...] = ()
@@ -626,11 +627,24 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
         state = model_state(src, FusionModule.task, module, FusionTask.named_rows)
     elif isinstance(obj, dict) and "visual.conv1.weight" in obj:
         m = module.model_cfg
+        heads = dict(vision_heads=m["vision"]["num_heads"], text_heads=m["text"]["num_heads"])
         try:
-            state = clip_state_dict_from_open_clip(
-                obj, vision_heads=m["vision"]["num_heads"], text_heads=m["text"]["num_heads"])
-        except (ValueError, KeyError) as exc:
+            want = clip_kwargs_from_open_clip(obj, **heads)
+            state = clip_state_dict_from_open_clip(obj, **heads)
+        except ValueError as exc:
             raise UserError(f"init_from {src}: {exc}") from None
+        except KeyError as exc:
+            raise UserError(f"init_from {src} lacks {exc} of an OpenCLIP CLIP state dict; "
+                            f"expected the whole state dict of an open_clip.CLIP") from None
+        except (IndexError, TypeError, AttributeError, RuntimeError) as exc:
+            raise UserError(f"init_from {src} is not an OpenCLIP CLIP state dict this model "
+                            f"can read ({type(exc).__name__}: {exc}); expected the tensors an "
+                            f"open_clip.CLIP saves") from None
+        overrides = open_clip_overrides(m, want)
+        if overrides and cfg.init_strict:
+            raise UserError(f"init_from {src} is an OpenCLIP CLIP that these model settings "
+                            f"do not compute; add {' '.join(overrides)} (or init_strict=false "
+                            f"to load its weights into these settings anyway)")
         fresh = ("fusion.", "match_head.", "answer_head.")
     else:
         raise UserError(f"init_from {src} is neither an attnkit fusion checkpoint nor an "
@@ -640,6 +654,34 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
                    if k in state and k in own and state[k].shape != own[k].shape)
     return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
                              skip=lambda k: k.startswith(fresh))
+
+
+def open_clip_overrides(model_cfg: dict, want: dict) -> list[str]:
+    """The command-line settings under which this model computes what the OpenCLIP model
+    described by ``want`` (``clip_kwargs_from_open_clip``) does: its pooling, positions,
+    normalisation, causal text, projections and sizes. Its fusion encoder and token table
+    are not compared (they start fresh)."""
+    from modules.fusion import TextEncoder, TextImageModel
+    from modules.vit import VisionTransformer
+
+    def defaults(cls) -> dict:
+        return {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+
+    groups = {"vision.": (model_cfg["vision"], want["vision"], defaults(VisionTransformer)),
+              "text.": (model_cfg["text"], want["text"], defaults(TextEncoder)),
+              "": (model_cfg, {k: v for k, v in want.items() if k not in
+                               ("vision", "text", "fusion_depth")}, defaults(TextImageModel))}
+    via_data = {"vision.img_size": "data.img_size", "text.max_len": "data.max_text_len"}
+    out = []
+    for prefix, (have, wanted, default) in groups.items():
+        for key, value in wanted.items():
+            if key == "vocab_size" or have.get(key, default.get(key)) == value:
+                continue
+            name = via_data.get(prefix + key, f"model.{prefix}{key}")
+            plus = "" if key in have or name.startswith("data.") else "+"
+            shown = str(value).lower() if isinstance(value, bool) else value
+            out.append(f"{plus}{name}={shown}")
+    return out
 
 
 def check_templates(d: DictConfig, train: PairSet) -> None:

@@ -276,19 +276,67 @@ def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
     res = fusion_task.run(make_cfg(
         tmp_path / "r", f"data.manifest={pairs_dir}/pairs.jsonl", f"init_from={tmp_path}/clip.pt",
         "model.vision.pool=token", "model.vision.pre_norm=true", "model.vision.pos_embed=learned",
-        "model.text.causal=true", "model.text.pool=last", "model.proj_bias=false",
-        "trainer.max_steps=1"))
+        "model.vision.norm_eps=1e-5", "model.text.causal=true", "model.text.pool=last",
+        "model.proj_bias=false", "trainer.max_steps=1"))
     missing = res["init_from"]["missing"]
     assert missing and all(k.startswith(("fusion.", "match_head.")) for k in missing)
     assert res["init_from"]["loaded"] >= 20
-    # with another shape: one line naming a tensor
+    # with another shape and init_strict=false: one line naming a tensor
     with pytest.raises(UserError, match="differ in shape"):
         fusion_task.run(make_cfg(tmp_path / "r2", f"data.manifest={pairs_dir}/pairs.jsonl",
-                                 f"init_from={tmp_path}/clip.pt", "model.vision.pool=token",
-                                 "model.vision.pre_norm=true", "model.text.causal=true",
-                                 "model.text.pool=last", "model.proj_bias=false",
-                                 "model.embed_dim=48", "trainer.max_steps=1"))
+                                 f"init_from={tmp_path}/clip.pt", "model.embed_dim=48",
+                                 "init_strict=false", "trainer.max_steps=1"))
     assert safe_load(tmp_path / "clip.pt", "x")  # the file itself is untouched
+
+
+def test_open_clip_weights_with_the_settings_the_error_names_give_its_embeddings(tmp_path):
+    """``init_from`` an OpenCLIP model under other settings names every override it needs;
+    with them, the task's model embeds images and texts as ``open_clip`` does (position
+    table, pre-norm, LayerNorm epsilon, causal text pooled at the end-of-text token)."""
+    import re
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from modules.converters import open_clip_text_mask
+    from tasks.framework import training
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    ref = open_clip.CLIP(embed_dim=32, vision_cfg=open_clip.CLIPVisionCfg(
+        layers=1, width=32, head_width=16, patch_size=8, image_size=16, mlp_ratio=2.0),
+        text_cfg=open_clip.CLIPTextCfg(context_length=32, vocab_size=300, width=32, heads=2,
+                                       layers=1, mlp_ratio=2.0)).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # every LayerNorm and bias away from 1 and 0
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+                    + (1.0 if name.endswith("weight") and p.dim() == 1 else 0.0))
+    torch.save(ref.state_dict(), tmp_path / "clip.pt")
+
+    def module_for(*overrides):
+        cfg = make_cfg(tmp_path / "r", f"init_from={tmp_path}/clip.pt", *overrides)
+        m = training.model_config(cfg, num_answers=0)
+        m["text"]["vocab_size"] = 300
+        model = instantiate({**m, "fusion_depth": 0}, _convert_="all").eval()
+        return SimpleNamespace(model=model, model_cfg=m), cfg
+
+    with pytest.raises(UserError) as err:
+        fusion_task.apply_init_from(*module_for())
+    overrides = re.search(r"add (.*) \(or init_strict", str(err.value)).group(1).split()
+    assert sorted(overrides) == sorted([
+        "model.vision.pool=token", "model.vision.pos_embed=learned",
+        "model.vision.pre_norm=true", "model.vision.norm_eps=1e-05",
+        "model.text.causal=true", "model.text.pool=last", "model.proj_bias=false"])
+    module, cfg = module_for(*overrides)
+    fusion_task.apply_init_from(module, cfg)
+    images = torch.randn(2, 3, 16, 16)
+    ids = torch.randint(1, 299, (3, 32))
+    for row, n in enumerate([32, 9, 2]):
+        ids[row, n - 1], ids[row, n:] = 299, 0  # end-of-text: the highest id, as in CLIP
+    with torch.no_grad():  # 1e-7 apart; with the ViT's own LayerNorm epsilon (1e-6), 5e-6
+        torch.testing.assert_close(module.model.encode_image(images)[0],
+                                   ref.encode_image(images, normalize=True), atol=1e-6, rtol=0)
+        torch.testing.assert_close(module.model.encode_text(ids, open_clip_text_mask(ids))[0],
+                                   ref.encode_text(ids, normalize=True), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("override, message", [
