@@ -35,16 +35,33 @@ def _refuse(key: str, value, expected: str) -> ValueError:
     return ValueError(f"config.json has {key}={value!r}; expected {expected}")
 
 
+def _number(cfg: dict, key: str, default=None, whole: bool = True):
+    """``cfg[key]`` (``default`` where absent or null) if it is a positive whole number (or,
+    with ``whole=False``, any positive number); else a ``ValueError`` naming it."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    kinds = int if whole else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
+        raise _refuse(key, value, "a positive whole number" if whole else "a positive number")
+    return value
+
+
 def _rope_theta(cfg: dict) -> float:
     # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling.
     for key in ("rope_parameters", "rope_scaling"):
         params = cfg.get(key) or {}
+        if not isinstance(params, dict):
+            raise _refuse(key, params, "an object of RoPE settings, or null")
         kind = params.get("rope_type", params.get("type", "default"))
         if kind not in ("default", None):
             raise _refuse(key, params, "plain RoPE (rope_type 'default'); RoPE scaling is "
                                        "not supported")
     params = cfg.get("rope_parameters") or {}
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return float(_number(params, "rope_theta", _number(cfg, "rope_theta", 10000.0, False),
+                         whole=False))
 
 
 def llama_kwargs_from_hf(cfg: dict) -> dict:
@@ -55,6 +72,9 @@ def llama_kwargs_from_hf(cfg: dict) -> dict:
             model_type, biases, an activation other than SiLU, RoPE scaling, sliding-window
             attention.
     """
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config.json holds a {type(cfg).__name__}; expected an object of "
+                         f"settings")
     model_type = cfg.get("model_type", "llama")
     if model_type not in ("llama", "qwen3"):
         raise _refuse("model_type", model_type, "'llama' or 'qwen3'")
@@ -66,15 +86,17 @@ def llama_kwargs_from_hf(cfg: dict) -> dict:
             raise _refuse(key, cfg[key], "false (CausalLM projections have no bias)")
     if cfg.get("hidden_act", "silu") != "silu":
         raise _refuse("hidden_act", cfg["hidden_act"], "'silu' (the SwiGLU of Llama)")
+    heads = _number(cfg, "num_attention_heads")
     return dict(
-        vocab_size=cfg["vocab_size"], embed_dim=cfg["hidden_size"],
-        depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        head_dim=cfg.get("head_dim"), mlp_hidden_dim=cfg["intermediate_size"],
-        max_seq_len=cfg.get("max_position_embeddings", 2048), rope_theta=_rope_theta(cfg),
+        vocab_size=_number(cfg, "vocab_size"), embed_dim=_number(cfg, "hidden_size"),
+        depth=_number(cfg, "num_hidden_layers"), num_heads=heads,
+        num_kv_heads=_number(cfg, "num_key_value_heads", heads),
+        head_dim=None if cfg.get("head_dim") is None else _number(cfg, "head_dim"),
+        mlp_hidden_dim=_number(cfg, "intermediate_size"),
+        max_seq_len=_number(cfg, "max_position_embeddings", 2048), rope_theta=_rope_theta(cfg),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qk_norm=model_type == "qwen3", bigram_buckets=0, value_embeds=0,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6))
+        norm_eps=_number(cfg, "rms_norm_eps", 1e-6, whole=False))
 
 
 def llama_state_dict_from_hf(hf: dict[str, Tensor], depth: int,

@@ -32,7 +32,13 @@ from data.text import expand_files
 from modules.vit import resize_pos_embed
 
 from .framework import entry, training
-from .framework.checkpoints import CKPT_KEY, init_weights_from, load_weights_file, model_state
+from .framework.checkpoints import (
+    CKPT_KEY,
+    init_weights_from,
+    load_weights_file,
+    model_state,
+    tensor_dict_problem,
+)
 from .framework.config import require
 from .framework.errors import UserError
 from .framework.module import TaskModule
@@ -139,6 +145,9 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
     if isinstance(obj, dict) and CKPT_KEY in obj:
         state = model_state(src, ViTModule.task, module, ViTTask.named_rows)
     elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:
+        if tensor_dict_problem(obj):
+            raise UserError(f"init_from {src} has a state dict {tensor_dict_problem(obj)}; "
+                            f"expected the tensors of a timm VisionTransformer")
         try:
             depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
             state = vit_state_dict_from_timm(obj, depth)
@@ -154,9 +163,10 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         try:
             state["pos_embed"] = resize_pos_embed(state["pos_embed"],
                                                   module.model.patch_embed.grid, prefix)
-        except ValueError as exc:
-            raise UserError(f"init_from {src}: its position embeddings cannot be resized "
-                            f"({exc})") from None
+        except (ValueError, IndexError, RuntimeError) as exc:
+            raise UserError(f"init_from {src}: its position embeddings "
+                            f"{tuple(state['pos_embed'].shape)} cannot be resized to this "
+                            f"model's ({type(exc).__name__}: {exc})") from None
     new_head = state.get("head.weight") is not None and \
         state["head.weight"].shape != own["head.weight"].shape
     return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),

@@ -105,11 +105,25 @@ def edited(src, dst, **changes):
      r"rope_parameters=\{'rope_type': 'llama3'.*\}; expected plain RoPE"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}},
      r"rope_scaling=\{'type': 'linear'.*\}; expected plain RoPE"),
+    ({"rope_scaling": "yes"}, r"rope_scaling='yes'; expected an object of RoPE settings"),
+    ({"num_hidden_layers": "2"}, r"num_hidden_layers='2'; expected a positive whole number"),
+    ({"vocab_size": 0}, r"vocab_size=0; expected a positive whole number"),
+    ({"rms_norm_eps": "small"}, r"rms_norm_eps='small'; expected a positive number"),
 ], ids=["model_type", "sliding_window", "attention_bias", "mlp_bias", "hidden_act", "rope_parameters",
-        "rope_scaling"])
+        "rope_scaling", "rope_scaling_text", "depth_text", "vocab_zero", "eps_text"])
 def test_refuses_what_causal_lm_cannot_express(llama_dir, tmp_path, changes, message):
     path = edited(llama_dir, tmp_path / "ckpt", **changes)
     with pytest.raises(ValueError, match=message):
+        hf_llama_init(path, USER)
+
+
+def test_a_config_that_is_not_an_object_or_lacks_a_size_is_named(llama_dir, tmp_path):
+    path = shutil.copytree(llama_dir, tmp_path / "ckpt")
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config.json holds a list; expected an object"):
+        hf_llama_init(path, USER)
+    path = edited(llama_dir, tmp_path / "ckpt2", num_hidden_layers=None)
+    with pytest.raises(KeyError, match="num_hidden_layers"):  # named as lacking by the task
         hf_llama_init(path, USER)
 
 

@@ -141,6 +141,32 @@ def test_checkpoint_metadata_of_the_wrong_kind_is_one_error(tmp_path, trained, v
     one_line_error(cli(tmp_path, "lm", "mode=generate", f"ckpt={bad}"), expect)
 
 
+@pytest.mark.parametrize("edit, expect", [
+    (lambda sd: [1, 2], "has a state_dict that is a list; expected tensors by name"),
+    (lambda sd: sd | {"model.embed.weight": 3}, "whose 'model.embed.weight' is a int"),
+])
+@pytest.mark.parametrize("key", ["ckpt", "init_from", "resume"])
+def test_a_state_dict_that_is_not_tensors_is_one_error(tmp_path, trained, edit, expect, key):
+    ckpt = torch.load(trained.parent / "last.ckpt", weights_only=True)
+    ckpt["state_dict"] = edit(ckpt["state_dict"])
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    extra = ["mode=generate"] if key == "ckpt" else []
+    with pytest.raises(UserError, match=expect):
+        lm_task.run(make_cfg(tmp_path / "r", f"{key}={bad}", *extra))
+
+
+def test_a_checkpoint_with_a_tensor_of_another_shape_names_it(tmp_path, trained):
+    ckpt = torch.load(trained, weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.dim() == 2)
+    ckpt["state_dict"][name] = torch.zeros(3, 3)
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(UserError, match=rf"1 tensors differ in shape \(checkpoint vs model\), "
+                                        rf"e.g. {re.escape(name)} \(3, 3\) vs"):
+        lm_task.run(make_cfg(tmp_path / "r", "mode=generate", f"ckpt={bad}"))
+
+
 def test_lightning_resume_loads_weights_only(tmp_path, trained):
     # resume= goes through Lightning's own loader: it must refuse pickled objects too.
     split = tmp_path / "split"

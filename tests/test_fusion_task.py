@@ -281,6 +281,14 @@ def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
     missing = res["init_from"]["missing"]
     assert missing and all(k.startswith(("fusion.", "match_head.")) for k in missing)
     assert res["init_from"]["loaded"] >= 20
+    # edited: a value that is no tensor, a patch kernel of no image shape
+    for key, value, expect in [("visual.proj", [1.0], "whose 'visual.proj' is a list"),
+                               ("visual.conv1.weight", torch.zeros(3),
+                                "is not an OpenCLIP CLIP state dict this model can read")]:
+        torch.save(ref.state_dict() | {key: value}, tmp_path / "bad.pt")
+        with pytest.raises(UserError, match=expect):
+            fusion_task.run(make_cfg(tmp_path / "r3", f"data.manifest={pairs_dir}/pairs.jsonl",
+                                     f"init_from={tmp_path}/bad.pt", "trainer.max_steps=1"))
     # with another shape and init_strict=false: one line naming a tensor
     with pytest.raises(UserError, match="differ in shape"):
         fusion_task.run(make_cfg(tmp_path / "r2", f"data.manifest={pairs_dir}/pairs.jsonl",

@@ -319,6 +319,15 @@ def test_timm_state_dict_as_init_from(tmp_path, image_folder):
     res = vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={tmp_path}/timm.pth",
                                 "trainer.max_steps=2"))
     assert res["init_from"]["missing"] == ["head.bias", "head.weight"]
+    # edited: a value that is no tensor, position embeddings of no grid
+    for key, value, expect in [("blocks.0.norm1.weight", "text", "whose 'blocks.0.norm1.weight' "
+                                "is a str; expected the tensors of a timm VisionTransformer"),
+                               ("pos_embed", torch.zeros(5), r"position embeddings \(5,\) "
+                                "cannot be resized")]:
+        torch.save(ref.state_dict() | {key: value}, tmp_path / "bad.pth")
+        with pytest.raises(UserError, match=expect):
+            vit_task.run(make_cfg(tmp_path / "r2", image_folder,
+                                  f"init_from={tmp_path}/bad.pth", "trainer.max_steps=2"))
 
 
 @pytest.mark.slow

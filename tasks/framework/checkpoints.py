@@ -158,6 +158,10 @@ def checked_checkpoint(ckpt: object, path: str | os.PathLike, task: str) -> dict
         raise UserError(f"checkpoint {path} is from the {meta.get('task')!r} task; expected a "
                         f"{task!r} checkpoint")
     check_model_target(meta.get("model"), f"checkpoint {path}")
+    not_tensor = tensor_dict_problem(ckpt["state_dict"])
+    if not_tensor:
+        raise UserError(f"checkpoint {path} has a state_dict {not_tensor}; expected tensors by "
+                        f"name, as attnkit writes them")
     bad = _hydra_syntax(meta)
     if bad is not None:
         raise UserError(f"checkpoint {path} holds {bad[1]!r} at {bad[0]}; expected plain "
@@ -233,6 +237,17 @@ def rows_by_name(state: dict, own: dict, layer: str, old: list | None, new: list
     return state
 
 
+def tensor_dict_problem(state: object) -> str | None:
+    """What keeps ``state`` from being a state dict (a mapping of names to tensors), said
+    as a phrase ("that is a list", "whose 'a.weight' is an int"); None when it is one."""
+    if not isinstance(state, dict):
+        return f"that is a {type(state).__name__}"
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            return f"whose {k!r} is a {type(v).__name__}"
+    return None
+
+
 def shape_mismatches(state: dict, own: dict) -> list[str]:
     """``"name (checkpoint shape) vs (model shape)"`` for each tensor both have, shaped apart."""
     return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
@@ -243,6 +258,10 @@ def init_weights_from(module: torch.nn.Module, state: dict, *, strict: bool, sou
                       skip: Callable[[str], bool] = lambda k: False) -> dict:
     """Load weights only, reporting missing and unexpected keys; shape mismatches and, when
     strict, any missing or unexpected key are errors naming them."""
+    problem = tensor_dict_problem(state)
+    if problem:
+        raise UserError(f"init_from {source} has a state dict {problem}; expected tensors by "
+                        f"name")
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not skip(k)}
     wrong = shape_mismatches(state, own)

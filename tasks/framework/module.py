@@ -13,7 +13,7 @@ from typing import ClassVar
 import lightning as L
 import torch
 
-from .checkpoints import CKPT_KEY, check_model_target, load_checkpoint
+from .checkpoints import CKPT_KEY, check_model_target, load_checkpoint, shape_mismatches
 from .errors import UserError
 from .optim import configure_optimization
 
@@ -88,6 +88,10 @@ class TaskModule(L.LightningModule):
         try:
             module.load_state_dict(ckpt["state_dict"])
         except RuntimeError as exc:
+            own = module.state_dict()
+            wrong = shape_mismatches(ckpt["state_dict"], own)
+            detail = (f"{len(wrong)} tensors differ in shape (checkpoint vs model), e.g. "
+                      f"{wrong[0]}" if wrong else str(exc).splitlines()[-1].strip()[:160])
             raise UserError(f"checkpoint {path}: its weights do not fit its own model config "
-                            f"({str(exc).splitlines()[0][:160]})") from None
+                            f"({detail})") from None
         return module.eval()
