@@ -135,7 +135,8 @@ class Tokenizer:
     def load(cls, path: str | Path) -> Tokenizer:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise DataError(f"tokenizer file {path} does not exist; expected a sentencepiece "
+            found = "is a folder" if path.is_dir() else "does not exist"
+            raise DataError(f"tokenizer file {path} {found}; expected a sentencepiece "
                             f".model file")
         return cls(path.read_bytes(), f"tokenizer file {path}")
 

@@ -892,6 +892,9 @@ def _as_list(value, what: str) -> list[str]:
         if p.is_file():
             items = [ln.strip() for ln in read_lines(p, f"{what} file")
                      if ln.strip()]
+        elif p.is_dir():
+            raise UserError(f"{what}={value} is a folder; expected a file with one item a "
+                            f"line, or the text itself")
         elif (p.suffix.lower() in (".txt", ".tsv", ".csv", ".jsonl", ".json")
               or value.startswith(("/", "./", "../", "~"))):
             raise UserError(f"{what}={value} does not exist; expected a file with one item "

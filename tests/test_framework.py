@@ -362,6 +362,16 @@ def test_a_folder_given_for_files_says_so(tmp_path):
         expand_files(str(tmp_path / "corpus"), "data.train_files")
 
 
+def test_a_folder_given_as_a_tokenizer_or_a_text_list_says_so(tmp_path):
+    from data.text import Tokenizer
+    from tasks.fusion import _as_list
+    with pytest.raises(UserError, match=r"tokenizer file .* is a folder; expected a "
+                                        r"sentencepiece"):
+        Tokenizer.load(tmp_path)
+    with pytest.raises(UserError, match=r"texts=.* is a folder; expected a file with one item"):
+        _as_list(str(tmp_path), "texts")
+
+
 def test_text_files_are_read_without_their_byte_order_mark(tmp_path):
     from data.text import read_text
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
