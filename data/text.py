@@ -104,6 +104,19 @@ def read_text(files: list[Path], what: str) -> str:
 
 
 # --------------------------------------------------------------------------- tokenizer
+def _pieces(line: str, width: int = 1000) -> list[str]:
+    """``line`` cut before a space about every ``width`` characters (at ``width`` where it has
+    none), for tokenizer training: sentencepiece skips sentences over 4192 bytes, so a text
+    written as one long line (no line breaks) would otherwise train on nothing."""
+    pieces = []
+    while len(line) > width:
+        cut = line.rfind(" ", width // 2, width)
+        cut = cut if cut > 0 else width
+        pieces.append(line[:cut])
+        line = line[cut:]
+    return pieces + [line]
+
+
 TOKENIZER_KINDS = ("bpe", "unigram")
 
 
@@ -151,7 +164,7 @@ class Tokenizer:
         if kind not in TOKENIZER_KINDS:
             raise DataError(f"tokenizer kind {kind!r}; expected one of "
                             f"{', '.join(TOKENIZER_KINDS)}")
-        lines = [ln for ln in text.split("\n") if ln.strip()]
+        lines = [piece for ln in text.split("\n") if ln.strip() for piece in _pieces(ln)]
         if len(lines) < 10:
             raise DataError(f"too little text to train a tokenizer ({len(lines)} lines)")
         out = io.BytesIO()

@@ -36,6 +36,17 @@ def make_cfg(run_dir, *overrides):
             "generate.max_new_tokens=12", f"run_dir={run_dir}", *overrides])
 
 
+def test_a_tokenizer_trains_on_text_written_as_one_long_line():
+    """sentencepiece skips sentences over 4192 bytes: a corpus without line breaks is cut
+    into pieces for training (and still encodes and decodes whole)."""
+    text = " ".join(CORPUS.read_text().split())  # the sonnets as one line
+    assert "\n" not in text and len(text.encode()) > 30_000
+    tok = Tokenizer.train(text, 400)
+    assert tok.decode(tok.encode(text)) == text
+    lined = Tokenizer.train(CORPUS.read_text(), 400)  # the same text with its line breaks
+    assert len(tok.encode(text)) < 1.1 * len(lined.encode(text))  # as many pieces learned
+
+
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
 def test_tokenizer_round_trips_text_exactly(kind):
     text = CORPUS.read_text()
