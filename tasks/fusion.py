@@ -15,7 +15,6 @@ procedurally drawn scenes.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import random
 import textwrap
@@ -50,6 +49,7 @@ from .framework.checkpoints import (
     init_weights_from,
     load_weights_file,
     model_state,
+    overrides_to_match,
     start_meta,
     tensor_dict_problem,
 )
@@ -667,25 +667,13 @@ def open_clip_overrides(model_cfg: dict, want: dict) -> list[str]:
     are not compared (they start fresh)."""
     from modules.fusion import TextEncoder, TextImageModel
     from modules.vit import VisionTransformer
-
-    def defaults(cls) -> dict:
-        return {k: p.default for k, p in inspect.signature(cls).parameters.items()}
-
-    groups = {"vision.": (model_cfg["vision"], want["vision"], defaults(VisionTransformer)),
-              "text.": (model_cfg["text"], want["text"], defaults(TextEncoder)),
-              "": (model_cfg, {k: v for k, v in want.items() if k not in
-                               ("vision", "text", "fusion_depth")}, defaults(TextImageModel))}
-    via_data = {"vision.img_size": "data.img_size", "text.max_len": "data.max_text_len"}
-    out = []
-    for prefix, (have, wanted, default) in groups.items():
-        for key, value in wanted.items():
-            if key == "vocab_size" or have.get(key, default.get(key)) == value:
-                continue
-            name = via_data.get(prefix + key, f"model.{prefix}{key}")
-            plus = "" if key in have or name.startswith("data.") else "+"
-            shown = str(value).lower() if isinstance(value, bool) else value
-            out.append(f"{plus}{name}={shown}")
-    return out
+    top = {k: v for k, v in want.items() if k not in ("vision", "text", "fusion_depth")}
+    text = {k: v for k, v in want["text"].items() if k != "vocab_size"}
+    return (overrides_to_match(model_cfg["vision"], want["vision"], VisionTransformer,
+                               "model.vision.", {"img_size": "data.img_size"})
+            + overrides_to_match(model_cfg["text"], text, TextEncoder, "model.text.",
+                                 {"max_len": "data.max_text_len"})
+            + overrides_to_match(model_cfg, top, TextImageModel))
 
 
 def check_templates(d: DictConfig, train: PairSet) -> None:

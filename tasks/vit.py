@@ -29,7 +29,7 @@ from data.images import (
 )
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import expand_files
-from modules.vit import resize_pos_embed
+from modules.vit import VisionTransformer, resize_pos_embed
 
 from .framework import entry, training
 from .framework.checkpoints import (
@@ -37,6 +37,7 @@ from .framework.checkpoints import (
     init_weights_from,
     load_weights_file,
     model_state,
+    overrides_to_match,
     tensor_dict_problem,
 )
 from .framework.config import require
@@ -151,9 +152,18 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         try:
             depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
             state = vit_state_dict_from_timm(obj, depth)
+            want = timm_settings(obj, depth)
         except (KeyError, ValueError, IndexError) as exc:
             raise UserError(f"init_from {src} is not a complete timm VisionTransformer state "
-                            f"dict ({type(exc).__name__}: {exc})") from None
+                            f"dict ({type(exc).__name__}: {exc}; a timm ViT with mean "
+                            f"pooling and fc_norm is not supported)") from None
+        overrides = overrides_to_match(module.model_cfg, want, VisionTransformer,
+                                       via={"in_chans": "data.channels"})
+        if overrides and cfg.init_strict:
+            raise UserError(f"init_from {src} is a timm VisionTransformer that these model "
+                            f"settings do not compute; add {' '.join(overrides)} (the head "
+                            f"count must match too; or init_strict=false to load its weights "
+                            f"into these settings anyway)")
     else:
         raise UserError(f"init_from {src} is neither an attnkit vit checkpoint nor a timm "
                         f"VisionTransformer state dict")
@@ -172,6 +182,18 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
     return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
                              skip=(lambda k: k.startswith("head.")) if new_head
                              else (lambda k: False))
+
+
+def timm_settings(state: dict, depth: int) -> dict:
+    """The ``VisionTransformer`` settings a timm ViT state dict was trained under, as far as
+    its tensors tell (no convolutional stem, a learned position table, class-token pooling
+    where it has a class token); the head count and image size are not stored."""
+    w = state["patch_embed.proj.weight"]
+    return {"in_chans": w.shape[1], "patch_size": w.shape[-1], "embed_dim": w.shape[0],
+            "depth": depth, "stem_channels": [], "pos_embed": "learned",
+            "pool": "token" if "cls_token" in state else "mean",
+            "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+            "qkv_bias": "blocks.0.attn.qkv.bias" in state}
 
 
 def make_loaders(cfg: DictConfig, out: Path):

@@ -330,6 +330,43 @@ def test_timm_state_dict_as_init_from(tmp_path, image_folder):
                                   f"init_from={tmp_path}/bad.pth", "trainer.max_steps=2"))
 
 
+def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path):
+    """``init_from`` a timm ViT under the default model's settings (a convolutional stem,
+    sin-cos positions, mean pooling) names the overrides it needs; with them, the task's
+    model gives timm's logits."""
+    import re
+
+    from hydra.utils import instantiate
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
+        num_heads=4, mlp_ratio=3.0, qkv_bias=True, global_pool="token").eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # non-trivial norms, biases, class token
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(ref.state_dict(), tmp_path / "timm_vit.pth")
+
+    def module_for(*overrides):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("vit", overrides=[f"init_from={tmp_path}/timm_vit.pth",
+                                            "model.num_heads=4", *overrides])
+        m = vit_task.model_config(cfg, 10)
+        return SimpleNamespace(model=instantiate(m, _convert_="all").eval(), model_cfg=m), cfg
+
+    with pytest.raises(UserError) as err:
+        vit_task.apply_init_from(*module_for())
+    overrides = re.search(r"add (.*) \(the head count", str(err.value)).group(1).split()
+    assert sorted(overrides) == sorted([
+        "model.patch_size=7", "model.embed_dim=48", "model.depth=2", "model.stem_channels=[]",
+        "model.pos_embed=learned", "model.pool=token", "model.mlp_ratio=3.0"])
+    module, cfg = module_for(*overrides)
+    vit_task.apply_init_from(module, cfg)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_test_every_image_once(tmp_path, image_folder):
     """Two CPU processes: one run directory, and the test metrics cover the whole test split

@@ -10,6 +10,7 @@ is called.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import pickle
@@ -246,6 +247,27 @@ def tensor_dict_problem(state: object) -> str | None:
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             return f"whose {k!r} is a {type(v).__name__}"
     return None
+
+
+def overrides_to_match(have: dict, want: dict, cls, prefix: str = "model.",
+                       via: dict[str, str] | None = None) -> list[str]:
+    """Command-line overrides that turn the model config ``have`` (arguments of ``cls``, its
+    defaults where absent) into ``want``: the settings another toolkit's weights were
+    trained under. ``via``: keys set through a data setting (``img_size`` ->
+    ``data.img_size``); a key neither config nor ``via`` names is added with ``+``."""
+    via = via or {}
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    out = []
+    for key, value in want.items():
+        if have.get(key, defaults.get(key)) == value:
+            continue
+        name = via.get(key, prefix + key)
+        plus = "" if key in have or key in via else "+"
+        shown = (str(value).lower() if isinstance(value, bool)
+                 else f"[{','.join(map(str, value))}]" if isinstance(value, list | tuple)
+                 else value)
+        out.append(f"{plus}{name}={shown}")
+    return out
 
 
 def shape_mismatches(state: dict, own: dict) -> list[str]:
