@@ -219,7 +219,8 @@ def matmul_peak(device, dtype, n=None, reps=20) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])

@@ -159,7 +159,8 @@ def profile(step, device: str, rows: int = 15) -> None:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="emoji", choices=sorted(SHAPES))
     p.add_argument("--batch", type=int, default=None, help="default: the shape's")
     p.add_argument("--device", default="cpu")

@@ -63,7 +63,8 @@ def sdpa_empty_rows(dtype):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--head-dims", type=int, nargs="+", default=[32, 48, 64, 80, 96, 128, 256])
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()

@@ -69,7 +69,8 @@ def measure(fn, ins, backward, n=50, repeats=5):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--tokens", type=int, default=16384)
     args = p.parse_args()

@@ -43,6 +43,9 @@ class Timing:
         """Quartiles (25%, median, 75%) of the per-repeat ratios peer time / ``name`` time:
         the two ran back to back in each repeat, so drift of the machine cancels out."""
         ratios = sorted(a / b for a, b in zip(self.times[peer], self.times[name]))
+        if len(ratios) < 3:  # the default (exclusive) quartiles of two points extrapolate
+            # past them, even below zero; of one point there are none
+            return ratios[0], statistics.median(ratios), ratios[-1]
         q1, q2, q3 = statistics.quantiles(ratios, n=4)
         return q1, q2, q3
 
