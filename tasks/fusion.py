@@ -804,8 +804,31 @@ class FusionTask(training.Task):
                 if name == "test":
                     plots.append(plot_answers(module, pairs, collate, out / "answers.png"))
             figures[name] = res
+            print(summary_line(name, res))
         figures["plots"] = plots
         return figures
+
+
+def summary_line(name: str, res: dict) -> str:
+    """One printed line of a test set's figures (``results.json`` holds them all)."""
+    parts = []
+
+    def recalls(r: dict) -> str:
+        return "/".join(f"{r[k]:.3f}" for k in ("r1", "r5", "r10"))
+    retrieval = res.get("retrieval", {})
+    shown = retrieval.get("reranked") or retrieval.get("contrastive")
+    for way, label in (("t2i", "text -> image"), ("i2t", "image -> text")):
+        if shown:
+            plain = (f" (contrastive {recalls(retrieval['contrastive'][way])})"
+                     if "reranked" in retrieval else "")
+            parts.append(f"{label} R@1/5/10 {recalls(shown[way])}{plain}")
+    if res.get("zero_shot"):
+        parts.append("zero-shot " + ", ".join(f"{k} {v['accuracy']:.3f}"
+                                              for k, v in res["zero_shot"].items()))
+    if "answer" in res:
+        parts.append(f"answers {res['answer']['accuracy']:.3f} (image blanked "
+                     f"{res['answer_image_blanked']['accuracy']:.3f})")
+    return f"{name}: " + "; ".join(parts)
 
 
 def _sibling_split(sim: torch.Tensor, siblings: list[bool], unseen: list[list[str]]) -> dict:

@@ -354,6 +354,24 @@ def test_a_tokenizer_or_file_list_of_the_wrong_kind_is_one_error():
         expand_files(5, "images", "image files")
 
 
+def test_a_run_shorter_than_the_logging_interval_draws_its_training_curve():
+    from types import SimpleNamespace
+
+    from tasks.framework.reporting import History
+
+    def steps_recorded(max_steps: int, every: int) -> list[int]:
+        history = History()
+        for step in range(1, max_steps + 1):
+            trainer = SimpleNamespace(global_step=step, log_every_n_steps=every,
+                                      max_steps=max_steps,
+                                      callback_metrics={"train/loss": torch.tensor(1 / step)})
+            history.on_train_batch_end(trainer, None, None, None, step - 1)
+        return history.series("train/loss")[0]
+    assert steps_recorded(6, 25) == [1, 2, 3, 4, 5, 6]
+    assert steps_recorded(40, 25) == [4 * i for i in range(1, 11)]
+    assert steps_recorded(1010, 25) == [25 * i for i in range(1, 41)] + [1010]
+
+
 def test_a_folder_given_for_files_says_so(tmp_path):
     from data.text import expand_files
     (tmp_path / "corpus").mkdir()

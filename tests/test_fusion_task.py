@@ -60,9 +60,14 @@ def make_cfg(run_dir, *overrides):
             f"run_dir={run_dir}", *overrides])
 
 
-def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures):
+def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures, capsys):
     out = tmp_path / "run"
     res = fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl"))
+    t2i = res["test"]["retrieval"]["reranked"]["t2i"]
+    printed = capsys.readouterr().out  # the test figures are in the printed summary too
+    assert f"test: text -> image R@1/5/10 {t2i['r1']:.3f}/{t2i['r5']:.3f}/{t2i['r10']:.3f}" \
+        in printed
+    assert f"zero-shot color {res['test']['zero_shot']['color']['accuracy']:.3f}" in printed
     assert res["skipped_images"] == 1 and res["train_items"] + res["val_items"] + res["test_items"] == 72
     test = res["test"]
     for kind in ("contrastive", "reranked"):

@@ -28,7 +28,10 @@ class History(Callback):
             self.rows.append(row)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+        # Every log_every_n_steps steps, at least ten points a run (a run shorter than the
+        # interval drew no training curve), and the last step.
+        every = max(min(trainer.log_every_n_steps, (trainer.max_steps or 0) // 10), 1)
+        if trainer.global_step % every == 0 or trainer.global_step == trainer.max_steps:
             self._grab(trainer, "train/")
 
     def on_validation_end(self, trainer, pl_module):
