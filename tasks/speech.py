@@ -411,12 +411,14 @@ def plot_utterance(module: SpeechModule, feats: torch.Tensor, text: str, path: P
     a.imshow(feats.float().T.numpy(), origin="lower", aspect="auto", cmap="magma")
     a.set_title(f"log-mel (normalised); reference: {text!r}", fontsize=9)
     a.set_ylabel("mel bin")
+    a.set_xlabel("feature frame (10 ms)")
     b.imshow(post, origin="lower", aspect="auto", cmap="Blues", interpolation="nearest")
     names = ["_"] + ([c if c != " " else "␣" for c in CHARSET] if module.labels.kind == "chars"
                      else [str(i) for i in range(1, post.shape[0])])
     if len(names) <= 40:
         b.set_yticks(range(len(names)), names, fontsize=6)
     b.set_xlabel("encoder frame (40 ms)")
+    b.set_ylabel("output label")
     b.set_title(f"CTC posteriors (blank = _); greedy: {hyp!r}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

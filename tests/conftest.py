@@ -56,3 +56,30 @@ def saved_figures(monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", record)
     return figures
+
+
+@pytest.fixture
+def saved_axes(monkeypatch):
+    """{file name: [(x label, y label, x tick labels that run into each other)]} of each
+    axes holding an image, for each figure saved in the test."""
+    from matplotlib.figure import Figure
+    found = {}
+    save = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        save(fig, path, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        rows = []
+        for ax in fig.axes:
+            if not ax.images or not ax.axison:
+                continue
+            ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in ticks]
+            clash = [f"{a.get_text()}|{b.get_text()}" for (a, ba), (b, bb) in
+                     zip(zip(ticks, boxes), zip(ticks[1:], boxes[1:]))
+                     if bb.x0 - ba.x1 < 2 and ba.y0 < bb.y1 and bb.y0 < ba.y1]  # < 2 px apart
+            rows.append((ax.get_xlabel(), ax.get_ylabel(), clash))
+        found[Path(path).name] = rows
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return found

@@ -63,7 +63,7 @@ def make_cfg(run_dir, corpus, *overrides):
             "scheduler.warmup_steps=1", "decode.beam_size=4", f"run_dir={run_dir}", *overrides])
 
 
-def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figures):
+def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figures, saved_axes):
     res = speech_task.run(make_cfg(tmp_path, corpus))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["steps"] == 6 and saved["labels"] == "chars"
@@ -82,6 +82,8 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figur
                  "checkpoints/best.ckpt"):
         assert (tmp_path / name).is_file(), name
     assert {k: v for k, v in saved_figures.items() if v} == {}  # no title on an image
+    assert [(x, y) for x, y, _ in saved_axes["utterance.png"]] == [
+        ("feature frame (10 ms)", "mel bin"), ("encoder frame (40 ms)", "output label")]
     assert res["test"] == saved["test"]
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
     out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",

@@ -168,6 +168,15 @@ def test_mistake_grid_keeps_titles_off_the_images(tmp_path, saved_figures):
     assert saved_figures["misclassified.png"] == []
 
 
+@pytest.mark.parametrize("classes", [["left", "middle", "right"], list("0123456789"),
+                                     [f"class {i}" for i in range(12)]])
+def test_confusion_matrix_labels_do_not_run_into_each_other(tmp_path, saved_axes, classes):
+    from tasks.framework.reporting import plot_confusion
+    cm = torch.randint(0, 30, (len(classes), len(classes)))
+    plot_confusion(cm, classes, tmp_path / "confusion.png", "test")
+    assert saved_axes["confusion.png"] == [("predicted", "true", [])]
+
+
 def test_shifted_views_move_the_image_and_repeat_its_border():
     x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).view(2, 3, 5, 6)
     views = vit_task.shifted_views(x, 2)

@@ -89,7 +89,9 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str)
             if k <= 20:
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(k), classes, rotation=90 if k > 10 else 0)
+    # side by side, labels longer than a cell's width would run into each other
+    upright = k <= 10 and max(map(len, classes), default=0) <= 3
+    ax.set_xticks(range(k), classes, rotation=0 if upright else 90)
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
