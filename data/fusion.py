@@ -183,7 +183,8 @@ def _manifest_rows(path: Path) -> list[dict]:
         rows.append({"line": n, "image": image, "path": path.parent / image,
                      "caption": as_text(item["caption"], where, "caption"),
                      "id": as_text(item.get("id", image), where, "id"),
-                     "labels": {k: as_text(v, where, f"labels.{k}") for k, v in labels.items()},
+                     "labels": {k: as_text(v, where, f"labels.{k}", booleans=True)
+                                for k, v in labels.items()},
                      "qa": [{k: as_text(q.get(k, ""), where, f"qa.{k}")
                              for k in ("question", "answer", "type")} for q in qa]})
     return rows

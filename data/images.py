@@ -70,12 +70,14 @@ class ImageSet:
 
 
 def to_8bit(im: Image.Image) -> Image.Image:
-    """``im`` with 16-bit grey levels (modes ``I;16*`` and ``I``, as Pillow opens a 16-bit
-    PNG) scaled to 8 bits; Pillow's own conversion to ``L`` or ``RGB`` clips them at 255,
+    """``im`` with 16-bit grey levels (mode ``I;16*``, as Pillow opens a 16-bit PNG, and
+    mode ``I`` holding values over 255) scaled to 8 bits; Pillow's own conversion to ``L`` or ``RGB`` clips them at 255,
     which turns all but the darkest pixels white. Other images are returned as they are."""
     if not (im.mode.startswith("I;16") or im.mode == "I"):
         return im
-    grey = np.asarray(im).astype(np.int64) >> 8
+    grey = np.asarray(im).astype(np.int64)
+    if im.mode.startswith("I;16") or grey.max() > 255:  # 32-bit "I" within 0-255 is 8-bit
+        grey = grey >> 8
     return Image.fromarray(grey.clip(0, 255).astype(np.uint8), "L")
 
 

@@ -32,12 +32,16 @@ def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tup
         yield n, item
 
 
-def as_text(value, where: str, key: str) -> str:
+def as_text(value, where: str, key: str, booleans: bool = False) -> str:
     """A manifest value that should be text: a string, or a number written as one (an answer
-    of 3); a list, an object, true/false or null is a ``UserError`` naming ``key`` at
-    ``where`` (the file and line), not text made of its Python form."""
+    of 3), and with ``booleans`` true/false as "true"/"false" (a label such as
+    ``{"smiling": true}``); a list, an object or null (or true/false elsewhere) is a
+    ``UserError`` naming ``key`` at ``where`` (the file and line), not text made of its
+    Python form."""
     if isinstance(value, str):
         return value
+    if booleans and isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise UserError(f"{where} has {key}={json.dumps(value)[:60]}; expected text")

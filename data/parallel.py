@@ -147,7 +147,7 @@ def read_pairs(*, tsv: str | Path | None = None, source: str | Path | None = Non
         for n, line in enumerate(read_lines(path, "data.train_file"), 1):
             if not line.strip():
                 continue
-            fields = line.split("\t")
+            fields = line.rstrip().split("\t")  # a trailing TAB ends the target
             if len(fields) != 2:
                 found = "no TAB" if len(fields) == 1 else f"{len(fields)} TAB-separated fields"
                 raise DataError(f"{path} line {n} has {found}; expected source<TAB>target")

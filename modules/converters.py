@@ -295,12 +295,17 @@ def _open_clip_depth(state: Mapping[str, Tensor], prefix: str) -> int:
     return len({k[len(head):].split(".")[0] for k in state if k.startswith(head)})
 
 
-def _open_clip_mlp_ratio(state: Mapping[str, Tensor], prefix: str, width: int) -> float:
-    hidden = state[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+def mlp_ratio_for(hidden: int, width: int) -> float:
+    """The ``mlp_ratio`` that sizes a block's MLP at ``hidden`` for ``width``: the blocks
+    take int(width * mlp_ratio), and a ratio such as 8192 / 1664 can round down by one,
+    half a unit more cannot."""
     ratio = hidden / width
-    # The blocks size their MLP as int(width * mlp_ratio); a ratio such as 8192 / 1664
-    # can round down by one, half a unit more cannot.
     return ratio if int(width * ratio) == hidden else (hidden + 0.5) / width
+
+
+def _open_clip_mlp_ratio(state: Mapping[str, Tensor], prefix: str, width: int) -> float:
+    return mlp_ratio_for(state[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                         width)
 
 
 def _open_clip_heads(heads: int | None, width: int, name: str) -> int:

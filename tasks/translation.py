@@ -225,7 +225,9 @@ def run_translate(cfg: DictConfig) -> dict:
     module = TranslationModule.from_checkpoint(cfg.ckpt)
     tok = Tokenizer(module.meta["tokenizer"])
     if cfg.input == "-":
-        lines = split_lines(sys.stdin.read())
+        # stdin is not read in universal-newline mode: its CR LF and CR ends become LF here
+        text = sys.stdin.read().removeprefix("\ufeff")
+        lines = split_lines(text.replace("\r\n", "\n").replace("\r", "\n"))
     else:
         path = Path(str(cfg.input)).expanduser()
         if path.is_dir():

@@ -29,6 +29,7 @@ from data.images import (
 )
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.text import expand_files
+from modules.converters import mlp_ratio_for
 from modules.vit import VisionTransformer, resize_pos_embed
 
 from .framework import entry, training
@@ -192,7 +193,7 @@ def timm_settings(state: dict, depth: int) -> dict:
     return {"in_chans": w.shape[1], "patch_size": w.shape[-1], "embed_dim": w.shape[0],
             "depth": depth, "stem_channels": [], "pos_embed": "learned",
             "pool": "token" if "cls_token" in state else "mean",
-            "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+            "mlp_ratio": mlp_ratio_for(state["blocks.0.mlp.fc1.weight"].shape[0], w.shape[0]),
             "qkv_bias": "blocks.0.attn.qkv.bias" in state}
 
 

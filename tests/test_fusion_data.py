@@ -112,7 +112,7 @@ def test_a_manifest_with_a_byte_order_mark_and_a_line_separator_in_a_caption(tmp
     """Valid JSON may hold U+2028 unescaped (``json.dumps(ensure_ascii=False)`` writes it);
     it is not a line end of the manifest. A number is text where text is expected."""
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
-    rows = [{"image": "a.png", "caption": "one\u2028two", "qa": [
+    rows = [{"image": "a.png", "caption": "one\u2028two", "labels": {"smiling": True}, "qa": [
                 {"question": "how many?", "answer": 3}]},
             {"image": "a.png", "caption": "three"}]
     path = tmp_path / "pairs.jsonl"
@@ -121,6 +121,7 @@ def test_a_manifest_with_a_byte_order_mark_and_a_line_separator_in_a_caption(tmp
     got = read_pairs(path, img_size=8)
     assert got.captions == ["one\u2028two", "three"]
     assert got.qa[0] == [{"question": "how many?", "answer": "3", "type": ""}]
+    assert got.labels == {"smiling": ["true", ""]}
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
@@ -133,6 +134,10 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     assert torch.equal(load_image(tmp_path / "deep.png", 16, 1)[0], expected)
     rgb = torch.tensor(fusion.load_rgb(tmp_path / "deep.png", 16))
     assert torch.equal(rgb, expected[..., None].expand(16, 16, 3))
+    # 32-bit integer grey levels (a TIFF's mode "I") within 0-255 are already 8-bit
+    Image.fromarray((ramp >> 8).astype(np.int32), "I").save(tmp_path / "wide.tif")
+    assert Image.open(tmp_path / "wide.tif").mode == "I"
+    assert torch.equal(load_image(tmp_path / "wide.tif", 16, 1)[0], expected)
 
 
 # --------------------------------------------------------------------------------- emoji

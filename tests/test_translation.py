@@ -114,7 +114,7 @@ def test_lines_break_at_line_ends_only(tmp_path):
 
 def test_a_tsv_line_with_three_fields_is_named(tmp_path):
     tsv = tmp_path / "pairs.tsv"
-    tsv.write_text("a\tb\nc\td\ne\tf\textra\n", encoding="utf-8")
+    tsv.write_text("a\tb\nc\td\t\ne\tf\textra\n", encoding="utf-8")  # line 2: a trailing TAB
     with pytest.raises(UserError, match=r"pairs\.tsv line 3 has 3 TAB-separated fields; "
                                         r"expected source<TAB>target"):
         read_pairs(tsv=tsv)
@@ -188,10 +188,10 @@ def test_translate_from_stdin_cli(tmp_path):
         [sys.executable, "-m", "tasks.translation", "mode=translate",
          f"ckpt={out}/checkpoints/best.ckpt", "input=-", "decode.beam_size=2",
          f"hydra.run.dir={tmp_path / 'hydra'}"],
-        input="God saw the light.\u2028And\x0cthe evening\nAnd there was light\n",
+        input="God saw the light.\u2028And\x0cthe evening\r\nAnd there\rwas light\n",
         capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("\n") == 2, proc.stdout  # output line N translates input line N
+    assert proc.stdout.count("\n") == 3, proc.stdout  # output line N translates input line N
 
 
 @pytest.mark.slow

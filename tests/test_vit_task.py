@@ -376,6 +376,15 @@ def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path
         torch.testing.assert_close(module.model(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+def test_timm_mlp_ratio_rebuilds_the_hidden_size():
+    """The blocks take int(width * mlp_ratio): 115 / 56 rounds down to 114."""
+    from modules.converters import mlp_ratio_for
+    state = {"patch_embed.proj.weight": torch.zeros(56, 3, 8, 8),
+             "blocks.0.mlp.fc1.weight": torch.zeros(115, 56)}
+    ratio = vit_task.timm_settings(state, 1)["mlp_ratio"]
+    assert int(56 * ratio) == 115 and int(768 * mlp_ratio_for(3072, 768)) == 3072
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_test_every_image_once(tmp_path, image_folder):
     """Two CPU processes: one run directory, and the test metrics cover the whole test split

@@ -10,6 +10,7 @@ is called.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -74,17 +75,22 @@ def _nested_target(node, path: str = "") -> tuple[str, object] | None:
 def _names_globals(path: Path) -> bool:
     """Whether ``path`` is a whole pickle (raw, or the ``data.pkl`` of a torch zip file) that
     names a class or function, read with ``pickletools``, which only lists the opcodes."""
+    ops: set[str] = set()
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                zf = stack.enter_context(zipfile.ZipFile(path))
                 name = next((n for n in zf.namelist() if n.endswith("/data.pkl")), None)
-                data = zf.read(name) if name else b""
-        else:
-            data = path.read_bytes()
-        ops = [op.name for op, _, _ in pickletools.genops(data)]
+                if name is None:
+                    return False
+                f = stack.enter_context(zf.open(name))
+            else:
+                f = stack.enter_context(open(path, "rb"))
+            for op, _, _ in pickletools.genops(f):  # streamed: a large file is not held
+                ops.add(op.name)
     except Exception:  # not a pickle to the end: nothing it names can be trusted either
         return False
-    return ops[-1:] == ["STOP"] and bool({"GLOBAL", "STACK_GLOBAL", "INST"} & set(ops))
+    return "STOP" in ops and bool({"GLOBAL", "STACK_GLOBAL", "INST"} & ops)
 
 
 def _cause(message: str) -> str:

@@ -145,7 +145,7 @@ def train(task: Task, cfg: DictConfig) -> dict:
         prep = task.prepare(cfg, out)
         if prep.split is not None:
             prep.meta["split_digest"] = hashlib.sha256(
-                json.dumps(prep.split, sort_keys=True).encode()).hexdigest()[:16]
+                json.dumps(prep.split, sort_keys=True, default=str).encode()).hexdigest()[:16]
         t_data = runtime.seconds_since(t0)
         if _batches(prep.train_loader) == 0:
             raise UserError("the training set gives no batch: it holds fewer items than "
