@@ -259,6 +259,15 @@ def test_compiled_forward_and_loss_match_eager(tmp_path):
     torch.testing.assert_close(losses[1][2], losses[0][2], rtol=1e-4, atol=1e-6)
 
 
+def test_a_hf_weights_file_given_for_its_folder_names_the_folder(tmp_path):
+    from tests.test_converters_llama import save_llama
+    save_llama(tmp_path / "llama", vocab_size=400, max_position_embeddings=128)
+    weights = next((tmp_path / "llama").glob("*.safetensors"))
+    with pytest.raises(UserError, match=rf"a Hugging Face model is read from its folder: "
+                                        rf"init_from={tmp_path / 'llama'}$"):
+        lm_task.run(make_cfg(tmp_path / "r", f"init_from={weights}"))
+
+
 def test_a_hf_directory_without_a_llama_config_key_is_one_error(tmp_path):
     from tests.test_converters_llama import save_llama
     save_llama(tmp_path / "llama", vocab_size=400, max_position_embeddings=128)

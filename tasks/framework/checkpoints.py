@@ -110,9 +110,11 @@ def safe_load(path: str | os.PathLike, what: str) -> object:
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
     if path.suffix == ".safetensors":
+        folder = (f"; a Hugging Face model is read from its folder: init_from={path.parent}"
+                  if (path.parent / "config.json").is_file() else "")
         raise UserError(f"{what} {path} is a safetensors file; expected an attnkit checkpoint "
                         f"(.ckpt; init_from= also reads safetensors weights where the task "
-                        f"takes another toolkit's)")
+                        f"takes another toolkit's){folder}")
     try:
         with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: noise
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
