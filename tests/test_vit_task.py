@@ -19,15 +19,22 @@ from tasks.framework.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_matches_timm_logits_on_the_same_weights(tmp_path):
+def saved_timm_vit(path: Path, mlp_ratio: float):
+    """A timm ViT (28 px, 7 px patches, d48 x 2, 4 heads, class token) with non-trivial
+    norms, biases and class token, its state dict saved at ``path``."""
     timm = pytest.importorskip("timm")
     ref = timm.models.vision_transformer.VisionTransformer(
         img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
-        num_heads=4, mlp_ratio=2.0, qkv_bias=True, global_pool="token").eval()
+        num_heads=4, mlp_ratio=mlp_ratio, qkv_bias=True, global_pool="token").eval()
     with torch.no_grad():
-        for p in ref.parameters():  # non-trivial norms, biases, class token
+        for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    torch.save(ref.state_dict(), tmp_path / "timm_vit.pth")
+    torch.save(ref.state_dict(), path)
+    return ref
+
+
+def test_matches_timm_logits_on_the_same_weights(tmp_path):
+    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0)
     ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
                              embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0,
                              pool="token").eval()
@@ -346,15 +353,8 @@ def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path
     import re
 
     from hydra.utils import instantiate
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
-        num_heads=4, mlp_ratio=3.0, qkv_bias=True, global_pool="token").eval()
-    with torch.no_grad():
-        for p in ref.parameters():  # non-trivial norms, biases, class token
-            p.add_(torch.randn_like(p) * 0.05)
-    torch.save(ref.state_dict(), tmp_path / "timm_vit.pth")
+    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 3.0)
 
     def module_for(*overrides):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
