@@ -50,8 +50,8 @@ from .framework.checkpoints import (
     load_weights_file,
     model_state,
     overrides_to_match,
+    require_tensor_dict,
     start_meta,
-    tensor_dict_problem,
 )
 from .framework.errors import UserError
 from .framework.module import TaskModule
@@ -629,9 +629,7 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
     elif isinstance(obj, dict) and "visual.conv1.weight" in obj:
         m = module.model_cfg
         heads = dict(vision_heads=m["vision"]["num_heads"], text_heads=m["text"]["num_heads"])
-        if tensor_dict_problem(obj):
-            raise UserError(f"init_from {src} has a state dict {tensor_dict_problem(obj)}; "
-                            f"expected the tensors of an open_clip.CLIP")
+        require_tensor_dict(obj, f"init_from {src}", "the tensors of an open_clip.CLIP")
         try:
             want = clip_kwargs_from_open_clip(obj, **heads)
             state = clip_state_dict_from_open_clip(obj, **heads)

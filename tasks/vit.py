@@ -39,7 +39,7 @@ from .framework.checkpoints import (
     load_weights_file,
     model_state,
     overrides_to_match,
-    tensor_dict_problem,
+    require_tensor_dict,
 )
 from .framework.config import require
 from .framework.errors import UserError
@@ -147,9 +147,7 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
     if isinstance(obj, dict) and CKPT_KEY in obj:
         state = model_state(src, ViTModule.task, module, ViTTask.named_rows)
     elif isinstance(obj, dict) and "patch_embed.proj.weight" in obj:
-        if tensor_dict_problem(obj):
-            raise UserError(f"init_from {src} has a state dict {tensor_dict_problem(obj)}; "
-                            f"expected the tensors of a timm VisionTransformer")
+        require_tensor_dict(obj, f"init_from {src}", "the tensors of a timm VisionTransformer")
         try:
             depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
             state = vit_state_dict_from_timm(obj, depth)

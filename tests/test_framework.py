@@ -142,7 +142,7 @@ def test_checkpoint_metadata_of_the_wrong_kind_is_one_error(tmp_path, trained, v
 
 
 @pytest.mark.parametrize("edit, expect", [
-    (lambda sd: [1, 2], "has a state_dict that is a list; expected tensors by name"),
+    (lambda sd: [1, 2], "has a state dict that is a list; expected tensors by name"),
     (lambda sd: sd | {"model.embed.weight": 3}, "whose 'model.embed.weight' is a int"),
 ])
 @pytest.mark.parametrize("key", ["ckpt", "init_from", "resume"])

@@ -167,10 +167,8 @@ def checked_checkpoint(ckpt: object, path: str | os.PathLike, task: str) -> dict
         raise UserError(f"checkpoint {path} is from the {meta.get('task')!r} task; expected a "
                         f"{task!r} checkpoint")
     check_model_target(meta.get("model"), f"checkpoint {path}")
-    not_tensor = tensor_dict_problem(ckpt["state_dict"])
-    if not_tensor:
-        raise UserError(f"checkpoint {path} has a state_dict {not_tensor}; expected tensors by "
-                        f"name, as attnkit writes them")
+    require_tensor_dict(ckpt["state_dict"], f"checkpoint {path}",
+                        "tensors by name, as attnkit writes them")
     bad = _hydra_syntax(meta)
     if bad is not None:
         raise UserError(f"checkpoint {path} holds {bad[1]!r} at {bad[0]}; expected plain "
@@ -246,15 +244,16 @@ def rows_by_name(state: dict, own: dict, layer: str, old: list | None, new: list
     return state
 
 
-def tensor_dict_problem(state: object) -> str | None:
-    """What keeps ``state`` from being a state dict (a mapping of names to tensors), said
-    as a phrase ("that is a list", "whose 'a.weight' is an int"); None when it is one."""
+def require_tensor_dict(state: object, source: str, expected: str = "tensors by name") -> None:
+    """A ``UserError`` naming what keeps ``state`` (read from ``source``) from being a state
+    dict, a mapping of names to tensors: "that is a list", "whose 'a.weight' is a int"."""
     if not isinstance(state, dict):
-        return f"that is a {type(state).__name__}"
-    for k, v in state.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            return f"whose {k!r} is a {type(v).__name__}"
-    return None
+        problem = f"that is a {type(state).__name__}"
+    else:
+        problem = next((f"whose {k!r} is a {type(v).__name__}" for k, v in state.items()
+                        if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if problem:
+        raise UserError(f"{source} has a state dict {problem}; expected {expected}")
 
 
 def overrides_to_match(have: dict, want: dict, cls, prefix: str = "model.",
@@ -288,10 +287,7 @@ def init_weights_from(module: torch.nn.Module, state: dict, *, strict: bool, sou
                       skip: Callable[[str], bool] = lambda k: False) -> dict:
     """Load weights only, reporting missing and unexpected keys; shape mismatches and, when
     strict, any missing or unexpected key are errors naming them."""
-    problem = tensor_dict_problem(state)
-    if problem:
-        raise UserError(f"init_from {source} has a state dict {problem}; expected tensors by "
-                        f"name")
+    require_tensor_dict(state, f"init_from {source}")
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not skip(k)}
     wrong = shape_mismatches(state, own)
@@ -366,9 +362,9 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
     ``optimizer.embedding_weight_decay``) is one error naming those settings; one whose
     metadata ``names`` (the class names or answers its output rows stand for) differ from
     the module's is one error naming the first difference; so is one trained on another
-    split (``split_digest``, kept by the tasks that split their data by seed). ``optimization``: a throwaway
-    ``{"optimizer", "lr_scheduler"}`` of this run's settings, into which the saved training
-    state is loaded first (``check_training_state``)."""
+    split (``split_digest``, kept by the tasks that split their data by seed).
+    ``optimization``: a throwaway ``{"optimizer", "lr_scheduler"}`` of this run's settings,
+    into which the saved training state is loaded first (``check_training_state``)."""
     ckpt = load_checkpoint(path, task)
     for key in names:
         theirs, ours = ckpt[CKPT_KEY].get(key), module.meta.get(key)
