@@ -224,14 +224,17 @@ def load_hf_llama(path: str | Path, **overrides) -> CausalLM:
 def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
     """Rename a timm ``VisionTransformer`` state dict into ``modules.vit`` keys.
 
-    timm's fused ``qkv`` is laid out (q, k, v) like our ``qkv_proj``; ``fc_norm`` (used by
-    timm with mean pooling) is not supported, timm's final ``norm`` maps to ours.
+    timm's fused ``qkv`` is laid out (q, k, v) like our ``qkv_proj``; its final ``norm``
+    maps to the encoder's, its ``fc_norm`` (after mean pooling, in place of ``norm``) to
+    ours (``fc_norm=True``).
     """
     sd = dict(sd)
     out = {"patch_embed.proj.weight": sd.pop("patch_embed.proj.weight"),
            "patch_embed.proj.bias": sd.pop("patch_embed.proj.bias"),
-           "encoder.norm.weight": sd.pop("norm.weight"), "encoder.norm.bias": sd.pop("norm.bias"),
            "head.weight": sd.pop("head.weight"), "head.bias": sd.pop("head.bias")}
+    norm = "fc_norm" if "fc_norm.weight" in sd else "norm"
+    for p in ("weight", "bias"):
+        out[f"encoder.norm.{p}" if norm == "norm" else f"fc_norm.{p}"] = sd.pop(f"{norm}.{p}")
     for name in ("cls_token", "pos_embed"):
         if name in sd:
             out[name] = sd.pop(name)

@@ -196,8 +196,7 @@ class TextImageModel(nn.Module):
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images ``(B, C, H, W)`` -> (unit embeddings ``(B, D)``, tokens ``(B, N, Ev)``)."""
         tokens = self.visual.features(images)
-        pooled = tokens[:, 0] if self.visual.pool == "token" else tokens.mean(1)
-        return F.normalize(self.visual.head(pooled), dim=-1), tokens
+        return F.normalize(self.visual.head(self.visual.pooled(tokens)), dim=-1), tokens
 
     def encode_text(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Ids and mask ``(B, L)`` -> (unit embeddings ``(B, D)``, tokens ``(B, L, Et)``)."""

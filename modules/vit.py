@@ -78,6 +78,10 @@ class VisionTransformer(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio: encoder sizes.
         stem_channels, stem_stride: optional convolutional stem (see ``PatchEmbed``).
         pool: ``"token"`` (class token) or ``"mean"`` (mean of patch tokens).
+        class_token: prepend a class token (default: with ``pool="token"`` only; with
+            ``"mean"`` it still attends but is left out of the mean, as timm does).
+        fc_norm: normalise the pooled features rather than the tokens (timm's ``fc_norm``,
+            its default with mean pooling): the encoder gets no final norm.
         pos_embed: ``"learned"`` or ``"sincos"``.
         pre_norm: a LayerNorm on the embedded tokens before the encoder (CLIP's ``ln_pre``).
         qkv_bias: bias on the q/k/v projection.
@@ -89,7 +93,7 @@ class VisionTransformer(nn.Module):
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 12,
                  num_heads: int = 3, mlp_ratio: float = 4.0,
                  stem_channels: tuple[int, ...] | list[int] = (), stem_stride: int = 1,
-                 pool: str = "token",
+                 pool: str = "token", class_token: bool | None = None, fc_norm: bool = False,
                  pos_embed: str = "learned", qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  pre_norm: bool = False, backend: str = "auto"):
@@ -98,18 +102,22 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"pool must be 'token' or 'mean', got {pool!r}")
         if pos_embed not in ("learned", "sincos"):
             raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        class_token = pool == "token" if class_token is None else class_token
+        if pool == "token" and not class_token:
+            raise ValueError("pool='token' needs the class token (class_token=True)")
         self.img_size, self.pool, self.num_classes = img_size, pool, num_classes
+        self.num_prefix = int(class_token)
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size,
                                       in_chans=in_chans, embed_dim=embed_dim,
                                       stem_channels=tuple(stem_channels),
                                       stem_stride=stem_stride)
-        n = self.patch_embed.grid ** 2 + (pool == "token")
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "token" else None
+        n = self.patch_embed.grid ** 2 + self.num_prefix
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim) * 0.02)
         else:
             table = sincos_2d(self.patch_embed.grid, self.patch_embed.grid, embed_dim)
-            if pool == "token":
+            if class_token:
                 table = torch.cat([torch.zeros(1, embed_dim), table])
             self.register_buffer("pos_embed", table[None], persistent=False)
         self.pos_drop = nn.Dropout(drop)
@@ -119,6 +127,9 @@ class VisionTransformer(nn.Module):
             mlp_hidden_dim=int(embed_dim * mlp_ratio), norm="layernorm", mlp="gelu",
             norm_eps=norm_eps, qkv_bias=qkv_bias, proj_bias=True, mlp_bias=True,
             attn_drop=attn_drop, drop=drop, drop_path_rate=drop_path_rate, backend=backend)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else None
+        if fc_norm:
+            self.encoder.norm = nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(self._init)
         if self.cls_token is not None:
@@ -145,9 +156,13 @@ class VisionTransformer(nn.Module):
         runs its query, attention output and MLP for that token alone (the same logits as
         encoding every token; tested against timm).
         """
-        if self.pool == "token":
-            return self.head(self.features(x, keep=1)[:, 0])
-        return self.head(self.features(x).mean(1))
+        return self.head(self.pooled(self.features(x, keep=1 if self.pool == "token" else None)))
+
+    def pooled(self, tokens: Tensor) -> Tensor:
+        """Encoded tokens ``(B, N [+1], E)`` (or the class token's alone) -> the features the
+        head reads ``(B, E)``."""
+        x = tokens[:, 0] if self.pool == "token" else tokens[:, self.num_prefix:].mean(1)
+        return self.fc_norm(x) if self.fc_norm is not None else x
 
 
 def resize_pos_embed(pos: Tensor, new_grid: int, num_prefix: int) -> Tensor:

@@ -153,9 +153,9 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
             state = vit_state_dict_from_timm(obj, depth)
             want = timm_settings(obj, depth)
         except (KeyError, ValueError, IndexError) as exc:
-            raise UserError(f"init_from {src} is not a complete timm VisionTransformer state "
-                            f"dict ({type(exc).__name__}: {exc}; a timm ViT with mean "
-                            f"pooling and fc_norm is not supported)") from None
+            raise UserError(f"init_from {src} is not a timm VisionTransformer state dict "
+                            f"this model can take ({type(exc).__name__}: {exc}); expected a "
+                            f"complete one without register tokens") from None
         overrides = overrides_to_match(module.model_cfg, want, VisionTransformer,
                                        via={"in_chans": "data.channels"})
         if overrides and cfg.init_strict:
@@ -168,7 +168,7 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
                         f"VisionTransformer state dict")
     own = module.model.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        prefix = 1 if module.model.cls_token is not None else 0
+        prefix = module.model.num_prefix
         try:
             state["pos_embed"] = resize_pos_embed(state["pos_embed"],
                                                   module.model.patch_embed.grid, prefix)
@@ -185,12 +185,17 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
 
 def timm_settings(state: dict, depth: int) -> dict:
     """The ``VisionTransformer`` settings a timm ViT state dict was trained under, as far as
-    its tensors tell (no convolutional stem, a learned position table, class-token pooling
-    where it has a class token); the head count and image size are not stored."""
+    its tensors tell (no convolutional stem, a learned position table; mean pooling where it
+    has an ``fc_norm`` (timm's default with it) or no class token, else class-token
+    pooling); the head count and image size are not stored."""
     w = state["patch_embed.proj.weight"]
+    fc_norm = "fc_norm.weight" in state
     return {"in_chans": w.shape[1], "patch_size": w.shape[-1], "embed_dim": w.shape[0],
             "depth": depth, "stem_channels": [], "pos_embed": "learned",
-            "pool": "token" if "cls_token" in state else "mean",
+            "pool": "mean" if fc_norm or "cls_token" not in state else "token",
+            "fc_norm": fc_norm,
+            # a class token beside mean pooling (with class-token pooling it is implied)
+            **({"class_token": True} if fc_norm and "cls_token" in state else {}),
             "mlp_ratio": mlp_ratio_for(state["blocks.0.mlp.fc1.weight"].shape[0], w.shape[0]),
             "qkv_bias": "blocks.0.attn.qkv.bias" in state}
 

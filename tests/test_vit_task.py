@@ -19,13 +19,21 @@ from tasks.framework.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def saved_timm_vit(path: Path, mlp_ratio: float):
-    """A timm ViT (28 px, 7 px patches, d48 x 2, 4 heads, class token) with non-trivial
-    norms, biases and class token, its state dict saved at ``path``."""
+# timm's ways of pooling: its class token; the mean of the patch tokens beside a class
+# token, normalised after pooling (fc_norm, timm's default with "avg", as in MAE); the mean
+# with no class token and the tokens normalised (fc_norm=False, the "_gap" models)
+TIMM_POOLS = {"token": dict(global_pool="token"), "avg_fc_norm": dict(global_pool="avg"),
+              "avg_no_class_token": dict(global_pool="avg", class_token=False, fc_norm=False)}
+
+
+def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
+    """A timm ViT (28 px, 7 px patches, d48 x 2, 4 heads, by default with class-token
+    pooling: ``pool`` gives other ``TIMM_POOLS``) with non-trivial norms, biases and class
+    token, its state dict saved at ``path``."""
     timm = pytest.importorskip("timm")
     ref = timm.models.vision_transformer.VisionTransformer(
         img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
-        num_heads=4, mlp_ratio=mlp_ratio, qkv_bias=True, global_pool="token").eval()
+        num_heads=4, mlp_ratio=mlp_ratio, qkv_bias=True, **(pool or TIMM_POOLS["token"])).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -33,11 +41,15 @@ def saved_timm_vit(path: Path, mlp_ratio: float):
     return ref
 
 
-def test_matches_timm_logits_on_the_same_weights(tmp_path):
-    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0)
+@pytest.mark.parametrize("pool, ours_pool", [
+    ("token", dict(pool="token")),
+    ("avg_fc_norm", dict(pool="mean", class_token=True, fc_norm=True)),
+    ("avg_no_class_token", dict(pool="mean"))])
+def test_matches_timm_logits_on_the_same_weights(tmp_path, pool, ours_pool):
+    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, **TIMM_POOLS[pool])
     ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
                              embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0,
-                             pool="token").eval()
+                             **ours_pool).eval()
     sd = torch.load(tmp_path / "timm_vit.pth")
     ours.load_state_dict(vit_state_dict_from_timm(sd, depth=2))
     x = torch.randn(3, 1, 28, 28)
@@ -322,7 +334,15 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, image_fol
 def test_an_incomplete_timm_state_dict_is_one_error(tmp_path, image_folder):
     bad = tmp_path / "partial.pth"
     torch.save({"patch_embed.proj.weight": torch.zeros(32, 1, 4, 4)}, bad)
-    with pytest.raises(UserError, match="is not a complete timm VisionTransformer state dict"):
+    with pytest.raises(UserError, match="is not a timm VisionTransformer state dict this "
+                                        "model can take .*; expected a complete one"):
+        vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={bad}"))
+    timm = pytest.importorskip("timm")
+    registers = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2,
+        reg_tokens=4)
+    torch.save(registers.state_dict(), bad)
+    with pytest.raises(UserError, match=r"unsupported keys .*'reg_token'.*without register"):
         vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={bad}"))
 
 
@@ -346,15 +366,20 @@ def test_timm_state_dict_as_init_from(tmp_path, image_folder):
                                   f"init_from={tmp_path}/bad.pth", "trainer.max_steps=2"))
 
 
-def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path):
+@pytest.mark.parametrize("pool, pool_overrides", [
+    ("token", ["model.pool=token"]),
+    ("avg_fc_norm", ["model.class_token=true", "model.fc_norm=true"]),
+    ("avg_no_class_token", [])])
+def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path, pool,
+                                                                         pool_overrides):
     """``init_from`` a timm ViT under the default model's settings (a convolutional stem,
-    sin-cos positions, mean pooling) names the overrides it needs; with them, the task's
-    model gives timm's logits."""
+    sin-cos positions, mean pooling, no class token) names the overrides it needs; with
+    them, the task's model gives timm's logits, whichever way timm pools."""
     import re
 
     from hydra.utils import instantiate
     torch.manual_seed(0)
-    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 3.0)
+    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 3.0, **TIMM_POOLS[pool])
 
     def module_for(*overrides):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -368,7 +393,7 @@ def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path
     overrides = re.search(r"add (.*) \(the head count", str(err.value)).group(1).split()
     assert sorted(overrides) == sorted([
         "model.patch_size=7", "model.embed_dim=48", "model.depth=2", "model.stem_channels=[]",
-        "model.pos_embed=learned", "model.pool=token", "model.mlp_ratio=3.0"])
+        "model.pos_embed=learned", "model.mlp_ratio=3.0", *pool_overrides])
     module, cfg = module_for(*overrides)
     vit_task.apply_init_from(module, cfg)
     x = torch.randn(3, 1, 28, 28)
