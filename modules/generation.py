@@ -50,12 +50,18 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None,
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Next token ids ``(B,)`` from last-position logits ``(B, V)``; temperature 0 = greedy."""
+                top_p: float | None = None,
+                generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    """Next token ids ``(B,)`` from last-position logits ``(B, V)``; temperature 0 = greedy.
+    ``generator``: one for the batch, or one per row (each row then draws as it would
+    alone, whatever else is in the batch)."""
     if temperature <= 0.0:
         return logits.argmax(-1)
-    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p).softmax(-1)
+    if isinstance(generator, list | tuple):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)
+                          for i, g in enumerate(generator)]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class StaticDecoder:
@@ -134,7 +140,8 @@ def _param_versions(model) -> tuple[int, ...]:
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
              pad_id: int = 0, use_cache: bool = True, compile: bool = False,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | list[torch.Generator] | None = None
+             ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens of each (without the prompt).
 
     Args:
@@ -147,6 +154,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, temperatur
         eos_id: a sequence stops after producing it (it is included in the output).
         use_cache: decode with the KV cache (False recomputes the whole prefix per token).
         compile: decode new tokens with a compiled ``StaticDecoder`` step (needs the cache).
+        generator: for sampling; one per prompt makes each prompt's draws its own.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")

@@ -29,6 +29,7 @@ from data.text import (
     TOKENIZER_KINDS,
     Tokenizer,
     TokenWindows,
+    digest,
     encode_cached,
     expand_files,
     prepare_shakespeare,
@@ -54,6 +55,7 @@ class LMData:
     val_ids: np.ndarray
     val_chars: int
     source: str
+    split: dict  # digests of the training and validation text (resume requires the same)
 
 
 def _texts(d: DictConfig) -> tuple[str, str, str]:
@@ -89,18 +91,31 @@ def prepare_data(cfg: DictConfig, start: tuple[str, dict] | None = None) -> LMDa
     require(d.tokenizer_type in TOKENIZER_KINDS, "data.tokenizer_type", d.tokenizer_type,
             " or ".join(TOKENIZER_KINDS))
     train_text, val_text, source = _texts(d)
+    # with the validation text cut from the training files, too little left to train on
+    # may be data.val_fraction's doing: the errors say so
+    hint = (f" (data.val_fraction={d.val_fraction} holds out that share of "
+            f"data.train_files; expected a smaller one or more text)"
+            if d.train_files is not None and d.val_files is None else "")
     cache = cache_dir() / "tokenized"
-    tok = tokenizer_for_run(d.tokenizer, start, lambda: train_or_load_tokenizer(
-        train_text, d.vocab_size, cache, d.tokenizer_type))
+    try:
+        tok = tokenizer_for_run(d.tokenizer, start, lambda: train_or_load_tokenizer(
+            train_text, d.vocab_size, cache, d.tokenizer_type))
+    except UserError as exc:
+        raise UserError(f"{exc}{hint if 'too little text' in str(exc) else ''}") from None
     train_ids = encode_cached(tok, train_text, cache)
     val_ids = encode_cached(tok, val_text, cache)
-    if len(train_ids) < d.context + 2:
-        raise UserError(f"the training text has {len(train_ids)} tokens, fewer than one "
-                        f"window of data.context={d.context}")
+    windows = max((len(train_ids) - d.context) // d.context, 0)  # at any window offset
+    if windows < d.batch_size:
+        raise UserError(f"the training text has {len(train_ids)} tokens, {windows} windows of "
+                        f"data.context={d.context}, fewer than a batch of "
+                        f"data.batch_size={d.batch_size}"
+                        + (hint or "; expected more text, or a smaller data.context or "
+                                   "data.batch_size"))
     if len(val_ids) < 2:
         raise UserError(f"the validation text has {len(val_ids)} tokens; give more "
                         f"(data.val_files or data.val_fraction)")
-    return LMData(tok, train_ids, val_ids, len(val_text), source)
+    return LMData(tok, train_ids, val_ids, len(val_text), source,
+                  split={"train": digest(train_text), "val": digest(val_text)})
 
 
 def make_loaders(cfg: DictConfig, data: LMData):
@@ -216,7 +231,8 @@ class LMTask(training.Task):
             info={"data": data.source, "train_tokens": int(len(data.train_ids)),
                   "val_tokens": int(len(data.val_ids)),
                   "vocab_size": data.tokenizer.vocab_size},
-            data={"tokenizer": data.tokenizer, "val_loader": val_loader, "hf_state": hf_state})
+            data={"tokenizer": data.tokenizer, "val_loader": val_loader, "hf_state": hf_state},
+            split=data.split)
 
     def init_from(self, module, cfg, prep):
         hf_state = prep.data["hf_state"]
@@ -239,24 +255,54 @@ class LMTask(training.Task):
 # --------------------------------------------------------------------------- generation
 def sample_text(model, tok: Tokenizer, prompt: str, cfg: DictConfig,
                 prompts: list[str] | None = None) -> str | list[str]:
-    g = cfg.generate
+    """Continue ``prompt`` (or each of ``prompts``): ``sample_ids``, decoded."""
     many = prompts if prompts is not None else [prompt]
-    encoded = [tok.encode(p) or [tok.NL] for p in many]
-    room = model.max_seq_len - max(len(e) for e in encoded)
-    if room < 1:
-        raise UserError(f"the prompt is {max(len(e) for e in encoded)} tokens; the model's "
-                        f"context is {model.max_seq_len}")
+    bad = [p for p in many if not isinstance(p, str)]
+    if bad or not many:
+        raise UserError(f"prompt={bad[0] if bad else None!r} is not text; expected a prompt "
+                        f"(prompt='' for none)")
+    texts = [tok.decode(o) for o in
+             sample_ids(model, tok, [tok.encode(p) or [tok.NL] for p in many], cfg.generate)]
+    return texts if prompts is not None else texts[0]
+
+
+def sample_ids(model, tok: Tokenizer, encoded: list[list[int]], g: DictConfig) -> list[list[int]]:
+    """The new tokens of each prompt, up to ``g.max_new_tokens`` (``cfg.generate``), each
+    prompt as it would be alone: prompts of one length share a batch, and each draws from
+    its own generator seeded with ``g.seed``. Past the model's context, generation goes on
+    from the last half of it (a sliding window, as nanoGPT's sampling crops its context)."""
+    longest = max(len(e) for e in encoded)
+    if longest >= model.max_seq_len:
+        raise UserError(f"the prompt is {longest} tokens; the model's context is "
+                        f"{model.max_seq_len}")
     if g.dtype not in ("float32", "bfloat16"):
         raise UserError(f"generate.dtype must be float32 or bfloat16, got {g.dtype!r}")
-    gen = torch.Generator().manual_seed(g.seed)
+    require(g.use_cache or not g.compile, "generate.compile", g.compile,
+            "false with generate.use_cache=false (the compiled step decodes with the cache)")
     dtype = getattr(torch, g.dtype)
     if dtype != next(model.parameters()).dtype:  # a copy: the trained weights stay as they are
         model = copy.deepcopy(model).to(dtype)
-    outs = generate(model, encoded, max_new_tokens=min(g.max_new_tokens, room),
-                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, eos_id=tok.EOS,
-                    pad_id=tok.PAD, use_cache=g.use_cache, compile=g.compile, generator=gen)
-    texts = [tok.decode(o) for o in outs]
-    return texts if prompts is not None else texts[0]
+    keep = model.max_seq_len // 2  # the window a continuation past the context starts from
+    new: list[list[int]] = [[] for _ in encoded]
+    by_length: dict[int, list[int]] = {}
+    for i, e in enumerate(encoded):
+        by_length.setdefault(len(e), []).append(i)
+    for rows in by_length.values():
+        context = {i: encoded[i] for i in rows}
+        gens = {i: torch.Generator().manual_seed(g.seed) for i in rows}
+        while rows:  # every row left has as many new tokens and as long a context
+            want = g.max_new_tokens - len(new[rows[0]])
+            room = model.max_seq_len - len(context[rows[0]])
+            outs = generate(model, [context[i] for i in rows], max_new_tokens=min(want, room),
+                            temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                            eos_id=tok.EOS, pad_id=tok.PAD, use_cache=g.use_cache,
+                            compile=g.compile, generator=[gens[i] for i in rows])
+            for i, out in zip(rows, outs):
+                new[i] += out
+                context[i] = (context[i] + out)[-keep:]
+            rows = [i for i, out in zip(rows, outs) if tok.EOS not in out
+                    and len(new[i]) < g.max_new_tokens]
+    return new
 
 
 def run_generate(cfg: DictConfig) -> dict:
@@ -264,7 +310,7 @@ def run_generate(cfg: DictConfig) -> dict:
         raise UserError("mode=generate needs ckpt=PATH, a checkpoint of the lm task")
     module = LMModule.from_checkpoint(cfg.ckpt)
     tok = Tokenizer(module.meta["tokenizer"])
-    prompts = list(cfg.prompts) or [cfg.prompt]
+    prompts = list(cfg.prompts or []) or [cfg.prompt]
     t0 = time.time()
     texts = sample_text(module.model, tok, "", cfg, prompts=prompts)
     for p, t in zip(prompts, texts):

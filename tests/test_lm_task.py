@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,6 +82,13 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
                                  f"ckpt={tmp_path}/checkpoints/best.ckpt",
                                  "generate.temperature=0"))
     assert alone["completions"][0] == out["completions"][1]
+    # sampling: each prompt draws as it would alone, whatever else is in the batch
+    sampled = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompts=[ROMEO:,JULIET:,Thy]",
+                                   f"ckpt={tmp_path}/checkpoints/best.ckpt"))
+    for prompt, text in zip(["ROMEO:", "JULIET:", "Thy"], sampled["completions"]):
+        assert lm_task.run(make_cfg(tmp_path, "mode=generate", f"prompt={prompt}",
+                                    f"ckpt={tmp_path}/checkpoints/best.ckpt")
+                           )["completions"] == [text], prompt
     half = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompt=Thy",
                                 f"ckpt={tmp_path}/checkpoints/best.ckpt",
                                 "generate.temperature=0", "generate.dtype=bfloat16"))
@@ -88,6 +96,38 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
     with pytest.raises(UserError, match="generate.dtype must be float32 or bfloat16, got 'fp8'"):
         lm_task.run(make_cfg(tmp_path, "mode=generate", f"ckpt={tmp_path}/checkpoints/best.ckpt",
                              "generate.dtype=fp8"))
+    for bad, expect in [("prompt=null", "prompt=None is not text"),
+                        ("generate.use_cache=false", "generate.compile=True is not valid")]:
+        with pytest.raises(UserError, match=expect):
+            lm_task.run(make_cfg(tmp_path, "mode=generate", "generate.compile=true", bad,
+                                 f"ckpt={tmp_path}/checkpoints/best.ckpt"))
+
+
+def test_generation_past_the_context_slides_its_window():
+    """More new tokens than the context holds: the continuation is what the model gives
+    from the last half of the context, stitched on without a gap."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from modules.generation import generate
+    torch.manual_seed(0)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("lm", overrides=["model=lm_tiny", "data=tiny_text", "data.vocab_size=64"])
+    model = instantiate(cfg.model).eval()  # random weights: end-of-text is one id in 64
+    tok = SimpleNamespace(EOS=-1, PAD=0, NL=1)  # never produced: every row runs to the end
+    g = OmegaConf.merge(cfg.generate, {"max_new_tokens": 70, "temperature": 0})
+    prompts = [[5, 6, 7], [9, 10, 11], [12]]
+    got = lm_task.sample_ids(model, tok, prompts, g)
+    assert [len(x) for x in got] == [70, 70, 70]
+    ctx, keep = model.max_seq_len, model.max_seq_len // 2  # 32 and 16
+    for p, ids in zip(prompts, got):  # each alone, window by window
+        seq, want = list(p), []
+        while len(want) < 70:
+            new = generate(model, [seq], max_new_tokens=min(70 - len(want), ctx - len(seq)))[0]
+            want += new
+            seq = (seq + new)[-keep:]
+        assert ids == want
+    assert got[0] != got[1]
 
 
 def test_mixed_precision_with_clipping_and_fused_adamw_trains(tmp_path):
@@ -174,6 +214,10 @@ def cli(tmp_path, *args):
     (["trainer.max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int"),
     (["ckpt=/nonexistent.ckpt", "mode=generate"], "checkpoint /nonexistent.ckpt does not exist"),
     (["mode=sample"], "mode='sample' is not a mode of the lm task; expected one of"),
+    (["prompt=café"], "prompt=café cannot be read as an override (LexerNoViableAltException); "
+                      "expected key=value, with a value that holds spaces"),
+    (["ckpt=/some/best.ckpt", "prompt=KING:"],
+     "ckpt= is a setting of mode=generate, and mode=train trains; expected mode=generate"),
     (["model.value_embeds=3"], "value_embeds=3; expected a whole number of blocks from 0 to depth=2"),
     (["model.bigram_drop=1.0"], "bigram_drop=1.0; expected a number in [0, 1)"),
     (["data.tokenizer_type=wordpiece"],
@@ -209,6 +253,16 @@ def test_empty_truncated_and_foreign_inputs(tmp_path):
     torch.save(foreign, tmp_path / "vit.ckpt")
     with pytest.raises(UserError, match="is from the 'vit' task; expected a 'lm'"):
         lm_task.run(make_cfg(tmp_path / "r", f"init_from={tmp_path / 'vit.ckpt'}"))
+    # another held-out share would validate on text the checkpoint trained on
+    with pytest.raises(UserError, match="another split of the data"):
+        lm_task.run(make_cfg(tmp_path / "r2", f"resume={good}", "data.val_fraction=0.3"))
+    with pytest.raises(UserError, match=r"too little text to train a tokenizer .*"
+                                        r"data.val_fraction=0.9999 holds out that share"):
+        lm_task.run(make_cfg(tmp_path / "r3", "data.val_fraction=0.9999"))
+    with pytest.raises(UserError, match=r"windows of data.context=32, fewer than a batch of "
+                                        r"data.batch_size=\d+ \(data.val_fraction=0.999 holds"):
+        lm_task.run(make_cfg(tmp_path / "r4", "data.val_fraction=0.999",
+                             f"data.tokenizer={tmp_path / 'ok' / 'tokenizer.model'}"))
     # nothing the first run wrote was touched by the failed ones
     assert good.is_file() and (tmp_path / "ok" / "results.json").is_file()
 

@@ -362,7 +362,8 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
     ``optimizer.embedding_weight_decay``) is one error naming those settings; one whose
     metadata ``names`` (the class names or answers its output rows stand for) differ from
     the module's is one error naming the first difference; so is one trained on another
-    split (``split_digest``, kept by the tasks that split their data by seed).
+    split (``split_digest``, kept by the tasks that split their data by seed, and by the LM
+    for its training and held-out text).
     ``optimization``: a throwaway ``{"optimizer", "lr_scheduler"}`` of this run's settings,
     into which the saved training state is loaded first (``check_training_state``)."""
     ckpt = load_checkpoint(path, task)

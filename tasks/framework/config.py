@@ -123,9 +123,17 @@ def check_command_line(config_name: str, overrides: list[str]) -> None:
     if flags - {"-m", "--multirun"}:
         return
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
     args = [a for a in overrides if a not in flags]
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+        OverridesParser.create().parse_overrides(args)
+    except OverrideParseException as exc:
+        reason = str(exc).splitlines()[0].split(":")[0]
+        raise UserError(f"{exc.override} cannot be read as an override ({reason}); expected "
+                        f"key=value, with a value that holds spaces, brackets, commas, "
+                        f"quotes or non-ASCII letters in quotes: 'key=\"...\"'") from None
     defaults_of: dict[tuple, DictConfig] = {}  # per choice of config groups
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -190,6 +198,7 @@ SHARED_RANGES = (
     ("decode.length_penalty", math.isfinite,
      "a finite exponent of the length normalisation (0: none; < 0 favours shorter output)"),
     ("decode.max_len_a", _finite_nonnegative, "a finite number >= 0 (tokens per source token)"),
+    ("decode.max_len_b", lambda v: v >= 0, "a number of tokens >= 0"),
 )
 
 

@@ -131,8 +131,24 @@ def _batches(loader) -> int | None:
         return None
 
 
+# Settings only the other modes read (null or empty by default): given to a training run,
+# they mean the mode was left out, and the run would train instead of what was asked.
+MODE_SETTINGS = ("ckpt", "images", "audio", "input", "texts", "classes", "questions", "prompts")
+
+
+def refuse_mode_settings(task: Task, cfg: DictConfig) -> None:
+    for key in MODE_SETTINGS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value != [] and value != "":
+            modes = "|".join(sorted(task.modes()))
+            raise UserError(f"{key}= is a setting of mode={modes}, and mode=train trains; "
+                            f"expected mode={modes} with it (init_from= or resume= trains "
+                            f"from a checkpoint)")
+
+
 def train(task: Task, cfg: DictConfig) -> dict:
     """The training skeleton; returns the results dict (empty on ranks other than zero)."""
+    refuse_mode_settings(task, cfg)
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} must be a positive number "
                         f"of optimizer steps")
