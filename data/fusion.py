@@ -56,7 +56,7 @@ from .cache import atomic_dir, cache_dir, npm_pack, prepare_lock
 from .errors import UserError
 from .images import to_8bit
 from .lexicon import words_of
-from .manifest import as_text, jsonl_objects
+from .manifest import as_path, as_text, jsonl_objects
 from .parallel import apt_extract
 
 NOTO_FONT = "usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -179,7 +179,7 @@ def _manifest_rows(path: Path) -> list[dict]:
                                                and "answer" in q for q in qa):
             raise UserError(f"{where} has qa={json.dumps(qa)[:80]}; expected a list of "
                             f'{{"question", "answer", "type"}} objects')
-        image = as_text(item["image"], where, "image")
+        image = as_path(item["image"], where, "image")
         rows.append({"line": n, "image": image, "path": path.parent / image,
                      "caption": as_text(item["caption"], where, "caption"),
                      "id": as_text(item.get("id", image), where, "id"),

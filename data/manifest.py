@@ -32,16 +32,22 @@ def jsonl_objects(path: Path, required: Sequence[str], fmt: str) -> Iterator[tup
         yield n, item
 
 
-def as_text(value, where: str, key: str, booleans: bool = False) -> str:
-    """A manifest value that should be text: a string, or a number written as one (an answer
-    of 3), and with ``booleans`` true/false as "true"/"false" (a label such as
-    ``{"smiling": true}``); a list, an object or null (or true/false elsewhere) is a
-    ``UserError`` naming ``key`` at ``where`` (the file and line), not text made of its
-    Python form."""
+def as_text(value, where: str, key: str, booleans: bool = False, numbers: bool = True) -> str:
+    """A manifest value that should be text: a string, with ``numbers`` a number written as
+    one (an answer of 3), and with ``booleans`` true/false as "true"/"false" (a label such
+    as ``{"smiling": true}``); a list, an object or null (or a number or true/false where
+    not allowed) is a ``UserError`` naming ``key`` at ``where`` (the file and line), not
+    text made of its Python form."""
     if isinstance(value, str):
         return value
     if booleans and isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise UserError(f"{where} has {key}={json.dumps(value)[:60]}; expected text")
+    raise UserError(f"{where} has {key}={json.dumps(value)[:60]}; expected "
+                    + ("text" if numbers else "a file path (a JSON string)"))
+
+
+def as_path(value, where: str, key: str) -> str:
+    """A manifest value naming a file: a JSON string only (``as_text`` without numbers)."""
+    return as_text(value, where, key, numbers=False)

@@ -67,7 +67,7 @@ from rich import progress
 
 from .cache import atomic_dir, atomic_write_text, cache_dir, npm_pack, prepare_lock
 from .errors import UserError, read_utf8
-from .manifest import as_text, jsonl_objects
+from .manifest import as_path, as_text, jsonl_objects
 from .parallel import apt_extract, prepare_ding
 
 SAMPLE_RATE = 16_000
@@ -374,7 +374,7 @@ def _manifest_rows(path: Path) -> list[tuple[Path, float | None, str, str]]:
                                      or isinstance(duration, bool) or duration <= 0):
             raise UserError(f"{path} line {n} has duration={duration!r}; expected seconds")
         where = f"{path} line {n}"
-        rows.append((path.parent / as_text(item["audio"], where, "audio"), duration,
+        rows.append((path.parent / as_path(item["audio"], where, "audio"), duration,
                      as_text(item["text"], where, "text"),
                      as_text(item.get("voice") or "", where, "voice")))
     return rows

@@ -72,7 +72,9 @@ def _write_shakespeare(root: Path, train: Path, val: Path, val_fraction: float) 
 
 def expand_files(pattern: str | list[str], what: str,
                  expected: str = "UTF-8 text files") -> list[Path]:
-    """Files matching a glob (or list of globs); an error names the pattern if none do."""
+    """Files matching a glob (or list of globs); an error names the pattern if none do. A
+    pattern that names an existing file is that file, even with glob characters in its
+    name (``[draft] notes.txt``)."""
     if isinstance(pattern, str):
         patterns = [pattern]
     elif isinstance(pattern, Sequence) and all(isinstance(p, str) for p in pattern):
@@ -80,8 +82,9 @@ def expand_files(pattern: str | list[str], what: str,
     else:
         raise DataError(f"{what}={pattern!r} is not a path; expected a path or glob of "
                         f"{expected}, or a list of them")
-    files = sorted({Path(f) for p in patterns for f in glob.glob(str(Path(p).expanduser()),
-                                                                  recursive=True)})
+    files = sorted({Path(f) for p in patterns
+                    for f in ([Path(p).expanduser()] if Path(p).expanduser().is_file()
+                              else glob.glob(str(Path(p).expanduser()), recursive=True))})
     files = [f for f in files if f.is_file()]
     folders = [p for p in patterns if Path(p).expanduser().is_dir()]
     if not files and folders:

@@ -114,6 +114,10 @@ def lm_text_file(decode: DictConfig) -> Path | None:
     if not path.is_file():
         raise UserError(f"decode.lm_text={decode.lm_text} is not a file; expected a UTF-8 "
                         f"text file, one sentence a line")
+    if not any(normalize_text(t) for t in read_lines(path, "decode.lm_text")):
+        raise UserError(f"decode.lm_text={decode.lm_text} holds no words (letters and "
+                        f"apostrophes, once normalised); expected a UTF-8 text file, one "
+                        f"sentence a line")
     return path
 
 
@@ -625,6 +629,7 @@ def run_transcribe(cfg: DictConfig) -> dict:
             if cfg.data.on_bad_audio == "error":
                 raise
             skipped.append({"file": str(f), "reason": str(exc)})
+            print(f"{f}: skipped, {exc}")
             continue
         with torch.no_grad():
             logits, n = module.model(feats[None], torch.tensor([len(feats)]))
@@ -641,7 +646,7 @@ def run_transcribe(cfg: DictConfig) -> dict:
         raise UserError(f"audio={cfg.audio}: none of the {len(skipped)} files could be read ("
                         f"{skipped[0]['reason']})")
     if skipped:
-        print(f"skipped {len(skipped)} file(s): " + "; ".join(s["reason"] for s in skipped[:3]))
+        print(f"skipped {len(skipped)} file(s), each named above")
     return {"transcripts": results, "skipped": skipped,
             "lm": lm_info}
 

@@ -130,6 +130,8 @@ def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) ->
     require(d.batch_size >= 1, "decode.batch_size", d.batch_size, "at least 1")
     require(d.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size", d.no_repeat_ngram_size,
             "0 (off) or a positive n-gram length")
+    require(d.max_len_a > 0 or d.max_len_b >= 1, "decode.max_len_b", d.max_len_b,
+            "at least 1 with decode.max_len_a=0 (at most a * source length + b tokens)")
     model.eval()
     ids = [tok.encode(s)[:model.max_seq_len - 1] + [tok.EOS] for s in lines]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -225,8 +227,13 @@ def run_translate(cfg: DictConfig) -> dict:
     module = TranslationModule.from_checkpoint(cfg.ckpt)
     tok = Tokenizer(module.meta["tokenizer"])
     if cfg.input == "-":
-        # stdin is not read in universal-newline mode: its CR LF and CR ends become LF here
-        text = sys.stdin.read().removeprefix("\ufeff")
+        # stdin is read as bytes (its text layer may carry undecodable bytes through as
+        # surrogates); its CR LF and CR ends become LF here
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"input=- (stdin) is not UTF-8 text ({exc.reason} at byte "
+                            f"{exc.start}); convert it to UTF-8") from None
         lines = split_lines(text.replace("\r\n", "\n").replace("\r", "\n"))
     else:
         path = Path(str(cfg.input)).expanduser()
@@ -240,7 +247,14 @@ def run_translate(cfg: DictConfig) -> dict:
     hyps = translate_lines(module.model, tok, lines, cfg)
     for h in hyps:
         print(h)
-    return {"translations": hyps, "langs": module.meta["langs"]}
+    limit = module.model.max_seq_len - 1  # translate_lines cuts the source to it
+    cut = [n for n, line in enumerate(lines, 1) if len(tok.encode(line)) > limit]
+    if cut:  # stdout holds the translations alone, line for line
+        shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        print(f"note: {len(cut)} input line(s) have more than the model's {limit} source "
+              f"tokens and were translated from their first {limit} only (line {shown}); "
+              f"split them into sentences", file=sys.stderr)
+    return {"translations": hyps, "langs": module.meta["langs"], "cut_lines": cut}
 
 
 TASK = TranslationTask()

@@ -380,6 +380,15 @@ def test_a_folder_given_for_files_says_so(tmp_path):
         expand_files(str(tmp_path / "corpus"), "data.train_files")
 
 
+def test_a_file_named_with_glob_characters_is_found_by_its_path(tmp_path):
+    from data.text import expand_files
+    named = tmp_path / "[a] draft.png"
+    named.write_bytes(b"x")
+    (tmp_path / "a draft.png").write_bytes(b"y")  # what the name matches as a glob
+    assert expand_files(str(named), "images") == [named]
+    assert expand_files(str(tmp_path / "[a]*.png"), "images") == [tmp_path / "a draft.png"]
+
+
 def test_a_folder_given_as_a_tokenizer_or_a_text_list_says_so(tmp_path):
     from data.text import Tokenizer
     from tasks.fusion import _as_list

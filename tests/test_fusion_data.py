@@ -100,6 +100,7 @@ def test_read_pairs_can_stop_at_a_bad_image(tmp_path):
      r"line 1 has labels.color=null; expected text"),
     ([{"image": "a.png", "caption": "a", "qa": [{"question": "q", "answer": ["x"]}]}], "skip",
      r'line 1 has qa.answer=\["x"\]; expected text'),
+    ([{"image": 7, "caption": "a"}], "skip", r"line 1 has image=7; expected a file path"),
 ])
 def test_read_pairs_errors_are_one_line(tmp_path, lines, option, expected):
     path = tmp_path / "nowhere.jsonl" if lines is None else _manifest(tmp_path, lines)

@@ -289,14 +289,16 @@ def test_bad_manifest_lines_name_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("text", ["down", 5]), ("text", True),
-                                        ("audio", ["a.wav"]), ("voice", {"name": "x"})])
+                                        ("audio", ["a.wav"]), ("audio", 3),
+                                        ("voice", {"name": "x"})])
 def test_manifest_values_that_are_not_text_are_named(tmp_path, key, value):
     write_wav(tmp_path / "a.wav", _tone(0.5))
     manifest = tmp_path / "m.jsonl"
     row = {"audio": "a.wav", "text": "yes", key: value}
     manifest.write_text(json.dumps({"audio": "a.wav", "text": "go"}) + "\n" + json.dumps(row)
                         + "\n")
-    with pytest.raises(UserError, match=rf"m\.jsonl line 2 has {key}=.*; expected text"):
+    expected = "a file path" if key == "audio" else "text"  # a number is text, not a file
+    with pytest.raises(UserError, match=rf"m\.jsonl line 2 has {key}=.*; expected {expected}"):
         read_manifest(manifest)
 
 

@@ -63,7 +63,8 @@ def make_cfg(run_dir, corpus, *overrides):
             "scheduler.warmup_steps=1", "decode.beam_size=4", f"run_dir={run_dir}", *overrides])
 
 
-def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figures, saved_axes):
+def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figures, saved_axes,
+                                                   capsys):
     res = speech_task.run(make_cfg(tmp_path, corpus))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["steps"] == 6 and saved["labels"] == "chars"
@@ -101,6 +102,7 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figur
     out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
                                    f"audio=[{corpus}/broken.wav,{corpus}/test/0.wav]"))
     assert len(out["transcripts"]) == 1 and "broken.wav" in out["skipped"][0]["reason"]
+    assert f"{corpus}/broken.wav: skipped, " in capsys.readouterr().out  # each one named
     with pytest.raises(UserError, match=r"none of the 1 files could be read .*broken.wav"):
         speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
                                  f"audio={corpus}/broken.wav"))
@@ -410,6 +412,11 @@ def test_lm_reads_the_distinct_transcripts_and_the_given_lines(tmp_path, monkeyp
                                       OmegaConf.create(settings | {"lm_text": None})) is None
     assert speech_task.language_model(speech_task.Labels("chars"), "no",
                                       OmegaConf.create(settings | {"beam_size": 1})) is None
+    blank = tmp_path / "blank.txt"  # nothing a transcript could hold: an error, not no LM
+    blank.write_text("\n 1234 \n\n")
+    with pytest.raises(UserError, match=r"decode.lm_text=.*blank.txt holds no words"):
+        speech_task.language_model(speech_task.Labels("chars"), "no",
+                                   OmegaConf.create(settings | {"lm_text": str(blank)}))
     # text too big for the memory is one line naming the order and the size
     with monkeypatch.context() as m, pytest.raises(
             UserError, match=r"decode.lm_order=3 over 13 characters .* GiB"):

@@ -130,7 +130,7 @@ def make_cfg(run_dir, *overrides):
             "decode.max_len_b=5", f"run_dir={run_dir}", *overrides])
 
 
-def test_train_scores_and_translates(tmp_path):
+def test_train_scores_and_translates(tmp_path, capsys):
     out = tmp_path / "run"
     res = tr_task.run(make_cfg(out))
     for name in ("results.json", "loss_curves.png", "test.hyp", "test.ref", "dev.tsv",
@@ -154,7 +154,14 @@ def test_train_scores_and_translates(tmp_path):
     inp.write_text("In the beginning God created the heaven and the earth.\nAnd God said.\n")
     tl = tr_task.run(make_cfg(out, "mode=translate", f"ckpt={out}/checkpoints/best.ckpt",
                               f"input={inp}"))
-    assert len(tl["translations"]) == 2 and tl["langs"] == ["en", "es"]
+    assert len(tl["translations"]) == 2 and tl["langs"] == ["en", "es"] and not tl["cut_lines"]
+    # a line longer than the model's source length is translated from its start, and said
+    long = " ".join(["And God said, Let there be light: and there was light."] * 40)
+    inp.write_text(f"And God said.\n{long}\n")
+    tl = tr_task.run(make_cfg(out, "mode=translate", f"ckpt={out}/checkpoints/best.ckpt",
+                              f"input={inp}"))
+    assert len(tl["translations"]) == 2 and tl["cut_lines"] == [2]
+    assert "note: 1 input line(s) have more than the model's" in capsys.readouterr().err
     # a resume with other split sizes would test on pairs it trained on
     before = (out / "test.tsv").read_bytes()
     with pytest.raises(UserError, match="was trained on another split of the data"):
@@ -192,6 +199,13 @@ def test_translate_from_stdin_cli(tmp_path):
         capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("\n") == 3, proc.stdout  # output line N translates input line N
+    latin1 = subprocess.run(
+        [sys.executable, "-m", "tasks.translation", "mode=translate",
+         f"ckpt={out}/checkpoints/best.ckpt", "input=-", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        input=b"caf\xe9 ok\n", capture_output=True, cwd=ROOT, env=env, timeout=300)
+    err = latin1.stderr.decode()
+    assert latin1.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: input=- (stdin) is not UTF-8 text")
 
 
 @pytest.mark.slow
