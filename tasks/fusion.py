@@ -18,6 +18,7 @@ import hashlib
 import json
 import random
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,10 +396,12 @@ def recall_at(scores: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> di
 
 @torch.no_grad()
 def rerank(module: FusionModule, scores: torch.Tensor, query_is_text: bool, txt_tok, txt_mask,
-           img_tok, k: int, alpha: float, batch: int = 512) -> torch.Tensor:
+           img_tok, k: int, alpha: float, batch: int = 512,
+           rescored: torch.Tensor | None = None) -> torch.Tensor:
     """Scores with each query's contrastive top ``k`` re-scored by the fusion encoder:
     match logit + ``alpha`` x contrastive logit, kept above every candidate outside the top
-    k (whose order is unchanged)."""
+    k (whose order is unchanged). ``rescored``: a tensor shaped as ``scores`` that gets the
+    re-scored values themselves at the top k (the contrastive ones elsewhere)."""
     k = min(k, scores.shape[1])
     top = scores.topk(k, dim=1)
     q = torch.arange(scores.shape[0]).repeat_interleave(k)
@@ -409,6 +412,8 @@ def rerank(module: FusionModule, scores: torch.Tensor, query_is_text: bool, txt_
                                                   img_tok[i_idx[s:s + batch]])
                         for s in range(0, len(q), batch)]).view(-1, k)
     new = logits + alpha * top.values
+    if rescored is not None:
+        rescored.copy_(scores).scatter_(1, top.indices, new)
     # The top k above every other score, which keep their values (and so their order).
     out = scores.clone()
     out.scatter_(1, top.indices, new - new.min() + scores.max() + 1)
@@ -756,7 +761,8 @@ class FusionTask(training.Task):
             meta={"tokenizer": tok.proto, "lexicon": spec,
                   "max_text_len": d.max_text_len, "mean": mean,
                   "std": std, "answers": answers, "label_classes": label_classes,
-                  "zero_shot_template": d.zero_shot_template},
+                  "zero_shot_template": d.zero_shot_template,
+                  "objectives": list(d.objectives)},
             options={"objectives": {k: cfg.loss[k] for k in d.objectives}},
             info={"data": source, "train_items": len(train.captions),
                   "val_items": len(sets["val"].captions),
@@ -869,7 +875,14 @@ def _load(cfg: DictConfig, mode: str) -> FusionModule:
         raise UserError(f"run_dir={str(out)!r} already holds {held[0]} of an earlier "
                         f"mode={mode}; expected a new folder (without run_dir=, each run "
                         f"gets its own)")
-    return FusionModule.from_checkpoint(cfg.ckpt)
+    module = FusionModule.from_checkpoint(cfg.ckpt)
+    trained = module.meta.get("objectives")  # not kept by checkpoints before December 2026
+    if mode in ("retrieve", "classify") and trained is not None and "contrastive" not in trained:
+        raise UserError(f"checkpoint {cfg.ckpt} was trained without the contrastive objective "
+                        f"(data.objectives={list(trained)}), so its joint text-image space "
+                        f"was never trained; expected one trained with 'contrastive' for "
+                        f"mode={mode}")
+    return module
 
 
 def _read_images(module: FusionModule, pattern, on_bad: str) -> tuple[list[str], torch.Tensor,
@@ -885,6 +898,7 @@ def _read_images(module: FusionModule, pattern, on_bad: str) -> tuple[list[str],
                 raise UserError(f"image {f} cannot be read ({type(exc).__name__}); expected "
                                 f"an image file") from None
             skipped.append(str(f))
+            print(f"{f}: skipped, cannot be read ({type(exc).__name__})")
     if not imgs:
         raise UserError(f"images={pattern}: none of the {len(skipped)} files could be read")
     x = torch.stack(imgs).float() / 255
@@ -916,7 +930,12 @@ def _as_list(value, what: str) -> list[str]:
         items = [str(v) for v in OmegaConf.to_container(value)]
     if not items:
         raise UserError(f"{what} is empty; expected a list or a file with one per line")
-    return items
+    unique = list(dict.fromkeys(items))
+    if len(unique) < len(items):  # a repeat would split a class's probability, or a rank
+        repeated = next(t for t in unique if items.count(t) > 1)
+        print(f"note: {what} gives {len(items) - len(unique)} item(s) more than once (such "
+              f"as {repeated!r}); each is used once")
+    return unique
 
 
 def run_retrieve(cfg: DictConfig) -> dict:
@@ -925,19 +944,42 @@ def run_retrieve(cfg: DictConfig) -> dict:
         raise UserError("mode=retrieve needs texts=FILE (one caption per line) or a list")
     files, x, skipped = _read_images(module, cfg.images, cfg.data.on_bad_image)
     texts = _as_list(cfg.texts, "texts")
+    trained = module.meta.get("objectives")
+    rerank_on = module.model.fusion is not None and module.model.match_head is not None and (
+        trained is None or "match" in trained)
     with torch.no_grad():
-        img_emb = module.model.encode_image(x)[0]
-        sim = module.model.similarity(img_emb, embed_texts(module, texts)[0])
-    k_img, k_txt = min(cfg.top_k, len(files)), min(cfg.top_k, len(texts))
-    result = {"text_to_image": {t: [files[i] for i in sim[:, j].topk(k_img).indices]
+        img_emb, img_tok = module.model.encode_image(x)
+        txt_emb, txt_tok, txt_mask = embed_texts(module, texts)
+        sim = module.model.similarity(img_emb, txt_emb)  # (images, texts)
+        t2i, i2t = sim.T, sim  # (order, score) pairs: one tensor for both without re-ranking
+        t2i_score, i2t_score = t2i, i2t
+        if rerank_on:  # as the closing evaluation ranks: the contrastive top k re-scored
+            e = cfg.eval
+            t2i_score, i2t_score = torch.empty_like(sim.T), torch.empty_like(sim)
+            t2i = rerank(module, sim.T, True, txt_tok, txt_mask, img_tok, e.rerank_k,
+                         e.rerank_alpha, rescored=t2i_score)
+            i2t = rerank(module, sim, False, txt_tok, txt_mask, img_tok, e.rerank_k,
+                         e.rerank_alpha, rescored=i2t_score)
+
+    def ranked(order, score, names, k):
+        top = order.topk(min(k, len(names))).indices
+        return [{"item": names[i], "score": round(float(score[i]), 4)} for i in top]
+
+    result = {"ranking": (f"the contrastive top {cfg.eval.rerank_k} re-scored by the fusion "
+                          f"encoder (match logit + {cfg.eval.rerank_alpha} x contrastive logit)"
+                          if rerank_on else "contrastive (scaled cosine similarity)"),
+              "text_to_image": {t: ranked(t2i[j], t2i_score[j], files, cfg.top_k)
                                 for j, t in enumerate(texts)},
-              "image_to_text": {f: [texts[j] for j in sim[i].topk(k_txt).indices]
+              "image_to_text": {f: ranked(i2t[i], i2t_score[i], texts, cfg.top_k)
                                 for i, f in enumerate(files)},
               "skipped_images": skipped}
     for t, best in result["text_to_image"].items():
-        print(f"{t}: {', '.join(Path(b).name for b in best)}")
+        print(f"{t}: {', '.join(Path(b['item']).name for b in best)}")
     out = run_dir(cfg)
-    result["picture"] = str(plot_ranked(texts, files, x, sim.T, module.meta, out / "retrieve.png"))
+    result["picture"] = str(plot_ranked(texts, files, x, t2i, module.meta, out / "retrieve.png",
+                                        t2i_score,
+                                        "re-ranked score" if rerank_on else
+                                        "scaled cosine similarity"))
     return _write_mode_result(out / "retrieve.json", result)
 
 
@@ -948,8 +990,11 @@ def _write_mode_result(path: Path, result: dict) -> dict:
 
 
 def plot_ranked(texts: list[str], files: list[str], x: torch.Tensor, scores: torch.Tensor,
-                meta: dict, path: Path, rows: int = 8) -> Path:
-    """Each text (up to ``rows``) with its top-5 images by ``scores`` ``(texts, images)``."""
+                meta: dict, path: Path, shown: torch.Tensor | None = None,
+                score_name: str = "scaled cosine similarity", rows: int = 8) -> Path:
+    """Each text (up to ``rows``) with its top-5 images by ``scores`` ``(texts, images)``,
+    each titled with its value in ``shown`` (default: ``scores``)."""
+    shown = scores if shown is None else shown
     plt = _plt()
     mean = torch.tensor(meta["mean"]).view(-1, 1, 1)
     std = torch.tensor(meta["std"]).view(-1, 1, 1)
@@ -960,13 +1005,15 @@ def plot_ranked(texts: list[str], files: list[str], x: torch.Tensor, scores: tor
     for r in range(n):
         axes[r, 0].axis("off")
         axes[r, 0].text(0, 0.5, _three_lines(texts[r], 30), fontsize=7, va="center")
-        top = scores[r].topk(k)
-        for c, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        for c, i in enumerate(scores[r].topk(k).indices.tolist()):
             _show(axes[r, c + 1], (x[i] * std + mean).clamp(0, 1))
-            axes[r, c + 1].set_title(f"{Path(files[i]).name[:14]} {v:.1f}", fontsize=6)
-    fig.suptitle("texts and their top images (score: scaled cosine similarity)")
-    fig.tight_layout()
-    fig.savefig(path)
+            axes[r, c + 1].set_title(f"{Path(files[i]).name[:14]} {float(shown[r, i]):.1f}",
+                                     fontsize=6)
+    fig.suptitle(f"texts and their top images (score: {score_name})")
+    with warnings.catch_warnings():  # a glyph no font has is drawn as a box, said once here
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(path)
     plt.close(fig)
     return path
 

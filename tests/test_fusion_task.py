@@ -82,20 +82,40 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures, ca
     ckpt = out / "checkpoints" / "best.ckpt"
     texts = tmp_path / "texts.txt"
     texts.write_text("a red square\na blue disc\n"
-                     "a long description of one red square in the middle of a white picture\n")
+                     "a long description of one red square in the middle of a white picture\n"
+                     "a red square\n")
+    capsys.readouterr()
     got = fusion_task.run(make_cfg(tmp_path / "m", "mode=retrieve", f"ckpt={ckpt}",
-                                   f"images={pairs_dir}/img/*.png", f"texts={texts}"))
+                                   f"images={pairs_dir}/img/*.png", f"texts={texts}",
+                                   "eval.rerank_alpha=0"))
+    printed = capsys.readouterr().out
     assert got["skipped_images"] == [str(pairs_dir / "img" / "broken.png")]
-    assert len(got["text_to_image"]["a red square"]) == 5
+    assert f"{pairs_dir / 'img' / 'broken.png'}: skipped, cannot be read" in printed
+    assert "note: texts gives 1 item(s) more than once (such as 'a red square')" in printed
+    assert len(got["text_to_image"]) == 3 and len(got["text_to_image"]["a red square"]) == 5
     assert len(got["image_to_text"]) == 72
+    assert got["ranking"].startswith("the contrastive top 16 re-scored by the fusion encoder")
+    # ranked as the closing evaluation ranks: with alpha 0, by the match logit alone
+    module = fusion_task.FusionModule.from_checkpoint(ckpt)
+    top = got["text_to_image"]["a blue disc"]
+    files, x, _ = fusion_task._read_images(module, [t["item"] for t in top], "skip")
+    with torch.no_grad():
+        _, tok, mask = fusion_task.embed_texts(module, ["a blue disc"] * len(top))
+        match = module.model.match_logits(tok, mask, module.model.encode_image(x)[1])
+    expected = dict(zip(files, match.tolist()))  # files come back sorted by name
+    assert [t["score"] for t in top] == pytest.approx([expected[t["item"]] for t in top],
+                                                      abs=1e-3)
+    assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
     assert json.loads((tmp_path / "m" / "retrieve.json").read_text())["text_to_image"] == \
         got["text_to_image"]
     assert (tmp_path / "m" / "retrieve.png").is_file()
     for name in ("retrieval_grid.png", "similarity.png", "retrieve.png"):
         assert saved_figures[name] == [], name  # no caption or title on an image
     cls = fusion_task.run(make_cfg(tmp_path / "m", "mode=classify", f"ckpt={ckpt}",
-                                   f"images={pairs_dir}/img/1*.png", "classes=[red,blue]"))
+                                   f"images={pairs_dir}/img/1*.png", "classes=[red,blue,red]"))
     assert len(cls["predictions"]) == 11  # 1.png, 10.png ... 19.png
+    assert cls["classes"] == ["red", "blue"]  # a repeat would split a class's probability
+    assert all(sum(p for _, p in pred["top"]) == pytest.approx(1) for pred in cls["predictions"])
     with pytest.raises(UserError, match="no answer head"):
         fusion_task.run(make_cfg(tmp_path / "m", "mode=answer", f"ckpt={ckpt}",
                                  f"images={pairs_dir}/img/1.png", "questions=[what?]"))
@@ -134,6 +154,12 @@ def test_shapes_question_answering_and_answer_mode(tmp_path, monkeypatch, saved_
                                    "questions=[how many shapes are there?]"))
     answer = got["answers"][0]["answers"]["how many shapes are there?"]
     best = out / "checkpoints" / "best.ckpt"
+    # trained on questions alone: its joint text-image space never learned anything
+    for mode, given in [("classify", "classes=[red,blue]"), ("retrieve", "texts=[a red disc]")]:
+        with pytest.raises(UserError, match=r"trained without the contrastive objective "
+                                            r"\(data.objectives=\['answer'\]\)"):
+            fusion_task.run(make_cfg(tmp_path / "m3", *shapes, f"mode={mode}", f"ckpt={best}",
+                                     f"images={scene}", given))
     module = fusion_task.FusionModule.from_checkpoint(best)
     assert answer in module.meta["answers"] and "yes" in module.meta["answers"]
     # init_from moves the answer head's rows by answer: here to the answers in reverse
