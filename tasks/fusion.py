@@ -394,6 +394,13 @@ def recall_at(scores: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> di
     return {f"r{k}": float((rank < k).float().mean()) for k in ks}
 
 
+def reranks(module: FusionModule) -> bool:
+    """Whether the fusion encoder re-ranks: it was trained for matching (checkpoints from
+    before December 2026 do not say; theirs re-ranks whenever it has a matching head)."""
+    trained = module.meta.get("objectives")
+    return module.model.match_head is not None and (trained is None or "match" in trained)
+
+
 @torch.no_grad()
 def rerank(module: FusionModule, scores: torch.Tensor, query_is_text: bool, txt_tok, txt_mask,
            img_tok, k: int, alpha: float, batch: int = 512,
@@ -431,7 +438,7 @@ def retrieval_figures(module: FusionModule, pairs: PairSet, collate: Collate,
     fid = torch.tensor([file_id[f] for f in pairs.files])
     positive = fid[:, None] == fid[None, :]  # the same image file
     res = {"contrastive": {"t2i": recall_at(sim.T, positive), "i2t": recall_at(sim, positive)}}
-    if module.model.fusion is not None:
+    if reranks(module):
         e = cfg.eval
         res["reranked"] = {
             "t2i": recall_at(rerank(module, sim.T, True, txt_tok, txt_mask, img_tok,
@@ -944,9 +951,7 @@ def run_retrieve(cfg: DictConfig) -> dict:
         raise UserError("mode=retrieve needs texts=FILE (one caption per line) or a list")
     files, x, skipped = _read_images(module, cfg.images, cfg.data.on_bad_image)
     texts = _as_list(cfg.texts, "texts")
-    trained = module.meta.get("objectives")
-    rerank_on = module.model.fusion is not None and module.model.match_head is not None and (
-        trained is None or "match" in trained)
+    rerank_on = reranks(module)
     with torch.no_grad():
         img_emb, img_tok = module.model.encode_image(x)
         txt_emb, txt_tok, txt_mask = embed_texts(module, texts)
@@ -961,9 +966,11 @@ def run_retrieve(cfg: DictConfig) -> dict:
             i2t = rerank(module, sim, False, txt_tok, txt_mask, img_tok, e.rerank_k,
                          e.rerank_alpha, rescored=i2t_score)
 
-    def ranked(order, score, names, k):
+    def ranked(order, score, names, k):  # the first rerank_k re-scored, the rest contrastive
         top = order.topk(min(k, len(names))).indices
-        return [{"item": names[i], "score": round(float(score[i]), 4)} for i in top]
+        return [{"item": names[i], "score": round(float(score[i]), 4),
+                 **({"rescored": n < cfg.eval.rerank_k} if rerank_on else {})}
+                for n, i in enumerate(top.tolist())]
 
     result = {"ranking": (f"the contrastive top {cfg.eval.rerank_k} re-scored by the fusion "
                           f"encoder (match logit + {cfg.eval.rerank_alpha} x contrastive logit)"

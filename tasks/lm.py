@@ -12,6 +12,7 @@ samples from a checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -257,10 +258,13 @@ def sample_text(model, tok: Tokenizer, prompt: str, cfg: DictConfig,
                 prompts: list[str] | None = None) -> str | list[str]:
     """Continue ``prompt`` (or each of ``prompts``): ``sample_ids``, decoded."""
     many = prompts if prompts is not None else [prompt]
+    key = "prompts" if prompts is not None and len(prompts) > 1 else "prompt"
+    # prompt=1984 reaches here as the number Hydra made of it: its text is exact
+    many = [str(p) if isinstance(p, int) and not isinstance(p, bool) else p for p in many]
     bad = [p for p in many if not isinstance(p, str)]
     if bad or not many:
-        raise UserError(f"prompt={bad[0] if bad else None!r} is not text; expected a prompt "
-                        f"(prompt='' for none)")
+        raise UserError(f"{key} holds {json.dumps(bad[0]) if bad else 'nothing'}, which is not "
+                        f"text; expected a prompt in quotes ({key}='\"...\"'; '' for none)")
     texts = [tok.decode(o) for o in
              sample_ids(model, tok, [tok.encode(p) or [tok.NL] for p in many], cfg.generate)]
     return texts if prompts is not None else texts[0]
@@ -269,8 +273,9 @@ def sample_text(model, tok: Tokenizer, prompt: str, cfg: DictConfig,
 def sample_ids(model, tok: Tokenizer, encoded: list[list[int]], g: DictConfig) -> list[list[int]]:
     """The new tokens of each prompt, up to ``g.max_new_tokens`` (``cfg.generate``), each
     prompt as it would be alone: prompts of one length share a batch, and each draws from
-    its own generator seeded with ``g.seed``. Past the model's context, generation goes on
-    from the last half of it (a sliding window, as nanoGPT's sampling crops its context)."""
+    its own generator seeded with ``g.seed`` (``g.seed + k`` for the k-th repeat of a
+    prompt, so repeats give several samples). Past the model's context, generation goes on
+    from the last half of it: a window that moves by half the context at a time."""
     longest = max(len(e) for e in encoded)
     if longest >= model.max_seq_len:
         raise UserError(f"the prompt is {longest} tokens; the model's context is "
@@ -289,7 +294,10 @@ def sample_ids(model, tok: Tokenizer, encoded: list[list[int]], g: DictConfig) -
         by_length.setdefault(len(e), []).append(i)
     for rows in by_length.values():
         context = {i: encoded[i] for i in rows}
-        gens = {i: torch.Generator().manual_seed(g.seed) for i in rows}
+        # the first time a prompt is given it draws as it would alone; each repeat of it
+        # draws its own sample
+        gens = {i: torch.Generator().manual_seed(g.seed + encoded[:i].count(encoded[i]))
+                for i in rows}
         while rows:  # every row left has as many new tokens and as long a context
             want = g.max_new_tokens - len(new[rows[0]])
             room = model.max_seq_len - len(context[rows[0]])

@@ -122,16 +122,21 @@ def one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
-def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) -> list[str]:
-    """Beam search over lines, batched by length; detokenized output in input order, one
-    line each."""
-    d = cfg.decode
+def check_decode(d: DictConfig) -> None:
+    """The decoding settings, checked before training as well as before decoding."""
     require(d.beam_size >= 1, "decode.beam_size", d.beam_size, "at least 1")
     require(d.batch_size >= 1, "decode.batch_size", d.batch_size, "at least 1")
     require(d.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size", d.no_repeat_ngram_size,
             "0 (off) or a positive n-gram length")
     require(d.max_len_a > 0 or d.max_len_b >= 1, "decode.max_len_b", d.max_len_b,
             "at least 1 with decode.max_len_a=0 (at most a * source length + b tokens)")
+
+
+def translate_lines(model, tok: Tokenizer, lines: list[str], cfg: DictConfig) -> list[str]:
+    """Beam search over lines, batched by length; detokenized output in input order, one
+    line each."""
+    d = cfg.decode
+    check_decode(d)
     model.eval()
     ids = [tok.encode(s)[:model.max_seq_len - 1] + [tok.EOS] for s in lines]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -176,6 +181,7 @@ class TranslationTask(training.Task):
 
     def prepare(self, cfg: DictConfig, out: Path) -> training.Prepared:
         d = cfg.data
+        check_decode(cfg.decode)  # the closing test translation must not fail after training
         require(d.max_tokens >= cfg.model.max_seq_len, "data.max_tokens", d.max_tokens,
                 f"at least model.max_seq_len={cfg.model.max_seq_len} (one longest pair)")
         split, tok, source = load_corpus(cfg, out)

@@ -154,8 +154,10 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
             want = timm_settings(obj, depth)
         except (KeyError, ValueError, IndexError) as exc:
             raise UserError(f"init_from {src} is not a timm VisionTransformer state dict "
-                            f"this model can take ({type(exc).__name__}: {exc}); expected a "
-                            f"complete one without register tokens") from None
+                            f"this model can take ({type(exc).__name__}: {exc}); expected the "
+                            f"tensors of timm's plain VisionTransformer (register tokens, "
+                            f"norm_pre, attention pooling and layer scale have no "
+                            f"counterpart here)") from None
         overrides = overrides_to_match(module.model_cfg, want, VisionTransformer,
                                        via={"in_chans": "data.channels"})
         if overrides and cfg.init_strict:

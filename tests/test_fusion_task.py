@@ -106,6 +106,7 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures, ca
     assert [t["score"] for t in top] == pytest.approx([expected[t["item"]] for t in top],
                                                       abs=1e-3)
     assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+    assert [t["rescored"] for t in top] == [True] * 5  # within the re-ranked top 16
     assert json.loads((tmp_path / "m" / "retrieve.json").read_text())["text_to_image"] == \
         got["text_to_image"]
     assert (tmp_path / "m" / "retrieve.png").is_file()

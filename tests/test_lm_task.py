@@ -82,13 +82,20 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
                                  f"ckpt={tmp_path}/checkpoints/best.ckpt",
                                  "generate.temperature=0"))
     assert alone["completions"][0] == out["completions"][1]
-    # sampling: each prompt draws as it would alone, whatever else is in the batch
-    sampled = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompts=[ROMEO:,JULIET:,Thy]",
-                                   f"ckpt={tmp_path}/checkpoints/best.ckpt"))
-    for prompt, text in zip(["ROMEO:", "JULIET:", "Thy"], sampled["completions"]):
+    # sampling: each prompt draws as it would alone, whatever else shares its batch (two
+    # prompts of one token length decode together), and a repeated prompt draws anew
+    tok = Tokenizer.load(tmp_path / "tokenizer.model")
+    by_length: dict[int, list[str]] = {}
+    for word in ["Thy", "The", "And", "But", "When", "From", "Love", "That", "Thou", "Then"]:
+        by_length.setdefault(len(tok.encode(word)), []).append(word)
+    a, b = next(words for words in by_length.values() if len(words) >= 2)[:2]
+    sampled = lm_task.run(make_cfg(tmp_path, "mode=generate", f"prompts=[{a},{b},{a}]",
+                                   f"ckpt={tmp_path}/checkpoints/best.ckpt"))["completions"]
+    for prompt, text in zip([a, b], sampled):
         assert lm_task.run(make_cfg(tmp_path, "mode=generate", f"prompt={prompt}",
                                     f"ckpt={tmp_path}/checkpoints/best.ckpt")
                            )["completions"] == [text], prompt
+    assert sampled[2] != sampled[0]
     half = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompt=Thy",
                                 f"ckpt={tmp_path}/checkpoints/best.ckpt",
                                 "generate.temperature=0", "generate.dtype=bfloat16"))
@@ -96,7 +103,7 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
     with pytest.raises(UserError, match="generate.dtype must be float32 or bfloat16, got 'fp8'"):
         lm_task.run(make_cfg(tmp_path, "mode=generate", f"ckpt={tmp_path}/checkpoints/best.ckpt",
                              "generate.dtype=fp8"))
-    for bad, expect in [("prompt=null", "prompt=None is not text"),
+    for bad, expect in [("prompt=null", "prompt holds null, which is not text"),
                         ("generate.use_cache=false", "generate.compile=True is not valid")]:
         with pytest.raises(UserError, match=expect):
             lm_task.run(make_cfg(tmp_path, "mode=generate", "generate.compile=true", bad,
@@ -215,9 +222,9 @@ def cli(tmp_path, *args):
     (["ckpt=/nonexistent.ckpt", "mode=generate"], "checkpoint /nonexistent.ckpt does not exist"),
     (["mode=sample"], "mode='sample' is not a mode of the lm task; expected one of"),
     (["prompt=café"], "prompt=café cannot be read as an override (LexerNoViableAltException); "
-                      "expected key=value, with a value that holds spaces"),
+                      "expected key=value, with a value that holds brackets"),
     (["ckpt=/some/best.ckpt", "prompt=KING:"],
-     "ckpt= is a setting of mode=generate, and mode=train trains; expected mode=generate"),
+     "ckpt= is a setting of this task's other modes (mode=generate), and mode=train trains"),
     (["model.value_embeds=3"], "value_embeds=3; expected a whole number of blocks from 0 to depth=2"),
     (["model.bigram_drop=1.0"], "bigram_drop=1.0; expected a number in [0, 1)"),
     (["data.tokenizer_type=wordpiece"],

@@ -149,6 +149,10 @@ def test_train_scores_and_translates(tmp_path, capsys):
     again = tmp_path / "again"
     tr_task.run(make_cfg(again, "trainer.max_steps=2"))
     assert (again / "test.tsv").read_text() == (out / "test.tsv").read_text()
+    # decoding settings that could give no output are refused before training, not after
+    with pytest.raises(UserError, match=r"decode.max_len_b=0 is not valid"):
+        tr_task.run(make_cfg(tmp_path / "never", "decode.max_len_a=0", "decode.max_len_b=0"))
+    assert not (tmp_path / "never" / "checkpoints").exists()
     # translate mode, from a file
     inp = tmp_path / "in.txt"
     inp.write_text("In the beginning God created the heaven and the earth.\nAnd God said.\n")

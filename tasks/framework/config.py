@@ -132,8 +132,8 @@ def check_command_line(config_name: str, overrides: list[str]) -> None:
     except OverrideParseException as exc:
         reason = str(exc).splitlines()[0].split(":")[0]
         raise UserError(f"{exc.override} cannot be read as an override ({reason}); expected "
-                        f"key=value, with a value that holds spaces, brackets, commas, "
-                        f"quotes or non-ASCII letters in quotes: 'key=\"...\"'") from None
+                        f"key=value, with a value that holds brackets, commas, quotes or "
+                        f"non-ASCII letters in quotes: 'key=\"...\"'") from None
     defaults_of: dict[tuple, DictConfig] = {}  # per choice of config groups
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

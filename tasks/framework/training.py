@@ -141,9 +141,9 @@ def refuse_mode_settings(task: Task, cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value != [] and value != "":
             modes = "|".join(sorted(task.modes()))
-            raise UserError(f"{key}= is a setting of mode={modes}, and mode=train trains; "
-                            f"expected mode={modes} with it (init_from= or resume= trains "
-                            f"from a checkpoint)")
+            raise UserError(f"{key}= is a setting of this task's other modes "
+                            f"(mode={modes}), and mode=train trains; expected the mode it is "
+                            f"for (init_from= or resume= trains from a checkpoint)")
 
 
 def train(task: Task, cfg: DictConfig) -> dict:
