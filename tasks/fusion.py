@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from data.cache import atomic_write_text, cache_dir
+from data.cache import cache_dir
 from data.errors import read_lines
 from data.fusion import (
     PairSet,
@@ -710,6 +710,10 @@ class FusionTask(training.Task):
     def init_from(self, module, cfg, prep):
         return apply_init_from(module, cfg)
 
+    mode_settings = {"retrieve": ("ckpt", "images", "texts"),
+                     "classify": ("ckpt", "images", "classes"),
+                     "answer": ("ckpt", "images", "questions")}
+
     def modes(self):
         return {"retrieve": run_retrieve, "classify": run_classify, "answer": run_answer}
 
@@ -867,21 +871,11 @@ def _sibling_split(sim: torch.Tensor, siblings: list[bool], unseen: list[list[st
 
 
 # ------------------------------------------------------------------------------- modes
-MODE_OUTPUTS = {"retrieve": ("retrieve.json", "retrieve.png"), "classify": ("classify.json",),
-                "answer": ("answer.json",)}
-
-
 def _load(cfg: DictConfig, mode: str) -> FusionModule:
     if not cfg.ckpt:
         raise UserError(f"mode={mode} needs ckpt=PATH, a checkpoint of the fusion task")
     if not cfg.images:
         raise UserError(f"mode={mode} needs images=GLOB, the image files")
-    out = run_dir(cfg)
-    held = [name for name in MODE_OUTPUTS[mode] if (out / name).exists()]
-    if held:  # an earlier mode=... run's results are not overwritten
-        raise UserError(f"run_dir={str(out)!r} already holds {held[0]} of an earlier "
-                        f"mode={mode}; expected a new folder (without run_dir=, each run "
-                        f"gets its own)")
     module = FusionModule.from_checkpoint(cfg.ckpt)
     trained = module.meta.get("objectives")  # not kept by checkpoints before December 2026
     if mode in ("retrieve", "classify") and trained is not None and "contrastive" not in trained:
@@ -987,12 +981,6 @@ def run_retrieve(cfg: DictConfig) -> dict:
                                         t2i_score,
                                         "re-ranked score" if rerank_on else
                                         "scaled cosine similarity"))
-    return _write_mode_result(out / "retrieve.json", result)
-
-
-def _write_mode_result(path: Path, result: dict) -> dict:
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-    print(f"results: {path}")
     return result
 
 
@@ -1039,8 +1027,7 @@ def run_classify(cfg: DictConfig) -> dict:
         ranked = [(classes[i], float(v)) for v, i in zip(top.values, top.indices)]
         print(f"{f}: " + ", ".join(f"{c} {v:.3f}" for c, v in ranked))
         out.append({"file": f, "top": ranked})
-    return _write_mode_result(run_dir(cfg) / "classify.json",
-                              {"classes": classes, "predictions": out, "skipped_images": skipped})
+    return {"classes": classes, "predictions": out, "skipped_images": skipped}
 
 
 def run_answer(cfg: DictConfig) -> dict:
@@ -1062,8 +1049,7 @@ def run_answer(cfg: DictConfig) -> dict:
             for q, a in zip(questions, answers):
                 print(f"{f}: {q} -> {a}")
             out.append({"file": f, "answers": dict(zip(questions, answers))})
-    return _write_mode_result(run_dir(cfg) / "answer.json",
-                              {"answers": out, "skipped_images": skipped})
+    return {"answers": out, "skipped_images": skipped}
 
 
 TASK = FusionTask()

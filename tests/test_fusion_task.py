@@ -117,6 +117,15 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures, ca
     assert len(cls["predictions"]) == 11  # 1.png, 10.png ... 19.png
     assert cls["classes"] == ["red", "blue"]  # a repeat would split a class's probability
     assert all(sum(p for _, p in pred["top"]) == pytest.approx(1) for pred in cls["predictions"])
+    assert json.loads((tmp_path / "m" / "classify.json").read_text()) == json.loads(
+        json.dumps(cls))
+    # a setting of another mode would be ignored: it is refused before any work
+    with pytest.raises(UserError, match=r"questions= is a setting of mode=answer, which "
+                                        r"mode=classify does not read; expected it left out"):
+        fusion_task.run(make_cfg(tmp_path / "m4", "mode=classify", f"ckpt={ckpt}",
+                                 f"images={pairs_dir}/img/1.png", "classes=[red]",
+                                 "questions=[what?]"))
+    assert not (tmp_path / "m4" / "classify.json").exists()
     with pytest.raises(UserError, match="no answer head"):
         fusion_task.run(make_cfg(tmp_path / "m", "mode=answer", f"ckpt={ckpt}",
                                  f"images={pairs_dir}/img/1.png", "questions=[what?]"))

@@ -73,14 +73,17 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
     cpt = ckpt["attnkit"]["chars_per_token"]
     assert saved["val_bpc"] == pytest.approx(saved["val_loss"] / cpt / 0.6931471805599453,
                                              rel=1e-4)
-    # generation from the checkpoint, batched prompts
-    out = lm_task.run(make_cfg(tmp_path, "mode=generate",
-                               f"ckpt={tmp_path}/checkpoints/best.ckpt",
-                               "prompts=[From fairest,Thy]", "generate.temperature=0"))
+    # generation from the checkpoint, batched prompts; each run writes generate.json
+    runs = iter(range(100))
+
+    def generate(*overrides):
+        return lm_task.run(make_cfg(tmp_path / f"gen{next(runs)}", "mode=generate",
+                                    f"ckpt={tmp_path}/checkpoints/best.ckpt", *overrides))
+
+    out = generate("prompts=[From fairest,Thy]", "generate.temperature=0")
     assert len(out["completions"]) == 2 and all(out["completions"])
-    alone = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompt=Thy",
-                                 f"ckpt={tmp_path}/checkpoints/best.ckpt",
-                                 "generate.temperature=0"))
+    assert json.loads((tmp_path / "gen0" / "generate.json").read_text()) == out
+    alone = generate("prompt=Thy", "generate.temperature=0")
     assert alone["completions"][0] == out["completions"][1]
     # sampling: each prompt draws as it would alone, whatever else shares its batch (two
     # prompts of one token length decode together), and a repeated prompt draws anew
@@ -89,25 +92,18 @@ def test_train_writes_results_checkpoints_and_plots(tmp_path):
     for word in ["Thy", "The", "And", "But", "When", "From", "Love", "That", "Thou", "Then"]:
         by_length.setdefault(len(tok.encode(word)), []).append(word)
     a, b = next(words for words in by_length.values() if len(words) >= 2)[:2]
-    sampled = lm_task.run(make_cfg(tmp_path, "mode=generate", f"prompts=[{a},{b},{a}]",
-                                   f"ckpt={tmp_path}/checkpoints/best.ckpt"))["completions"]
+    sampled = generate(f"prompts=[{a},{b},{a}]")["completions"]
     for prompt, text in zip([a, b], sampled):
-        assert lm_task.run(make_cfg(tmp_path, "mode=generate", f"prompt={prompt}",
-                                    f"ckpt={tmp_path}/checkpoints/best.ckpt")
-                           )["completions"] == [text], prompt
+        assert generate(f"prompt={prompt}")["completions"] == [text], prompt
     assert sampled[2] != sampled[0]
-    half = lm_task.run(make_cfg(tmp_path, "mode=generate", "prompt=Thy",
-                                f"ckpt={tmp_path}/checkpoints/best.ckpt",
-                                "generate.temperature=0", "generate.dtype=bfloat16"))
+    half = generate("prompt=Thy", "generate.temperature=0", "generate.dtype=bfloat16")
     assert len(half["completions"]) == 1 and half["completions"][0]
     with pytest.raises(UserError, match="generate.dtype must be float32 or bfloat16, got 'fp8'"):
-        lm_task.run(make_cfg(tmp_path, "mode=generate", f"ckpt={tmp_path}/checkpoints/best.ckpt",
-                             "generate.dtype=fp8"))
+        generate("generate.dtype=fp8")
     for bad, expect in [("prompt=null", "prompt holds null, which is not text"),
                         ("generate.use_cache=false", "generate.compile=True is not valid")]:
         with pytest.raises(UserError, match=expect):
-            lm_task.run(make_cfg(tmp_path, "mode=generate", "generate.compile=true", bad,
-                                 f"ckpt={tmp_path}/checkpoints/best.ckpt"))
+            generate("generate.compile=true", bad)
 
 
 def test_generation_past_the_context_slides_its_window():

@@ -87,9 +87,10 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figur
         ("feature frame (10 ms)", "mel bin"), ("encoder frame (40 ms)", "output label")]
     assert res["test"] == saved["test"]
     ckpt = tmp_path / "checkpoints" / "best.ckpt"
-    out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+    out = speech_task.run(make_cfg(tmp_path / "s1", corpus, "mode=transcribe", f"ckpt={ckpt}",
                                    f"audio={corpus}/test/*.wav"))
     assert len(out["transcripts"]) == 8 and not out["skipped"]
+    assert json.loads((tmp_path / "s1" / "transcribe.json").read_text()) == out
     # the test set by voice (its manifest names two) equals the files transcribed one by one
     lines = {str(corpus / x["audio"]): x for x in map(json.loads, (
         corpus / "test.jsonl").read_text().splitlines())}
@@ -99,15 +100,15 @@ def test_ctc_train_results_pictures_and_transcribe(tmp_path, corpus, saved_figur
                                        [lines[t["file"]]["text"] for t in got])
         assert saved["test"]["by_voice"][voice] == want | {"utterances": 4}
     assert "by_voice" not in saved["val"]  # its manifest names no voice
-    out = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+    out = speech_task.run(make_cfg(tmp_path / "s2", corpus, "mode=transcribe", f"ckpt={ckpt}",
                                    f"audio=[{corpus}/broken.wav,{corpus}/test/0.wav]"))
     assert len(out["transcripts"]) == 1 and "broken.wav" in out["skipped"][0]["reason"]
     assert f"{corpus}/broken.wav: skipped, " in capsys.readouterr().out  # each one named
     with pytest.raises(UserError, match=r"none of the 1 files could be read .*broken.wav"):
-        speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+        speech_task.run(make_cfg(tmp_path / "s3", corpus, "mode=transcribe", f"ckpt={ckpt}",
                                  f"audio={corpus}/broken.wav"))
     with pytest.raises(UserError, match="broken.wav"):
-        speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+        speech_task.run(make_cfg(tmp_path / "s4", corpus, "mode=transcribe", f"ckpt={ckpt}",
                                  f"audio={corpus}/broken.wav", "data.on_bad_audio=error"))
 
 
@@ -160,9 +161,9 @@ def test_transcribe_any_rate_and_stereo(tmp_path, corpus):
         w.setframerate(44100)
         w.writeframes(torch.stack([pcm, pcm], 1).numpy().tobytes())
     write_wav(tmp_path / "mono.wav", mono)
-    a = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+    a = speech_task.run(make_cfg(tmp_path / "a", corpus, "mode=transcribe", f"ckpt={ckpt}",
                                  f"audio={tmp_path}/stereo.wav", "decode.beam_size=1"))
-    b = speech_task.run(make_cfg(tmp_path, corpus, "mode=transcribe", f"ckpt={ckpt}",
+    b = speech_task.run(make_cfg(tmp_path / "b", corpus, "mode=transcribe", f"ckpt={ckpt}",
                                  f"audio={tmp_path}/mono.wav", "decode.beam_size=1"))
     assert len(a["transcripts"]) == 1
     assert a["transcripts"][0]["text"] == b["transcripts"][0]["text"]

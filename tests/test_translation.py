@@ -156,14 +156,15 @@ def test_train_scores_and_translates(tmp_path, capsys):
     # translate mode, from a file
     inp = tmp_path / "in.txt"
     inp.write_text("In the beginning God created the heaven and the earth.\nAnd God said.\n")
-    tl = tr_task.run(make_cfg(out, "mode=translate", f"ckpt={out}/checkpoints/best.ckpt",
-                              f"input={inp}"))
+    tl = tr_task.run(make_cfg(tmp_path / "t1", "mode=translate",
+                              f"ckpt={out}/checkpoints/best.ckpt", f"input={inp}"))
     assert len(tl["translations"]) == 2 and tl["langs"] == ["en", "es"] and not tl["cut_lines"]
+    assert json.loads((tmp_path / "t1" / "translate.json").read_text()) == tl
     # a line longer than the model's source length is translated from its start, and said
     long = " ".join(["And God said, Let there be light: and there was light."] * 40)
     inp.write_text(f"And God said.\n{long}\n")
-    tl = tr_task.run(make_cfg(out, "mode=translate", f"ckpt={out}/checkpoints/best.ckpt",
-                              f"input={inp}"))
+    tl = tr_task.run(make_cfg(tmp_path / "t2", "mode=translate",
+                              f"ckpt={out}/checkpoints/best.ckpt", f"input={inp}"))
     assert len(tl["translations"]) == 2 and tl["cut_lines"] == [2]
     assert "note: 1 input line(s) have more than the model's" in capsys.readouterr().err
     # a resume with other split sizes would test on pairs it trained on
@@ -203,9 +204,12 @@ def test_translate_from_stdin_cli(tmp_path):
         capture_output=True, text=True, encoding="utf-8", cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("\n") == 3, proc.stdout  # output line N translates input line N
+    saved = json.loads((tmp_path / "hydra" / "translate.json").read_text())
+    assert saved["translations"] == proc.stdout.splitlines()  # and its path went to stderr
+    assert f"results: {tmp_path / 'hydra' / 'translate.json'}" in proc.stderr
     latin1 = subprocess.run(
         [sys.executable, "-m", "tasks.translation", "mode=translate",
-         f"ckpt={out}/checkpoints/best.ckpt", "input=-", f"hydra.run.dir={tmp_path / 'hydra'}"],
+         f"ckpt={out}/checkpoints/best.ckpt", "input=-", f"hydra.run.dir={tmp_path / 'h2'}"],
         input=b"caf\xe9 ok\n", capture_output=True, cwd=ROOT, env=env, timeout=300)
     err = latin1.stderr.decode()
     assert latin1.returncode == 2 and "Traceback" not in err, err[-2000:]

@@ -160,18 +160,21 @@ def test_train_predict_and_outputs(tmp_path, image_folder):
         assert (out / name).is_file(), name
     split = json.loads((out / "split.json").read_text())
     assert not set(split["train"]) & set(split["test"])
-    pred = vit_task.run(make_cfg(out, image_folder, "mode=predict",
+    pred = vit_task.run(make_cfg(tmp_path / "p1", image_folder, "mode=predict",
                                  f"ckpt={out}/checkpoints/best.ckpt",
                                  f"images={image_folder}/right/1*.png"))
     tops = [p["top"][0][0] for p in pred["predictions"]]
     assert len(tops) == 11 and tops.count("right") >= 9
+    saved = json.loads((tmp_path / "p1" / "predict.json").read_text())
+    assert saved == json.loads(json.dumps(pred)) and saved["predictions"][0]["top"][0][1] > 0
     broken = next(image_folder.rglob("broken.png"))  # skipped and named, or it stops
-    pred = vit_task.run(make_cfg(out, image_folder, "mode=predict",
+    pred = vit_task.run(make_cfg(tmp_path / "p2", image_folder, "mode=predict",
                                  f"ckpt={out}/checkpoints/best.ckpt",
                                  f"images=[{image_folder}/right/1*.png,{broken}]"))
     assert len(pred["predictions"]) == 11 and pred["skipped"] == [str(broken)]
     with pytest.raises(UserError, match="broken.png cannot be read"):
-        vit_task.run(make_cfg(out, image_folder, "mode=predict", "data.on_bad_image=error",
+        vit_task.run(make_cfg(tmp_path / "p3", image_folder, "mode=predict",
+                              "data.on_bad_image=error",
                               f"ckpt={out}/checkpoints/best.ckpt", f"images={broken}"))
 
 

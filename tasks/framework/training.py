@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,6 +29,8 @@ from typing import Any, ClassVar
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
+
+from data.cache import atomic_write_text
 
 from . import runtime
 from .checkpoints import (
@@ -82,9 +85,13 @@ class Task:
     # output layer -> the ``meta`` key naming its rows (class names, answers): init_from
     # moves those rows by name, resume requires the same names
     named_rows: ClassVar[dict[str, str]] = {}
+    # mode -> the ``MODE_SETTINGS`` it reads, where the modes read different ones; a mode
+    # refuses the others' (``questions=`` given to ``mode=classify`` would be ignored)
+    mode_settings: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def modes(self) -> dict[str, Callable[[DictConfig], dict]]:
-        """Modes besides ``train`` (``generate``, ``predict``, ...)."""
+        """Modes besides ``train`` (``generate``, ``predict``, ...). Each returns its
+        results, which ``run`` writes to ``<mode>.json`` in the run directory."""
         return {}
 
     def prepare(self, cfg: DictConfig, out: Path) -> Prepared:
@@ -136,10 +143,14 @@ def _batches(loader) -> int | None:
 MODE_SETTINGS = ("ckpt", "images", "audio", "input", "texts", "classes", "questions", "prompts")
 
 
+def _given(cfg: DictConfig, key: str) -> bool:
+    value = OmegaConf.select(cfg, key, default=None)
+    return value is not None and value != [] and value != ""
+
+
 def refuse_mode_settings(task: Task, cfg: DictConfig) -> None:
     for key in MODE_SETTINGS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value != [] and value != "":
+        if _given(cfg, key):
             modes = "|".join(sorted(task.modes()))
             raise UserError(f"{key}= is a setting of this task's other modes "
                             f"(mode={modes}), and mode=train trains; expected the mode it is "
@@ -193,6 +204,28 @@ def train(task: Task, cfg: DictConfig) -> dict:
     return finish(out, results, f"{task.name}: {out}")
 
 
+def run_mode(task: Task, mode: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
+    """A mode other than ``train``: its results go to ``<mode>.json`` in the run directory
+    (never over an earlier one's), its path to stderr, so stdout keeps the mode's output."""
+    reads = task.mode_settings.get(cfg.mode)
+    for key in MODE_SETTINGS if reads is not None else ():
+        if key not in reads and _given(cfg, key):
+            owner = "|".join(m for m, keys in task.mode_settings.items() if key in keys)
+            raise UserError(f"{key}= is a setting of mode={owner}, which mode={cfg.mode} does "
+                            f"not read; expected it left out, or mode={owner}")
+    out = runtime.run_dir(cfg)
+    path = out / f"{cfg.mode}.json"
+    if path.exists():
+        raise UserError(f"run_dir={str(out)!r} already holds {path.name} of an earlier "
+                        f"mode={cfg.mode}; expected a new folder (without run_dir=, each run "
+                        f"gets its own)")
+    result = mode(cfg)
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    print(f"results: {path}", file=sys.stderr)
+    return result
+
+
 def run(task: Task, cfg: DictConfig) -> dict:
     """``cfg.mode``: ``train`` or one of the task's other modes."""
-    return select_mode(cfg, task.name, {"train": partial(train, task), **task.modes()})(cfg)
+    modes = {name: partial(run_mode, task, fn) for name, fn in task.modes().items()}
+    return select_mode(cfg, task.name, {"train": partial(train, task), **modes})(cfg)
