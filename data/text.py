@@ -96,6 +96,36 @@ def expand_files(pattern: str | list[str], what: str,
     return files
 
 
+def read_each(pattern: str | list[str], what: str, expected: str, read: Callable[[Path], object],
+              on_bad: str) -> tuple[list[Path], list, list[dict]]:
+    """``read(f)`` for each file of ``expand_files(pattern)``: the files read, what ``read``
+    gave for each, and the files skipped with the reason. A file ``read`` fails on (a
+    ``DataError`` says why; any other exception is taken as unreadable) is named on the
+    console and skipped, or with ``on_bad="error"`` stops the run; none read is an error."""
+    files, items, skipped = [], [], []
+    for f in expand_files(pattern, what, expected):
+        try:
+            items.append(read(f))
+        except Exception as exc:
+            if isinstance(exc, DataError):
+                reason, error = str(exc), exc
+            else:
+                reason = f"cannot be read ({type(exc).__name__})"
+                error = DataError(f"{what}: {f} {reason}; expected {expected}")
+            if on_bad == "error":
+                raise error from None
+            skipped.append({"file": str(f), "reason": reason})
+            print(f"{f}: skipped, {reason}")
+            continue
+        files.append(f)
+    if not files:
+        raise DataError(f"{what}={pattern}: none of the {len(skipped)} files could be read "
+                        f"({skipped[0]['file']}: {skipped[0]['reason']}); expected {expected}")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s), each named above")
+    return files, items, skipped
+
+
 def read_text(files: list[Path], what: str) -> str:
     parts = []
     for f in files:

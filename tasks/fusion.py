@@ -41,7 +41,7 @@ from data.fusion import (
 from data.images import split_indices
 from data.lexicon import Lexicon, LexiconTokenizer, check_spec, load_lexicon
 from data.sampling import ResumableLoader, SeededBatchSampler
-from data.text import Tokenizer, expand_files, tokenizer_for_run, train_or_load_tokenizer
+from data.text import Tokenizer, read_each, tokenizer_for_run, train_or_load_tokenizer
 from modules.fusion import contrastive_loss, hard_negatives
 
 from .framework import entry, training
@@ -887,25 +887,15 @@ def _load(cfg: DictConfig, mode: str) -> FusionModule:
 
 
 def _read_images(module: FusionModule, pattern, on_bad: str) -> tuple[list[str], torch.Tensor,
-                                                                         list[str]]:
+                                                                         list[dict]]:
     size = module.model_cfg["vision"]["img_size"]
-    files, imgs, skipped = [], [], []
-    for f in expand_files(pattern, "images", "image files"):
-        try:
-            imgs.append(torch.tensor(load_rgb(f, size)).permute(2, 0, 1))
-            files.append(str(f))
-        except Exception as exc:
-            if on_bad == "error":
-                raise UserError(f"image {f} cannot be read ({type(exc).__name__}); expected "
-                                f"an image file") from None
-            skipped.append(str(f))
-            print(f"{f}: skipped, cannot be read ({type(exc).__name__})")
-    if not imgs:
-        raise UserError(f"images={pattern}: none of the {len(skipped)} files could be read")
+    files, imgs, skipped = read_each(pattern, "images", "image files",
+                                     lambda f: torch.tensor(load_rgb(f, size)).permute(2, 0, 1),
+                                     on_bad)
     x = torch.stack(imgs).float() / 255
     mean = torch.tensor(module.meta["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(module.meta["std"]).view(1, -1, 1, 1)
-    return files, (x - mean) / std, skipped
+    return [str(f) for f in files], (x - mean) / std, skipped
 
 
 def _as_list(value, what: str) -> list[str]:

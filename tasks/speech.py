@@ -31,7 +31,13 @@ from data.speech import (
     normalize_text,
     read_manifest,
 )
-from data.text import Tokenizer, digest, expand_files, tokenizer_for_run, train_or_load_tokenizer
+from data.text import (
+    Tokenizer,
+    digest,
+    read_each,
+    tokenizer_for_run,
+    train_or_load_tokenizer,
+)
 from modules.ctc import LMFusion, beam_decode, greedy_decode
 from modules.ngram import CharNgramLM
 from modules.speech import LogMel
@@ -618,19 +624,18 @@ def run_transcribe(cfg: DictConfig) -> dict:
                   "(decode.lm_text=FILE gives it sentences)")
     fe = LogMel(n_mels=module.meta["n_mels"])
     max_frames = module.model.max_frames
-    results, skipped = [], []
-    for f in expand_files(cfg.audio, "audio", "WAV files"):
-        try:
-            feats = fe(load_audio(f))
-            if len(feats) > max_frames:
-                raise UserError(f"audio {f} is {len(feats) / 100:.1f} s long; this model takes "
-                                f"at most {max_frames / 100:.1f} s (model.max_frames)")
-        except UserError as exc:
-            if cfg.data.on_bad_audio == "error":
-                raise
-            skipped.append({"file": str(f), "reason": str(exc)})
-            print(f"{f}: skipped, {exc}")
-            continue
+
+    def features(f):
+        feats = fe(load_audio(f))
+        if len(feats) > max_frames:
+            raise UserError(f"audio {f} is {len(feats) / 100:.1f} s long; this model takes "
+                            f"at most {max_frames / 100:.1f} s (model.max_frames)")
+        return feats
+
+    files, clips, skipped = read_each(cfg.audio, "audio", "WAV files", features,
+                                      cfg.data.on_bad_audio)
+    results = []
+    for f, feats in zip(files, clips):
         with torch.no_grad():
             logits, n = module.model(feats[None], torch.tensor([len(feats)]))
         if module.ctc:
@@ -642,11 +647,6 @@ def run_transcribe(cfg: DictConfig) -> dict:
             text = module.labels.classes[int(logits.argmax(-1))]
         print(f"{f}: {text}")
         results.append({"file": str(f), "text": text})
-    if not results:
-        raise UserError(f"audio={cfg.audio}: none of the {len(skipped)} files could be read ("
-                        f"{skipped[0]['reason']})")
-    if skipped:
-        print(f"skipped {len(skipped)} file(s), each named above")
     return {"transcripts": results, "skipped": skipped,
             "lm": lm_info}
 

@@ -28,7 +28,7 @@ from data.images import (
     split_indices,
 )
 from data.sampling import ResumableLoader, SeededBatchSampler
-from data.text import expand_files
+from data.text import read_each
 from modules.converters import mlp_ratio_for
 from modules.vit import VisionTransformer, resize_pos_embed
 
@@ -322,6 +322,9 @@ def plot_mistakes(test_outputs: list[tuple[torch.Tensor, torch.Tensor]], data,
     return path
 
 
+PREDICT_BATCH = 64  # images a forward pass in mode=predict
+
+
 def run_predict(cfg: DictConfig) -> dict:
     if not cfg.ckpt:
         raise UserError("mode=predict needs ckpt=PATH, a checkpoint of the vit task")
@@ -331,26 +334,19 @@ def run_predict(cfg: DictConfig) -> dict:
     meta, m = module.meta, module.model_cfg
     module.test_time_shifts = test_time_shifts(cfg, m["img_size"])
     tf = build_transforms(None, meta["mean"], meta["std"], train=False)
-    on_bad = cfg.data.on_bad_image  # skip or error (checked with the other settings)
-    results, skipped = [], []
-    for f in expand_files(cfg.images, "images", "image files"):
-        try:
-            x = tf(load_image(f, m["img_size"], m["in_chans"]))[None]
-        except Exception as exc:
-            if on_bad == "error":
-                raise UserError(f"image {f} cannot be read ({type(exc).__name__}); expected "
-                                f"an image file") from None
-            skipped.append(str(f))
-            print(f"{f}: skipped, cannot be read ({type(exc).__name__})")
-            continue
+    files, images, skipped = read_each(  # data.on_bad_image: skip or error
+        cfg.images, "images", "image files",
+        lambda f: tf(load_image(f, m["img_size"], m["in_chans"])), cfg.data.on_bad_image)
+    results = []
+    for start in range(0, len(files), PREDICT_BATCH):
         with torch.no_grad():
-            probs = module.predict_log_probs(x)[0].exp()[0]
-        top = probs.topk(min(cfg.top_k, len(meta["classes"])))
-        ranked = [(meta["classes"][i], float(p)) for p, i in zip(top.values, top.indices)]
-        print(f"{f}: " + ", ".join(f"{c} {p:.3f}" for c, p in ranked))
-        results.append({"file": str(f), "top": ranked})
-    if not results:
-        raise UserError(f"images={cfg.images}: none of the {len(skipped)} files could be read")
+            probs = module.predict_log_probs(
+                torch.stack(images[start:start + PREDICT_BATCH]))[0].exp()
+        for f, p in zip(files[start:start + PREDICT_BATCH], probs):
+            top = p.topk(min(cfg.top_k, len(meta["classes"])))
+            ranked = [(meta["classes"][i], float(v)) for v, i in zip(top.values, top.indices)]
+            print(f"{f}: " + ", ".join(f"{c} {v:.3f}" for c, v in ranked))
+            results.append({"file": str(f), "top": ranked})
     return {"predictions": results, "skipped": skipped}
 
 

@@ -89,7 +89,8 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures, ca
                                    f"images={pairs_dir}/img/*.png", f"texts={texts}",
                                    "eval.rerank_alpha=0"))
     printed = capsys.readouterr().out
-    assert got["skipped_images"] == [str(pairs_dir / "img" / "broken.png")]
+    assert got["skipped_images"] == [{"file": str(pairs_dir / "img" / "broken.png"),
+                                      "reason": "cannot be read (UnidentifiedImageError)"}]
     assert f"{pairs_dir / 'img' / 'broken.png'}: skipped, cannot be read" in printed
     assert "note: texts gives 1 item(s) more than once (such as 'a red square')" in printed
     assert len(got["text_to_image"]) == 3 and len(got["text_to_image"]["a red square"]) == 5

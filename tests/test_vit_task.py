@@ -150,7 +150,7 @@ def make_cfg(run_dir, root, *overrides):
             f"run_dir={run_dir}", *overrides])
 
 
-def test_train_predict_and_outputs(tmp_path, image_folder):
+def test_train_predict_and_outputs(tmp_path, image_folder, monkeypatch):
     out = tmp_path / "run"
     res = vit_task.run(make_cfg(out, image_folder))
     assert res["skipped_images"] == 1 and res["classes"] == 3
@@ -171,7 +171,16 @@ def test_train_predict_and_outputs(tmp_path, image_folder):
     pred = vit_task.run(make_cfg(tmp_path / "p2", image_folder, "mode=predict",
                                  f"ckpt={out}/checkpoints/best.ckpt",
                                  f"images=[{image_folder}/right/1*.png,{broken}]"))
-    assert len(pred["predictions"]) == 11 and pred["skipped"] == [str(broken)]
+    assert len(pred["predictions"]) == 11
+    assert pred["skipped"] == [{"file": str(broken),
+                                "reason": "cannot be read (UnidentifiedImageError)"}]
+    monkeypatch.setattr(vit_task, "PREDICT_BATCH", 4)  # 11 images in batches of 4, 4, 3
+    chunked = vit_task.run(make_cfg(tmp_path / "p4", image_folder, "mode=predict",
+                                    f"ckpt={out}/checkpoints/best.ckpt",
+                                    f"images={image_folder}/right/1*.png"))
+    for a, b in zip(chunked["predictions"], saved["predictions"], strict=True):
+        assert a["file"] == b["file"] and [c for c, _ in a["top"]] == [c for c, _ in b["top"]]
+        assert [v for _, v in a["top"]] == pytest.approx([v for _, v in b["top"]], abs=1e-5)
     with pytest.raises(UserError, match="broken.png cannot be read"):
         vit_task.run(make_cfg(tmp_path / "p3", image_folder, "mode=predict",
                               "data.on_bad_image=error",
