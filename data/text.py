@@ -82,6 +82,9 @@ def expand_files(pattern: str | list[str], what: str,
     else:
         raise DataError(f"{what}={pattern!r} is not a path; expected a path or glob of "
                         f"{expected}, or a list of them")
+    if not patterns:
+        raise DataError(f"{what}=[] names no file; expected a path or glob of {expected}, or "
+                        f"a list of them")
     files = sorted({Path(f) for p in patterns
                     for f in ([Path(p).expanduser()] if Path(p).expanduser().is_file()
                               else glob.glob(str(Path(p).expanduser()), recursive=True))})

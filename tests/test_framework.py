@@ -317,6 +317,14 @@ def _image_folder(root: Path) -> Path:
     ("translation", ["decode.max_len_a=-1"], "decode.max_len_a=-1 is not valid"),
     ("fusion", ["eval.rerank_alpha=-1"], "eval.rerank_alpha=-1 is not valid"),
     ("speech", ["model.freq_width=-3"], "model.freq_width=-3 is not valid"),
+    ("lm", ["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] is not valid: expected two"),
+    ("lm", ["optimizer.betas=[0.9,abc]"], "optimizer.betas=[0.9, 'abc'] is not valid"),
+    ("lm", ["data.train_files=[]"], "data.train_files=[] names no file"),
+    ("vit", ["data.batch_size=null"], "data.batch_size=null is not valid: expected a positive"),
+    ("lm", ["~trainer.max_steps"], "~trainer.max_steps removes the setting trainer.max_steps"),
+    ("lm", ["trainr=gpu"], "trainr is not a setting of this task; expected trainer,"),
+    ("lm", ["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 is not valid"),
+    ("lm", ["trainer.devices=true"], "trainer.devices=True is not valid: expected int or str"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None
@@ -332,7 +340,13 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
 @pytest.mark.parametrize("task,args", [
     ("fusion", ["optimizer.embedding_lr_scale=1"]),  # the default is ${data.table_lr_scale}
     ("vit", ["model.img_size=32"]), ("speech", ["model.max_frames=1600"]),
-    ("lm", ["data.train_files=a.txt"]), ("lm", ["data.train_files=[a.txt,b.txt]"])])
+    ("lm", ["data.train_files=a.txt"]), ("lm", ["data.train_files=[a.txt,b.txt]"]),
+    # Lightning's settings of more than one type, as the README's scaling commands give them
+    ("lm", ["experiment=lm_gpu", "trainer.strategy=ddp", "trainer.devices=8"]),
+    ("lm", ["-m", "hydra/launcher=slurm", "experiment=lm_gpu", "trainer=fsdp",
+            "trainer.num_nodes=2", "trainer.devices=8"]),
+    ("lm", ["trainer=ddp", "trainer.devices=auto"]), ("lm", ["trainer.val_check_interval=0.5"]),
+    ("vit", ["trainer=gpu", "trainer.devices=[0,1]", "trainer.precision=16"])])
 def test_overrides_of_interpolated_and_list_defaults_are_accepted(task, args):
     check_command_line(task, args)  # raises a UserError if refused
 
@@ -569,7 +583,7 @@ def test_legitimate_multiruns_are_accepted():
     from tasks.framework.config import _sweep_jobs
     for args in (["model=lm_tiny,lm_cpu", "model.depth=2,3"], ["model=glob(lm_t*)"],
                  ["model=glob(*,exclude=lm_gpu)"], ["prompt='a,b','c'"], ["+foo=a,b"],
-                 ["~generate.seed", "seed=range(0,3)"], ["experiment=lm_smoke,lm_gpu"],
+                 ["generate.seed=0,1", "seed=range(0,3)"], ["experiment=lm_smoke,lm_gpu"],
                  ["hydra/launcher=slurm_cpu", "optimizer.lr=interval(0.001,0.01)"]):
         check_command_line("lm", ["-m", *args])  # raises a UserError if refused
     assert {j[0] for j in _sweep_jobs(["model=glob(lm_*,exclude=lm_gpu)"])} == {

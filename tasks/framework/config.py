@@ -37,6 +37,19 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(parts).replace(":; ", ": ") or type(exc).__name__
 
 
+# Lightning's Trainer settings that take more than one type: 8 or "auto" devices, 250 steps
+# or 0.5 of an epoch, "bf16-mixed" or 16
+UNION_TYPES = {
+    "trainer.devices": (int, str, list),
+    "trainer.precision": (int, str),
+    "trainer.val_check_interval": (int, float, str),
+    "trainer.limit_val_batches": (int, float),
+    "trainer.limit_train_batches": (int, float),
+    "trainer.gradient_clip_val": (int, float),
+    "trainer.max_time": (str, dict),
+}
+
+
 def _type_errors(cfg: dict, defaults: DictConfig) -> None:
     """An override whose type differs from the default's (``trainer.max_steps=abc``); a
     default that interpolates another key (``${data.img_size}``) has that key's type, and
@@ -47,6 +60,11 @@ def _type_errors(cfg: dict, defaults: DictConfig) -> None:
             continue
         value = actual[key]
         if value is None or isinstance(value, str) and value.startswith("${"):
+            continue
+        if key in UNION_TYPES:
+            if not isinstance(value, UNION_TYPES[key]) or isinstance(value, bool):
+                names = " or ".join(t.__name__ for t in UNION_TYPES[key])
+                raise UserError(f"{key}={value!r} is not valid: expected {names}")
             continue
         if isinstance(default, str) and default.startswith("${"):
             try:
@@ -77,11 +95,16 @@ def _unknown_keys(defaults: DictConfig, overrides: list[str]) -> None:
     absent = object()
     for o in overrides:
         key = o.split("=")[0]
+        if (key.startswith("~") and not _is_group(key[1:])
+                and OmegaConf.select(defaults, key[1:], default=absent) is not absent):
+            raise UserError(f"{o} removes the setting {key[1:]}, which the task reads; "
+                            f"expected {key[1:]}=VALUE (null where the setting allows it)")
         if ("=" not in o or key.startswith(("+", "~", "hydra.")) or _is_group(key)
                 or OmegaConf.select(defaults, key, default=absent) is not absent):
             continue
         known = [k for k, _ in _leaves(OmegaConf.to_container(defaults, resolve=False))]
-        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        groups = [d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra"]
+        near = difflib.get_close_matches(key, known + groups, n=1, cutoff=0.6)
         raise UserError(f"{key} is not a setting of this task; expected "
                         + (f"{near[0]}" if near else "a key of conf/ (print them with --cfg job)")
                         + f", or +{key}=... to add a new one")
@@ -159,7 +182,11 @@ def _finite_nonnegative(v: float) -> bool:
 SHARED_RANGES = (
     ("data.batch_size", lambda v: v >= 1, "a positive batch size"),
     ("data.num_workers", lambda v: v >= 0, "a count of loader processes >= 0"),
-    ("trainer.val_check_interval", lambda v: v > 0, "a positive number of steps"),
+    ("trainer.val_check_interval", lambda v: v > 0,
+     "a positive number of steps, or a fraction of an epoch"),
+    ("trainer.limit_val_batches", lambda v: v > 0,
+     "a number of batches or a fraction > 0 (null: all); the best checkpoint is chosen on "
+     "validation"),
     ("label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
     ("top_k", lambda v: v >= 1, "a count >= 1"),
     ("decode.beam_size", lambda v: v >= 1, "a beam size >= 1 (1: greedy)"),
@@ -213,6 +240,9 @@ def check_shared_ranges(cfg: DictConfig) -> None:
     """A setting outside its range (``top_k=-1``) or its choices is one ``UserError``."""
     for key, valid, expected in SHARED_RANGES:
         value = OmegaConf.select(cfg, key, default=None)
+        if value is None and "null" not in expected and OmegaConf.select(
+                cfg, key, default="absent") != "absent":  # present, and set to null
+            raise UserError(f"{key}=null is not valid: expected {expected}")
         if isinstance(value, int | float) and not isinstance(value, bool) and not valid(value):
             raise UserError(f"{key}={value!r} is not valid: expected {expected}")
     for key, choices in SHARED_CHOICES:

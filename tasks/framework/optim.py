@@ -96,6 +96,13 @@ def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg
     if isinstance(wd, bool) or not isinstance(wd, (int, float)) or wd < 0:
         raise UserError(f"optimizer.weight_decay={wd!r} is not valid: expected a number >= 0")
     embedding = _embedding_settings(opt_cfg)
+    betas = opt_cfg.get("betas")
+    if "betas" in opt_cfg and not (
+            isinstance(betas, list) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                for b in betas)):
+        raise UserError(f"optimizer.betas={betas!r} is not valid: expected two numbers in "
+                        f"[0, 1), the decay rates of Adam's two moments (like [0.9, 0.95])")
     if opt_cfg.get("fused") and _clipping_under_mixed_precision(trainer):
         opt_cfg["fused"], opt_cfg["foreach"] = None, True
         log.info("optimizer: foreach instead of fused (gradient clipping under %s)",
