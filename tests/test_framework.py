@@ -446,7 +446,7 @@ def test_resume_needs_the_same_model(tmp_path):
     # the same model, but the token table no longer in a group of its own
     proc = cli(tmp_path, "lm", f"resume={last}", "optimizer.embedding_lr_scale=1",
                "optimizer.embedding_weight_decay=null", "trainer.max_steps=3")
-    one_line_error(proc, "these settings make [")
+    one_line_error(proc, "was trained with optimizer.embedding_lr_scale=10.0, this run has 1")
 
 
 def test_a_run_prints_no_advertising(tmp_path):
@@ -641,3 +641,36 @@ def test_a_training_state_keyed_by_parameter_names_is_matched_by_position():
                                         r"the parameter \(3, 4\)"):
         checkpoints.check_training_state(ckpt, "x.ckpt", fresh["optimizer"],
                                          fresh["lr_scheduler"]["scheduler"])
+
+
+def test_a_number_given_for_text_says_to_quote_it():
+    with pytest.raises(UserError, match=r"prompt=5 is not valid: expected str like the default "
+                                        r"'ROMEO:' \(text that reads as a number goes in quotes"):
+        check_command_line("lm", ["prompt=5"])
+    check_command_line("lm", ['prompt="5"'])  # quoted, it is text
+
+
+def test_run_dir_holds_hydras_record_and_a_mode_keeps_the_runs(tmp_path):
+    """``run_dir=`` is Hydra's output folder too: no second folder under ``outputs/`` in the
+    working directory, and the config record sits beside the results; a mode run in that
+    folder writes its record beside the training run's, not over it."""
+    env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    work, run = tmp_path / "work", tmp_path / "run"
+    work.mkdir()
+
+    def cli_in(*args):
+        return subprocess.run([sys.executable, "-m", "tasks.lm", "model=lm_tiny", "data=tiny_text",
+                               f"data.train_files={CORPUS}", f"run_dir={run}", *args], cwd=work,
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    proc = cli_in("trainer.max_steps=2", "trainer.val_check_interval=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (work / "outputs").exists() and (run / "results.json").is_file()
+    record = (run / ".hydra" / "config.yaml").read_bytes()
+    assert b"max_steps: 2" in record
+    proc = cli_in("mode=generate", f"ckpt={run / 'checkpoints' / 'last.ckpt'}",
+                  "generate.max_new_tokens=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / ".hydra" / "config.yaml").read_bytes() == record
+    assert b"mode: generate" in (run / ".hydra-generate" / "config.yaml").read_bytes()
+    assert (run / "generate.json").is_file() and not (work / "outputs").exists()

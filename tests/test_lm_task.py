@@ -177,6 +177,38 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, overrides):
     assert hist[0]["val_loss"] == hist[1]["val_loss"]
 
 
+def test_a_moved_run_resumes_its_own_checkpoints_and_a_resume_keeps_its_settings(tmp_path):
+    """A run directory moved before ``resume=auto`` goes on writing its own ``last.ckpt``
+    and ``best.ckpt`` (Lightning's keep the old folder's paths only when the folder is the
+    same); another run's checkpoint continued in a new folder keeps a best of its own; the
+    settings Lightning would silently override with the saved state are refused."""
+    first, moved, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    lm_task.run(make_cfg(first))
+    first.rename(moved)
+    res = lm_task.run(make_cfg(moved, "resume=auto", "trainer.max_steps=12"))
+    ckpts = moved / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 12
+    assert res["best_checkpoint"] == str(ckpts / "best.ckpt")
+    res = lm_task.run(make_cfg(other, f"resume={ckpts / 'last.ckpt'}", "trainer.max_steps=16"))
+    assert res["best_checkpoint"] == str(other / "checkpoints" / "best.ckpt")
+    saved = torch.load(other / "checkpoints" / "best.ckpt", weights_only=True)
+    assert saved["global_step"] == 16
+    before = (moved / "results.json").read_bytes()
+    for change, expect in [("optimizer.lr=0.5", r"optimizer.lr=0.003, this run has 0.5"),
+                           ("data.batch_size=8", r"data.batch_size=4, this run has 8"),
+                           ("seed=7", r"seed=1337, this run has 7"),
+                           ("trainer.max_steps=4", r"trainer.max_steps=4 is below step 12")]:
+        args = [change] + (["trainer.max_steps=16"] if "max_steps" not in change else [])
+        with pytest.raises(UserError, match=expect):
+            lm_task.run(make_cfg(moved, "resume=auto", *args))
+    assert (moved / "results.json").read_bytes() == before
+    for key in ("resume", "init_from"):  # a mode would ignore them
+        with pytest.raises(UserError, match=f"{key}= is a setting of training"):
+            lm_task.run(make_cfg(tmp_path / "g", "mode=generate", f"ckpt={ckpts / 'best.ckpt'}",
+                                 f"{key}={ckpts / 'last.ckpt'}"))
+
+
 def _kind(tokenizer_file: Path) -> str:
     proto = sp_model.ModelProto()
     proto.ParseFromString(tokenizer_file.read_bytes())

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from .errors import UserError
 
@@ -325,6 +325,9 @@ def resume_path(cfg: DictConfig, out: Path) -> str | None:
         return None
     if not cfg.get("resume") or cfg.resume == "auto":
         found = [p for p in (out / "checkpoints" / "last.ckpt", preempted) if p.is_file()]
+        if not found and cfg.get("resume") == "auto" and not restarted:
+            print(f"note: resume=auto found no checkpoint in {out / 'checkpoints'}; this is "
+                  f"a new run")
         return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
     ckpt = load_checkpoint(cfg.resume, cfg.task)  # fail early with a clear message
     if "pytorch-lightning_version" not in ckpt:
@@ -355,8 +358,34 @@ def start_meta(cfg: DictConfig, out: Path, task: str) -> tuple[str, dict] | None
     return str(src), checked_checkpoint(obj, src, task)[CKPT_KEY]
 
 
+# Settings a resume keeps: they decide the batches to come (order, size, content) or the
+# state that continues (the optimizer's, the weight average). Lightning restores the saved
+# data position and optimizer state whatever this run's values say, so a change would be
+# silently ignored, or skip or repeat data.
+RESUME_SETTINGS = ("seed", "data.batch_size", "data.context", "data.max_tokens",
+                   "data.max_frames_per_batch", "data.questions_per_image",
+                   "trainer.accumulate_grad_batches", "trainer.ema_decay", "optimizer")
+
+
+def resume_settings(cfg: DictConfig) -> dict:
+    """``RESUME_SETTINGS`` of ``cfg`` as flat plain values, for ``meta["resume_settings"]``
+    (``optimizer.fused``/``foreach`` are left out: they change the kernel, not the state)."""
+    from omegaconf import OmegaConf
+    out = {}
+    for key in RESUME_SETTINGS:
+        value = OmegaConf.select(cfg, key, default=None)
+        value = OmegaConf.to_container(value, resolve=True) if isinstance(
+            value, (DictConfig, ListConfig)) else value
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            if sub not in ("fused", "foreach", "_partial_"):
+                out[f"{key}.{sub}" if sub else key] = v
+    return out
+
+
 def check_resume_fits(module: torch.nn.Module, path: str, task: str,
-                      optimization: dict | None = None, names: Iterable[str] = ()) -> None:
+                      optimization: dict | None = None, names: Iterable[str] = (),
+                      max_steps: int | None = None) -> None:
     """``resume=`` a checkpoint of other model settings is one error naming a tensor; one
     whose optimizer had other parameter groups (``optimizer.embedding_lr_scale``,
     ``optimizer.embedding_weight_decay``) is one error naming those settings; one whose
@@ -391,6 +420,19 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
                         f"run makes (the seed, the split settings or the data differ), so it "
                         f"would test on items it trained on; expected the seed and data of the "
                         f"run it came from (init_from= starts a new run from its weights)")
+    theirs, ours = ckpt[CKPT_KEY].get("resume_settings"), module.meta.get("resume_settings")
+    if isinstance(theirs, dict) and ours is not None:  # kept since December 2026
+        for key in sorted(set(theirs) | set(ours)):
+            if theirs.get(key) != ours.get(key):
+                raise UserError(f"resume={path} was trained with {key}={theirs.get(key)!r}, "
+                                f"this run has {ours.get(key)!r}; a resume continues the run as "
+                                f"it was saved (its data position and optimizer state), so "
+                                f"expected {key}={theirs.get(key)!r} (init_from= starts a new "
+                                f"run from its weights)")
+    step = ckpt.get("global_step")
+    if max_steps is not None and isinstance(step, int) and max_steps < step:
+        raise UserError(f"trainer.max_steps={max_steps} is below step {step}, where resume="
+                        f"{path} stopped; expected trainer.max_steps of at least {step}")
     if optimization is not None:
         check_training_state(ckpt, path, optimization["optimizer"],
                              optimization["lr_scheduler"]["scheduler"])

@@ -12,6 +12,14 @@ from .errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
+# conf/<task>.yaml's hydra.run.dir is run_dir= when given (not a second folder under
+# outputs/), and a mode's record of its config does not replace a training run's .hydra
+OmegaConf.register_new_resolver("or_else", lambda value, default: value or default,
+                                replace=True)
+OmegaConf.register_new_resolver(
+    "config_record", lambda mode: ".hydra" if mode == "train" else f".hydra-{mode}",
+    replace=True)
+
 
 def _leaves(cfg, prefix=""):
     if isinstance(cfg, dict):
@@ -80,8 +88,10 @@ def _type_errors(cfg: dict, defaults: DictConfig) -> None:
         if ok is None or isinstance(value, ok) and not (type(default) is int and
                                                          isinstance(value, bool)):
             continue
+        hint = (f" (text that reads as a number goes in quotes: '{key}=\"{value}\"')"
+                if isinstance(default, str) and isinstance(value, (int, float)) else "")
         raise UserError(f"{key}={value!r} is not valid: expected {type(default).__name__} "
-                        f"like the default {default!r}")
+                        f"like the default {default!r}{hint}")
 
 
 def _is_group(key: str) -> bool:

@@ -207,6 +207,41 @@ def begin(cfg: DictConfig) -> tuple[float, Path]:
     return t0, run_dir(cfg)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` for a run directory that may have moved since the
+    resumed checkpoint was written. Lightning keeps the saved best and last paths only when
+    the folder is the same; otherwise it keeps the old best path alone, so a moved run
+    saved ``last-v1.ckpt`` beside ``last.ckpt`` (a later ``resume=auto`` then went back to
+    the older one), and a run continued from another run's checkpoint restored and reported
+    that run's best. Here the saved paths move with the folder when their files are in
+    this one (the run was moved); otherwise (another run's checkpoint) this run starts its
+    own best."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved, here = state_dict.get("dirpath"), self.dirpath
+        if saved is None or saved == here:
+            return super().load_state_dict(state_dict)
+        state = dict(state_dict, dirpath=here)
+
+        def moved(path):
+            if not path:
+                return path
+            rel = os.path.relpath(path, saved)
+            return None if rel.startswith("..") else os.path.join(here, rel)
+
+        paths = [state.get(k) for k in ("best_model_path", "last_model_path")]
+        if all(p and moved(p) and Path(moved(p)).is_file() for p in paths):
+            state.update({k: moved(state.get(k)) for k in
+                          ("best_model_path", "last_model_path", "kth_best_model_path")})
+            state["best_k_models"] = {moved(k): v for k, v in
+                                      state.get("best_k_models", {}).items()}
+        else:
+            state.update(best_model_path="", last_model_path="", kth_best_model_path="",
+                         best_model_score=None, best_k_models={})
+            state.pop("kth_value", None)
+        super().load_state_dict(state)
+
+
 def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min",
                   extra_callbacks: list[Callback] | None = None):
     """Lightning Trainer from ``cfg.trainer`` with our checkpoints, history, RNG state,
@@ -214,7 +249,7 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
     from .checkpoints import RNGState
     from .reporting import History
     history = History()
-    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor,
+    ckpt = RunCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor,
                            mode=mode, save_top_k=1, save_last=True, auto_insert_metric_name=False)
     interactive = sys.stdout.isatty() and not os.environ.get("CI")
     bar = RichProgressBar(leave=True) if interactive else TQDMProgressBar(refresh_rate=50)

@@ -39,6 +39,7 @@ from .checkpoints import (
     load_checkpoint,
     model_state,
     resume_path,
+    resume_settings,
 )
 from .config import select_mode
 from .errors import UserError
@@ -173,6 +174,7 @@ def train(task: Task, cfg: DictConfig) -> dict:
         if prep.split is not None:
             prep.meta["split_digest"] = hashlib.sha256(
                 json.dumps(prep.split, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        prep.meta["resume_settings"] = resume_settings(cfg)
         t_data = runtime.seconds_since(t0)
         if _batches(prep.train_loader) == 0:
             raise UserError("the training set gives no batch: it holds fewer items than "
@@ -184,7 +186,8 @@ def train(task: Task, cfg: DictConfig) -> dict:
                                               cfg.trainer.max_steps)  # fail early
         init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
         if resume:
-            check_resume_fits(module, resume, cfg.task, optimization, task.named_rows.values())
+            check_resume_fits(module, resume, cfg.task, optimization, task.named_rows.values(),
+                              max_steps=cfg.trainer.max_steps)
         trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
                                                  mode=task.monitor_mode)
     best = fit_and_restore_best(trainer, module, prep, resume)
@@ -198,7 +201,8 @@ def train(task: Task, cfg: DictConfig) -> dict:
         "params": sum(p.numel() for p in module.model.parameters()),
         "steps": trainer.global_step, **figures, "data_seconds": t_data,
         "total_seconds": runtime.seconds_since(t0), "best_checkpoint": best,
-        "last_checkpoint": str(out / "checkpoints" / "last.ckpt"), "init_from": init_report,
+        "last_checkpoint": str(last) if (last := out / "checkpoints" / "last.ckpt").is_file()
+        else None, "init_from": init_report,
         "plots": [str(p) for p in plots if p], "run_dir": str(out),
     }
     return finish(out, results, f"{task.name}: {out}")
@@ -207,6 +211,11 @@ def train(task: Task, cfg: DictConfig) -> dict:
 def run_mode(task: Task, mode: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
     """A mode other than ``train``: its results go to ``<mode>.json`` in the run directory
     (never over an earlier one's), its path to stderr, so stdout keeps the mode's output."""
+    for key in ("resume", "init_from"):  # a mode reads ckpt= alone
+        if _given(cfg, key):
+            raise UserError(f"{key}= is a setting of training (mode=train), which mode="
+                            f"{cfg.mode} does not read; expected ckpt= for the checkpoint it "
+                            f"uses")
     reads = task.mode_settings.get(cfg.mode)
     for key in MODE_SETTINGS if reads is not None else ():
         if key not in reads and _given(cfg, key):
