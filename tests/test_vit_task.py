@@ -331,9 +331,9 @@ def test_a_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, image_fol
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     del ckpt["attnkit"]["split_digest"]
     torch.save(ckpt, out / "checkpoints" / "last.ckpt")
-    with pytest.raises(UserError, match=r"trainer.ema_decay=5"):
+    with pytest.raises(UserError, match=r"trainer.gradient_clip_val=-1"):
         vit_task.run(make_cfg(out, image_folder, "resume=auto", "data.split=[0.6,0.2,0.2]",
-                              "trainer.ema_decay=5", "trainer.max_steps=40"))
+                              "trainer.gradient_clip_val=-1", "trainer.max_steps=40"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # another run's checkpoint does not continue into a folder holding a finished run
     shutil.copytree(out, tmp_path / "b")
