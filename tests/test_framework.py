@@ -310,6 +310,8 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["model.drop_path_rate=2"], "expected a probability in [0, 1)"),
     ("lm", ["model.rope_theta=0"], "rope_theta=0; expected a positive base"),
     ("lm", ["mode=generate", f"ckpt={ROOT / 'conf'}"], "is a folder; expected a checkpoint"),
+    ("lm", ["mode=generate", f"ckpt={ROOT / 'README.md'}"],
+     "README.md is not a PyTorch file (a file that starts with b'# attnk"),
     ("lm", ["optimizer.weight_decay=-1"], "optimizer.weight_decay=-1 is not valid"),
     ("lm", ["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1; expected a norm"),
     ("vit", ["model.patch_size=0"], "model.patch_size=0 is not valid: expected a patch size"),
@@ -325,6 +327,8 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["trainr=gpu"], "trainr is not a setting of this task; expected trainer,"),
     ("lm", ["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 is not valid"),
     ("lm", ["trainer.devices=true"], "trainer.devices=True is not valid: expected int or str"),
+    ("lm", ["init_strict=null"], "init_strict=null is not valid: expected true or false"),
+    ("vit", ["model.qkv_bias=null"], "model.qkv_bias=null is not valid: expected true or false"),
 ])
 def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     base = None
@@ -343,6 +347,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     ("lm", ["data.train_files=a.txt"]), ("lm", ["data.train_files=[a.txt,b.txt]"]),
     # Lightning's settings of more than one type, as the README's scaling commands give them
     ("lm", ["experiment=lm_gpu", "trainer.strategy=ddp", "trainer.devices=8"]),
+    ("lm", ["optimizer.fused=null"]),  # null: torch's choice for the device
     ("lm", ["-m", "hydra/launcher=slurm", "experiment=lm_gpu", "trainer=fsdp",
             "trainer.num_nodes=2", "trainer.devices=8"]),
     ("lm", ["trainer=ddp", "trainer.devices=auto"]), ("lm", ["trainer.val_check_interval=0.5"]),

@@ -115,6 +115,13 @@ def safe_load(path: str | os.PathLike, what: str) -> object:
         raise UserError(f"{what} {path} is a safetensors file; expected an attnkit checkpoint "
                         f"(.ckpt; init_from= also reads safetensors weights where the task "
                         f"takes another toolkit's){folder}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip file, or a pickle
+        kind = "an empty file" if not head else f"a file that starts with {head!r}"
+        raise UserError(f"{what} {path} is not a PyTorch file ({kind}); expected a "
+                        f"checkpoint written by torch.save, such as a run's "
+                        f"checkpoints/best.ckpt")
     try:
         with warnings.catch_warnings():  # torch's note on a raw pickle's protocol: noise
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -57,6 +57,9 @@ UNION_TYPES = {
     "trainer.max_time": (str, dict),
 }
 
+# Switches where null has a meaning of its own (fused: torch's default for the device)
+NULLABLE_BOOLS = {"optimizer.fused"}
+
 
 def _type_errors(cfg: dict, defaults: DictConfig) -> None:
     """An override whose type differs from the default's (``trainer.max_steps=abc``); a
@@ -67,6 +70,9 @@ def _type_errors(cfg: dict, defaults: DictConfig) -> None:
         if key not in actual or default is None or key.startswith("hydra."):
             continue
         value = actual[key]
+        if value is None and type(default) is bool and key not in NULLABLE_BOOLS \
+                and not key.startswith("trainer."):  # Lightning's own: null is its default
+            raise UserError(f"{key}=null is not valid: expected true or false")
         if value is None or isinstance(value, str) and value.startswith("${"):
             continue
         if key in UNION_TYPES:
