@@ -452,6 +452,11 @@ def test_resume_needs_the_same_model(tmp_path):
     proc = cli(tmp_path, "lm", f"resume={last}", "optimizer.embedding_lr_scale=1",
                "optimizer.embedding_weight_decay=null", "trainer.max_steps=3")
     one_line_error(proc, "was trained with optimizer.embedding_lr_scale=10.0, this run has 1")
+    # the same settings in two processes: each step would take twice the data, and the
+    # saved position (steps taken) would skip past data never trained on
+    proc = cli(tmp_path, "lm", f"resume={last}", "trainer=ddp", "trainer.max_steps=3")
+    one_line_error(proc, "was trained in 1 processes (trainer.devices x trainer.num_nodes), "
+                   "this run has 2")
 
 
 def test_a_run_prints_no_advertising(tmp_path):

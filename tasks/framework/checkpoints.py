@@ -430,7 +430,13 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
     theirs, ours = ckpt[CKPT_KEY].get("resume_settings"), module.meta.get("resume_settings")
     if isinstance(theirs, dict) and ours is not None:  # kept since December 2026
         for key in sorted(set(theirs) | set(ours)):
-            if theirs.get(key) != ours.get(key):
+            if key == "processes" and key in theirs and theirs[key] != ours.get(key):
+                raise UserError(f"resume={path} was trained in {theirs[key]} processes (trainer."
+                                f"devices x trainer.num_nodes), this run has {ours.get(key)}; its "
+                                f"data position counts steps of data.batch_size from each, so "
+                                f"expected {theirs[key]} processes (init_from= starts a new run "
+                                f"from its weights)")
+            if key != "processes" and theirs.get(key) != ours.get(key):
                 raise UserError(f"resume={path} was trained with {key}={theirs.get(key)!r}, "
                                 f"this run has {ours.get(key)!r}; a resume continues the run as "
                                 f"it was saved (its data position and optimizer state), so "

@@ -93,6 +93,28 @@ def files_kept_on_error(out: Path):
         raise
 
 
+@contextlib.contextmanager
+def lightning_notes_held():
+    """Lightning's notes (``GPU available: ...``) written at the end of the block, not
+    during it, and not at all should it fail: a check that needs the built Trainer (a
+    resume's number of processes) then stays the one line of its error."""
+    log = logging.getLogger("lightning.pytorch")
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, propagate = log.handlers[:], log.propagate
+    log.handlers, log.propagate = [_Hold()], False
+    try:
+        yield
+    finally:
+        log.handlers, log.propagate = handlers, propagate
+    for record in held:
+        log.handle(record)
+
+
 def global_rank() -> int:
     """This process's rank as Lightning sees it: from the trainer's launcher, torchrun
     (``RANK``), or SLURM (``SLURM_PROCID``), before and after the process group exists."""

@@ -185,11 +185,16 @@ def train(task: Task, cfg: DictConfig) -> dict:
         optimization = configure_optimization(module.model, cfg.optimizer, cfg.scheduler,
                                               cfg.trainer.max_steps)  # fail early
         init_report = task.init_from(module, cfg, prep) if cfg.init_from else None
-        if resume:
-            check_resume_fits(module, resume, cfg.task, optimization, task.named_rows.values(),
-                              max_steps=cfg.trainer.max_steps)
-        trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
-                                                 mode=task.monitor_mode)
+        with runtime.lightning_notes_held():
+            trainer, history = runtime.build_trainer(cfg, out, monitor=task.monitor,
+                                                     mode=task.monitor_mode)
+            # each step takes data.batch_size from every process, and the saved data
+            # position counts such steps: a resume keeps the number of processes
+            module.meta["resume_settings"]["processes"] = (trainer.num_devices *
+                                                           trainer.num_nodes)
+            if resume:
+                check_resume_fits(module, resume, cfg.task, optimization,
+                                  task.named_rows.values(), max_steps=cfg.trainer.max_steps)
     best = fit_and_restore_best(trainer, module, prep, resume)
     figures = task.evaluate(trainer, module, prep, cfg, out)
     if not trainer.is_global_zero:
