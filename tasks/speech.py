@@ -517,7 +517,9 @@ class SpeechTask(training.Task):
                                                             too_long.items() if k != "train"}},
                   "labels": labels.kind, "text_normalizer": NORMALIZER},
             data={"items": items, "sets": sets, "texts": texts, "voices": item_voices,
-                  "too_long": too_long})
+                  "too_long": too_long},
+            # what each set holds (transcripts and lengths): a resume on other data is refused
+            split={k: [texts[k], [len(f) for f in feats[k]]] for k in sets})
 
     def evaluate(self, trainer, module, prep, cfg, out):
         final = trainer.validate(module, prep.val_loader, verbose=False)[0]

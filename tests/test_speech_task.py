@@ -283,6 +283,14 @@ def test_init_from_and_resume(tmp_path, corpus):
     with pytest.raises(UserError, match="differ in shape"):
         speech_task.run(make_cfg(tmp_path / "bad", corpus, f"init_from={ckpt}",
                                  "model.embed_dim=48", "model.num_heads=2"))
+    # the same run on a training manifest without its last utterance: other data
+    fewer = tmp_path / "fewer.jsonl"
+    rows = [json.loads(line) for line in (corpus / "train.jsonl").read_text().splitlines()]
+    fewer.write_text("".join(json.dumps(r | {"audio": str(corpus / r["audio"])}) + "\n"
+                             for r in rows[:-1]))
+    with pytest.raises(UserError, match="was trained on another split of the data"):
+        speech_task.run(make_cfg(first, corpus, "resume=auto", "trainer.max_steps=6",
+                                 f"data.train={fewer}"))
     res = speech_task.run(make_cfg(first, corpus, "resume=auto", "trainer.max_steps=6"))
     assert res["steps"] == 6
 
