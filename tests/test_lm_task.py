@@ -133,6 +133,28 @@ def test_generation_past_the_context_slides_its_window():
     assert got[0] != got[1]
 
 
+def test_sampling_that_ends_in_a_later_window_ends_each_row_alone():
+    """End-of-text drawn in the second window: that row stops there (end-of-text kept),
+    the rows still going draw exactly what they drew when nothing ended."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    torch.manual_seed(0)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("lm", overrides=["model=lm_tiny", "data=tiny_text", "data.vocab_size=64"])
+    model = instantiate(cfg.model).eval()
+    g = OmegaConf.merge(cfg.generate, {"max_new_tokens": 70, "temperature": 1.0, "top_k": 0,
+                                       "top_p": 1.0})
+    prompts = [[5, 6, 7], [5, 6, 7], [12]]  # the repeat draws a sample of its own
+    full = lm_task.sample_ids(model, SimpleNamespace(EOS=-1, PAD=0, NL=1), prompts, g)
+    first_window = model.max_seq_len - len(prompts[0])  # new tokens before the window moves
+    eos = next(t for t in range(64) if t in full[0][first_window:]
+               and t not in full[0][:first_window] and t not in full[1][:full[0].index(t) + 2])
+    got = lm_task.sample_ids(model, SimpleNamespace(EOS=eos, PAD=0, NL=1), prompts, g)
+    want = [r[:r.index(eos) + 1] if eos in r else r for r in full]
+    assert got == want
+    assert len(got[0]) > first_window and len(got[1]) > len(got[0])  # the batch shrank
+
+
 def test_mixed_precision_with_clipping_and_fused_adamw_trains(tmp_path):
     # Lightning refuses to clip gradients of a fused optimizer under its mixed-precision
     # plugin; the GPU preset (bf16-mixed, clipping, fused AdamW) must still train.
