@@ -226,7 +226,9 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Ten
 
     timm's fused ``qkv`` is laid out (q, k, v) like our ``qkv_proj``; its final ``norm``
     maps to the encoder's, its ``fc_norm`` (after mean pooling, in place of ``norm``) to
-    ours (``fc_norm=True``).
+    ours (``fc_norm=True``). Its layer scale (``ls1``/``ls2``) keeps its keys. A position table
+    without the class token's row (timm's ``no_embed_class``, as DeiT III) gets a zero row
+    for it: a patch grid has a square number of rows, a grid plus a class token never does.
     """
     sd = dict(sd)
     out = {"patch_embed.proj.weight": sd.pop("patch_embed.proj.weight"),
@@ -238,6 +240,12 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Ten
     for name in ("cls_token", "pos_embed"):
         if name in sd:
             out[name] = sd.pop(name)
+    rows = out["pos_embed"].shape[1] if out.get("pos_embed", torch.empty(0)).dim() == 3 else 0
+    if "cls_token" in out and rows and math.isqrt(rows) ** 2 == rows:
+        # timm's ``no_embed_class``: the table covers the patches only and the class token
+        # joins after it is added; a zero row for the class token computes the same.
+        pos = out["pos_embed"]
+        out["pos_embed"] = torch.cat([pos.new_zeros(pos.shape[0], 1, pos.shape[2]), pos], 1)
     names = {"norm1": "norm1", "attn.qkv": "attn.qkv_proj", "attn.proj": "attn.out_proj",
              "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
     for i in range(depth):
@@ -246,6 +254,9 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Ten
                 key = f"blocks.{i}.{src}.{p}"
                 if key in sd:
                     out[f"encoder.blocks.{i}.{dst}.{p}"] = sd.pop(key)
+        for ls in ("ls1", "ls2"):  # layer scale (timm's init_values)
+            if f"blocks.{i}.{ls}.gamma" in sd:
+                out[f"encoder.blocks.{i}.{ls}.gamma"] = sd.pop(f"blocks.{i}.{ls}.gamma")
     leftover = list(sd)
     if leftover:
         raise ValueError(f"unsupported keys in the timm checkpoint: {leftover[:5]}")

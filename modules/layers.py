@@ -65,6 +65,18 @@ class SwiGLU(nn.Module):
         return self.down_proj(self.drop(F.silu(gate) * up))
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch, starting at ``init`` (CaiT,
+    DeiT III; timm's ``ls1``/``ls2``, whose ``gamma`` keys it shares)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
 class DropPath(nn.Module):
     """Drops the whole residual branch per sample with probability p (training only)."""
 

@@ -17,6 +17,7 @@ from .layers import (
     MLPS,
     NORMS,
     DropPath,
+    LayerScale,
     add_on_rows,
     check_sizes,
     kept_rows,
@@ -40,6 +41,8 @@ class TransformerBlock(nn.Module):
         qkv_bias, proj_bias, mlp_bias: projection biases.
         qk_norm: RMSNorm on each head's queries and keys (see ``MultiHeadAttention``).
         attn_drop, drop, drop_path: attention-probability, residual and stochastic depth.
+        layer_scale: a learned per-channel scale on the self-attention and MLP branches,
+            starting at this value (``layers.LayerScale``; None: none).
     """
 
     def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
@@ -49,7 +52,7 @@ class TransformerBlock(nn.Module):
                  rope: RotaryEmbedding | None = None, qkv_bias: bool = False,
                  proj_bias: bool = False, mlp_bias: bool = False, qk_norm: bool = False,
                  attn_drop: float = 0.0, drop: float = 0.0, drop_path: float = 0.0,
-                 backend: str = "auto"):
+                 layer_scale: float | None = None, backend: str = "auto"):
         super().__init__()
         heads = dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
                      head_dim=head_dim, qkv_bias=qkv_bias, out_bias=proj_bias,
@@ -66,6 +69,9 @@ class TransformerBlock(nn.Module):
                              drop=drop)
         self.drop = nn.Dropout(drop)
         self.drop_path = DropPath(drop_path)
+        scale = (lambda: LayerScale(embed_dim, layer_scale)) if layer_scale is not None \
+            else nn.Identity
+        self.ls1, self.ls2 = scale(), scale()
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, cache=None, positions=None,
@@ -82,15 +88,16 @@ class TransformerBlock(nn.Module):
                       queries=keep, values=values)
         if keep is not None:
             x = x[:, :keep]
-        x = residual_add(x, self.drop_path(self.drop(h)), in_place=in_place)
+        x = residual_add(x, self.drop_path(self.drop(self.ls1(h))), in_place=in_place)
         if self.cross_attn is not None:
             x = add_on_rows(x, lambda t: self.drop_path(self.drop(self.cross_attn(
                 self.cross_norm(t), context, mask=context_mask, cache=cross_cache))),
                 in_place=in_place)
         if self.drop_path.p and self.training:  # drawn per sequence: every row
             rows = None
-        return add_on_rows(x, lambda t: self.drop_path(self.drop(self.mlp(self.norm2(t)))),
-                           rows, in_place=in_place)
+        return add_on_rows(
+            x, lambda t: self.drop_path(self.drop(self.ls2(self.mlp(self.norm2(t))))), rows,
+            in_place=in_place)
 
 
 class Transformer(nn.Module):
@@ -104,6 +111,7 @@ class Transformer(nn.Module):
             sin-cos absolute positions added by the caller).
         max_seq_len: size of the RoPE table built up front.
         drop_path_rate: stochastic depth, linearly increasing to this over depth.
+        layer_scale: see ``TransformerBlock``.
         Other arguments go to every block.
     """
 
@@ -114,7 +122,8 @@ class Transformer(nn.Module):
                  rope_theta: float | None = None, max_seq_len: int = 2048,
                  qkv_bias: bool = False, proj_bias: bool = False, mlp_bias: bool = False,
                  qk_norm: bool = False, attn_drop: float = 0.0, drop: float = 0.0,
-                 drop_path_rate: float = 0.0, backend: str = "auto"):
+                 drop_path_rate: float = 0.0, layer_scale: float | None = None,
+                 backend: str = "auto"):
         super().__init__()
         check_sizes(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, head_dim=head_dim, mlp_hidden_dim=mlp_hidden_dim)
@@ -133,7 +142,8 @@ class Transformer(nn.Module):
                 context_dim=context_dim, rope=self.rope, qkv_bias=qkv_bias,
                 proj_bias=proj_bias, mlp_bias=mlp_bias, qk_norm=qk_norm,
                 attn_drop=attn_drop, drop=drop,
-                drop_path=drop_path_rate * i / max(depth - 1, 1), backend=backend)
+                drop_path=drop_path_rate * i / max(depth - 1, 1), layer_scale=layer_scale,
+                backend=backend)
             for i in range(depth))
         self.norm = norm_layer(embed_dim, eps=norm_eps)
         self.backend = backend

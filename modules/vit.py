@@ -85,6 +85,8 @@ class VisionTransformer(nn.Module):
         pos_embed: ``"learned"`` or ``"sincos"``.
         pre_norm: a LayerNorm on the embedded tokens before the encoder (CLIP's ``ln_pre``).
         qkv_bias: bias on the q/k/v projection.
+        layer_scale: a learned per-channel scale on each residual branch, starting at this
+            value (DeiT III, CaiT; timm's ``init_values``); None: none.
         drop, attn_drop, drop_path_rate: regularisation.
         backend: attention kernel.
     """
@@ -96,7 +98,8 @@ class VisionTransformer(nn.Module):
                  pool: str = "token", class_token: bool | None = None, fc_norm: bool = False,
                  pos_embed: str = "learned", qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
-                 pre_norm: bool = False, backend: str = "auto"):
+                 pre_norm: bool = False, layer_scale: float | None = None,
+                 backend: str = "auto"):
         super().__init__()
         if pool not in ("token", "mean"):
             raise ValueError(f"pool must be 'token' or 'mean', got {pool!r}")
@@ -126,7 +129,8 @@ class VisionTransformer(nn.Module):
             embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_hidden_dim=int(embed_dim * mlp_ratio), norm="layernorm", mlp="gelu",
             norm_eps=norm_eps, qkv_bias=qkv_bias, proj_bias=True, mlp_bias=True,
-            attn_drop=attn_drop, drop=drop, drop_path_rate=drop_path_rate, backend=backend)
+            attn_drop=attn_drop, drop=drop, drop_path_rate=drop_path_rate,
+            layer_scale=layer_scale, backend=backend)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else None
         if fc_norm:
             self.encoder.norm = nn.Identity()

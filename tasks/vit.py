@@ -152,12 +152,14 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
             depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
             state = vit_state_dict_from_timm(obj, depth)
             want = timm_settings(obj, depth)
+            if want["layer_scale"] and module.model_cfg.get("layer_scale"):
+                want["layer_scale"] = module.model_cfg["layer_scale"]  # loaded: any start
         except (KeyError, ValueError, IndexError) as exc:
             raise UserError(f"init_from {src} is not a timm VisionTransformer state dict "
                             f"this model can take ({type(exc).__name__}: {exc}); expected the "
                             f"tensors of timm's plain VisionTransformer (register tokens, "
-                            f"norm_pre, attention pooling and layer scale have no "
-                            f"counterpart here)") from None
+                            f"norm_pre and attention pooling have no counterpart "
+                            f"here)") from None
         overrides = overrides_to_match(module.model_cfg, want, VisionTransformer,
                                        via={"in_chans": "data.channels"})
         if overrides and cfg.init_strict:
@@ -189,7 +191,8 @@ def timm_settings(state: dict, depth: int) -> dict:
     """The ``VisionTransformer`` settings a timm ViT state dict was trained under, as far as
     its tensors tell (no convolutional stem, a learned position table; mean pooling where it
     has an ``fc_norm`` (timm's default with it) or no class token, else class-token
-    pooling); the head count and image size are not stored."""
+    pooling; a layer scale, whose starting value is not stored, from DeiT III's 1e-6); the
+    head count and image size are not stored."""
     w = state["patch_embed.proj.weight"]
     fc_norm = "fc_norm.weight" in state
     return {"in_chans": w.shape[1], "patch_size": w.shape[-1], "embed_dim": w.shape[0],
@@ -199,7 +202,8 @@ def timm_settings(state: dict, depth: int) -> dict:
             # a class token beside mean pooling (with class-token pooling it is implied)
             **({"class_token": True} if fc_norm and "cls_token" in state else {}),
             "mlp_ratio": mlp_ratio_for(state["blocks.0.mlp.fc1.weight"].shape[0], w.shape[0]),
-            "qkv_bias": "blocks.0.attn.qkv.bias" in state}
+            "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+            "layer_scale": 1e-6 if "blocks.0.ls1.gamma" in state else None}
 
 
 def make_loaders(cfg: DictConfig, out: Path):

@@ -21,9 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # timm's ways of pooling: its class token; the mean of the patch tokens beside a class
 # token, normalised after pooling (fc_norm, timm's default with "avg", as in MAE); the mean
-# with no class token and the tokens normalised (fc_norm=False, the "_gap" models)
+# with no class token and the tokens normalised (fc_norm=False, the "_gap" models); and
+# class-token pooling in DeiT III's layout
 TIMM_POOLS = {"token": dict(global_pool="token"), "avg_fc_norm": dict(global_pool="avg"),
-              "avg_no_class_token": dict(global_pool="avg", class_token=False, fc_norm=False)}
+              "avg_no_class_token": dict(global_pool="avg", class_token=False, fc_norm=False),
+              # DeiT III: layer scale, and a position table without the class token's row
+              "deit3": dict(global_pool="token", no_embed_class=True, init_values=1e-6)}
 
 
 def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
@@ -44,7 +47,8 @@ def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
 @pytest.mark.parametrize("pool, ours_pool", [
     ("token", dict(pool="token")),
     ("avg_fc_norm", dict(pool="mean", class_token=True, fc_norm=True)),
-    ("avg_no_class_token", dict(pool="mean"))])
+    ("avg_no_class_token", dict(pool="mean")),
+    ("deit3", dict(pool="token", layer_scale=1e-6))])
 def test_matches_timm_logits_on_the_same_weights(tmp_path, pool, ours_pool):
     ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, **TIMM_POOLS[pool])
     ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
@@ -381,7 +385,8 @@ def test_timm_state_dict_as_init_from(tmp_path, image_folder):
 @pytest.mark.parametrize("pool, pool_overrides", [
     ("token", ["model.pool=token"]),
     ("avg_fc_norm", ["model.class_token=true", "model.fc_norm=true"]),
-    ("avg_no_class_token", [])])
+    ("avg_no_class_token", []),
+    ("deit3", ["model.pool=token", "model.layer_scale=1e-06"])])
 def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path, pool,
                                                                          pool_overrides):
     """``init_from`` a timm ViT under the default model's settings (a convolutional stem,
