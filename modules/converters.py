@@ -226,26 +226,34 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Ten
 
     timm's fused ``qkv`` is laid out (q, k, v) like our ``qkv_proj``; its final ``norm``
     maps to the encoder's, its ``fc_norm`` (after mean pooling, in place of ``norm``) to
-    ours (``fc_norm=True``). Its layer scale (``ls1``/``ls2``) keeps its keys. A position table
-    without the class token's row (timm's ``no_embed_class``, as DeiT III) gets a zero row
-    for it: a patch grid has a square number of rows, a grid plus a class token never does.
+    ours (``fc_norm=True``). Its layer scale (``ls1``/``ls2``), register tokens
+    (``reg_token``) and ``norm_pre`` (ours with ``pre_norm=True``) keep their keys. A position table without rows for the class and
+    register tokens (timm's ``no_embed_class``, as DeiT III and DINOv2) gets zero rows for
+    them: a patch grid has a square number of rows, and the table is read as a grid plus
+    those tokens' rows where that leaves a square.
     """
     sd = dict(sd)
-    out = {"patch_embed.proj.weight": sd.pop("patch_embed.proj.weight"),
-           "patch_embed.proj.bias": sd.pop("patch_embed.proj.bias"),
+    w = sd.pop("patch_embed.proj.weight")
+    out = {"patch_embed.proj.weight": w,  # no bias beside norm_pre (CLIP's layout): zeros
+           "patch_embed.proj.bias": sd.pop("patch_embed.proj.bias", w.new_zeros(w.shape[0])),
            "head.weight": sd.pop("head.weight"), "head.bias": sd.pop("head.bias")}
     norm = "fc_norm" if "fc_norm.weight" in sd else "norm"
     for p in ("weight", "bias"):
         out[f"encoder.norm.{p}" if norm == "norm" else f"fc_norm.{p}"] = sd.pop(f"{norm}.{p}")
-    for name in ("cls_token", "pos_embed"):
+    for name in ("cls_token", "reg_token", "pos_embed", "norm_pre.weight", "norm_pre.bias"):
         if name in sd:
             out[name] = sd.pop(name)
+    prefix = ("cls_token" in out) + (out["reg_token"].shape[1] if "reg_token" in out else 0)
     rows = out["pos_embed"].shape[1] if out.get("pos_embed", torch.empty(0)).dim() == 3 else 0
-    if "cls_token" in out and rows and math.isqrt(rows) ** 2 == rows:
-        # timm's ``no_embed_class``: the table covers the patches only and the class token
-        # joins after it is added; a zero row for the class token computes the same.
+
+    def square(n: int) -> bool:
+        return n >= 0 and math.isqrt(n) ** 2 == n
+
+    if prefix and rows and square(rows) and not square(rows - prefix):
+        # timm's ``no_embed_class``: the table covers the patches only and the class and
+        # register tokens join after it is added; zero rows for them compute the same.
         pos = out["pos_embed"]
-        out["pos_embed"] = torch.cat([pos.new_zeros(pos.shape[0], 1, pos.shape[2]), pos], 1)
+        out["pos_embed"] = torch.cat([pos.new_zeros(pos.shape[0], prefix, pos.shape[2]), pos], 1)
     names = {"norm1": "norm1", "attn.qkv": "attn.qkv_proj", "attn.proj": "attn.out_proj",
              "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
     for i in range(depth):

@@ -83,6 +83,8 @@ class VisionTransformer(nn.Module):
         fc_norm: normalise the pooled features rather than the tokens (timm's ``fc_norm``,
             its default with mean pooling): the encoder gets no final norm.
         pos_embed: ``"learned"`` or ``"sincos"``.
+        registers: learned tokens after the class token that only attend and are attended to
+            (Darcet et al., 2024; timm's ``reg_tokens``), left out of the pooling.
         pre_norm: a LayerNorm on the embedded tokens before the encoder (CLIP's ``ln_pre``).
         qkv_bias: bias on the q/k/v projection.
         layer_scale: a learned per-channel scale on each residual branch, starting at this
@@ -99,7 +101,7 @@ class VisionTransformer(nn.Module):
                  pos_embed: str = "learned", qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path_rate: float = 0.0, norm_eps: float = 1e-6,
                  pre_norm: bool = False, layer_scale: float | None = None,
-                 backend: str = "auto"):
+                 registers: int = 0, backend: str = "auto"):
         super().__init__()
         if pool not in ("token", "mean"):
             raise ValueError(f"pool must be 'token' or 'mean', got {pool!r}")
@@ -109,19 +111,21 @@ class VisionTransformer(nn.Module):
         if pool == "token" and not class_token:
             raise ValueError("pool='token' needs the class token (class_token=True)")
         self.img_size, self.pool, self.num_classes = img_size, pool, num_classes
-        self.num_prefix = int(class_token)
+        if registers < 0:
+            raise ValueError(f"registers={registers}; expected a count of tokens >= 0")
+        self.num_prefix = int(class_token) + registers
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size,
                                       in_chans=in_chans, embed_dim=embed_dim,
                                       stem_channels=tuple(stem_channels),
                                       stem_stride=stem_stride)
         n = self.patch_embed.grid ** 2 + self.num_prefix
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, registers, embed_dim)) if registers else None
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.randn(1, n, embed_dim) * 0.02)
         else:
             table = sincos_2d(self.patch_embed.grid, self.patch_embed.grid, embed_dim)
-            if class_token:
-                table = torch.cat([torch.zeros(1, embed_dim), table])
+            table = torch.cat([torch.zeros(self.num_prefix, embed_dim), table])
             self.register_buffer("pos_embed", table[None], persistent=False)
         self.pos_drop = nn.Dropout(drop)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
@@ -136,8 +140,9 @@ class VisionTransformer(nn.Module):
             self.encoder.norm = nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(self._init)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        for token in (self.cls_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -147,10 +152,13 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def features(self, x: Tensor, keep: int | None = None) -> Tensor:
-        """Encoded tokens ``(B, N [+1], E)``, or the first ``keep`` of them."""
+        """Encoded tokens ``(B, prefix + N, E)`` (class token, registers, patches), or the
+        first ``keep`` of them."""
         x = self.patch_embed(x)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token)
+                  if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         return self.encoder(self.norm_pre(self.pos_drop(x + self.pos_embed)), keep=keep)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -163,7 +171,7 @@ class VisionTransformer(nn.Module):
         return self.head(self.pooled(self.features(x, keep=1 if self.pool == "token" else None)))
 
     def pooled(self, tokens: Tensor) -> Tensor:
-        """Encoded tokens ``(B, N [+1], E)`` (or the class token's alone) -> the features the
+        """Encoded tokens ``(B, prefix + N, E)`` (or the class token's alone) -> the features the
         head reads ``(B, E)``."""
         x = tokens[:, 0] if self.pool == "token" else tokens[:, self.num_prefix:].mean(1)
         return self.fc_norm(x) if self.fc_norm is not None else x

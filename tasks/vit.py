@@ -157,9 +157,8 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         except (KeyError, ValueError, IndexError) as exc:
             raise UserError(f"init_from {src} is not a timm VisionTransformer state dict "
                             f"this model can take ({type(exc).__name__}: {exc}); expected the "
-                            f"tensors of timm's plain VisionTransformer (register tokens, "
-                            f"norm_pre and attention pooling have no counterpart "
-                            f"here)") from None
+                            f"tensors of timm's VisionTransformer (attention pooling has no "
+                            f"counterpart here)") from None
         overrides = overrides_to_match(module.model_cfg, want, VisionTransformer,
                                        via={"in_chans": "data.channels"})
         if overrides and cfg.init_strict:
@@ -191,8 +190,8 @@ def timm_settings(state: dict, depth: int) -> dict:
     """The ``VisionTransformer`` settings a timm ViT state dict was trained under, as far as
     its tensors tell (no convolutional stem, a learned position table; mean pooling where it
     has an ``fc_norm`` (timm's default with it) or no class token, else class-token
-    pooling; a layer scale, whose starting value is not stored, from DeiT III's 1e-6); the
-    head count and image size are not stored."""
+    pooling; a layer scale, whose starting value is not stored, from DeiT III's 1e-6; its
+    register tokens and ``norm_pre``); the head count and image size are not stored."""
     w = state["patch_embed.proj.weight"]
     fc_norm = "fc_norm.weight" in state
     return {"in_chans": w.shape[1], "patch_size": w.shape[-1], "embed_dim": w.shape[0],
@@ -203,7 +202,9 @@ def timm_settings(state: dict, depth: int) -> dict:
             **({"class_token": True} if fc_norm and "cls_token" in state else {}),
             "mlp_ratio": mlp_ratio_for(state["blocks.0.mlp.fc1.weight"].shape[0], w.shape[0]),
             "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-            "layer_scale": 1e-6 if "blocks.0.ls1.gamma" in state else None}
+            "layer_scale": 1e-6 if "blocks.0.ls1.gamma" in state else None,
+            "registers": state["reg_token"].shape[1] if "reg_token" in state else 0,
+            "pre_norm": "norm_pre.weight" in state}
 
 
 def make_loaders(cfg: DictConfig, out: Path):

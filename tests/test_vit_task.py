@@ -22,11 +22,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # timm's ways of pooling: its class token; the mean of the patch tokens beside a class
 # token, normalised after pooling (fc_norm, timm's default with "avg", as in MAE); the mean
 # with no class token and the tokens normalised (fc_norm=False, the "_gap" models); and
-# class-token pooling in DeiT III's layout
+# the layouts of DeiT III and of the models with register tokens
 TIMM_POOLS = {"token": dict(global_pool="token"), "avg_fc_norm": dict(global_pool="avg"),
               "avg_no_class_token": dict(global_pool="avg", class_token=False, fc_norm=False),
               # DeiT III: layer scale, and a position table without the class token's row
-              "deit3": dict(global_pool="token", no_embed_class=True, init_values=1e-6)}
+              "deit3": dict(global_pool="token", no_embed_class=True, init_values=1e-6),
+              # register tokens with a position row each, as timm lays them out by default
+              "reg4": dict(global_pool="token", reg_tokens=4),
+              # timm's "_reg4_gap" models: registers, no class token, a table for the patches
+              "reg4_gap": dict(global_pool="avg", class_token=False, fc_norm=False,
+                               reg_tokens=4, no_embed_class=True),
+              # DINOv2 with registers: both, layer scale from 1e-5
+              "dinov2_reg4": dict(global_pool="token", reg_tokens=4, no_embed_class=True,
+                                  init_values=1e-5),
+              # a LayerNorm before the blocks (CLIP's ln_pre)
+              "pre_norm": dict(global_pool="token", pre_norm=True)}
 
 
 def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
@@ -48,7 +58,11 @@ def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
     ("token", dict(pool="token")),
     ("avg_fc_norm", dict(pool="mean", class_token=True, fc_norm=True)),
     ("avg_no_class_token", dict(pool="mean")),
-    ("deit3", dict(pool="token", layer_scale=1e-6))])
+    ("deit3", dict(pool="token", layer_scale=1e-6)),
+    ("reg4", dict(pool="token", registers=4)),
+    ("reg4_gap", dict(pool="mean", registers=4)),
+    ("dinov2_reg4", dict(pool="token", registers=4, layer_scale=1e-5)),
+    ("pre_norm", dict(pool="token", pre_norm=True))])
 def test_matches_timm_logits_on_the_same_weights(tmp_path, pool, ours_pool):
     ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, **TIMM_POOLS[pool])
     ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
@@ -351,14 +365,15 @@ def test_an_incomplete_timm_state_dict_is_one_error(tmp_path, image_folder):
     bad = tmp_path / "partial.pth"
     torch.save({"patch_embed.proj.weight": torch.zeros(32, 1, 4, 4)}, bad)
     with pytest.raises(UserError, match="is not a timm VisionTransformer state dict this "
-                                        "model can take .*; expected the tensors of timm's plain"):
+                                        "model can take .*; expected the tensors of timm's "
+                                        "VisionTransformer"):
         vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={bad}"))
     timm = pytest.importorskip("timm")
-    registers = timm.models.vision_transformer.VisionTransformer(
+    attention_pool = timm.models.vision_transformer.VisionTransformer(
         img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2,
-        reg_tokens=4)
-    torch.save(registers.state_dict(), bad)
-    with pytest.raises(UserError, match=r"unsupported keys .*'reg_token'.*register tokens"):
+        global_pool="map")
+    torch.save(attention_pool.state_dict(), bad)
+    with pytest.raises(UserError, match=r"unsupported keys .*'attn_pool.*attention pooling"):
         vit_task.run(make_cfg(tmp_path / "r", image_folder, f"init_from={bad}"))
 
 
@@ -386,7 +401,11 @@ def test_timm_state_dict_as_init_from(tmp_path, image_folder):
     ("token", ["model.pool=token"]),
     ("avg_fc_norm", ["model.class_token=true", "model.fc_norm=true"]),
     ("avg_no_class_token", []),
-    ("deit3", ["model.pool=token", "model.layer_scale=1e-06"])])
+    ("deit3", ["model.pool=token", "model.layer_scale=1e-06"]),
+    ("reg4", ["model.pool=token", "model.registers=4"]),
+    ("reg4_gap", ["model.registers=4"]),
+    ("dinov2_reg4", ["model.pool=token", "model.layer_scale=1e-06", "model.registers=4"]),
+    ("pre_norm", ["model.pool=token", "model.pre_norm=true"])])
 def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path, pool,
                                                                          pool_overrides):
     """``init_from`` a timm ViT under the default model's settings (a convolutional stem,
