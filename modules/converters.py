@@ -221,7 +221,8 @@ def load_hf_llama(path: str | Path, **overrides) -> CausalLM:
 
 
 # --------------------------------------------------------------------------- timm ViT
-def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int,
+                             grid: int | None = None) -> dict[str, Tensor]:
     """Rename a timm ``VisionTransformer`` state dict into ``modules.vit`` keys.
 
     timm's fused ``qkv`` is laid out (q, k, v) like our ``qkv_proj``; its final ``norm``
@@ -229,12 +230,15 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Ten
     ours (``fc_norm=True``). Its layer scale (``ls1``/``ls2``), register tokens
     (``reg_token``) and ``norm_pre`` (ours with ``pre_norm=True``) keep their keys. A position table without rows for the class and
     register tokens (timm's ``no_embed_class``, as DeiT III and DINOv2) gets zero rows for
-    them: a patch grid has a square number of rows, and the table is read as a grid plus
-    those tokens' rows where that leaves a square.
+    them. ``grid``, the patch grid of the model it goes into, tells the two layouts apart
+    when the table is of that grid; otherwise (a table to be resized) the table is read as
+    a square grid alone or a square grid plus those tokens' rows, and one that reads both
+    ways (a 3x3 grid without the rows of a class token and four registers, or a 2x2 grid
+    with them) is an error.
     """
     sd = dict(sd)
     w = sd.pop("patch_embed.proj.weight")
-    out = {"patch_embed.proj.weight": w,  # no bias beside norm_pre (CLIP's layout): zeros
+    out = {"patch_embed.proj.weight": w,  # no bias beside norm_pre (CLIP's): zeros
            "patch_embed.proj.bias": sd.pop("patch_embed.proj.bias", w.new_zeros(w.shape[0])),
            "head.weight": sd.pop("head.weight"), "head.bias": sd.pop("head.bias")}
     norm = "fc_norm" if "fc_norm.weight" in sd else "norm"
@@ -247,9 +251,17 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int) -> dict[str, Ten
     rows = out["pos_embed"].shape[1] if out.get("pos_embed", torch.empty(0)).dim() == 3 else 0
 
     def square(n: int) -> bool:
-        return n >= 0 and math.isqrt(n) ** 2 == n
+        return n > 0 and math.isqrt(n) ** 2 == n
 
-    if prefix and rows and square(rows) and not square(rows - prefix):
+    if grid is not None and rows in (grid * grid, grid * grid + prefix):
+        patches_only = prefix > 0 and rows == grid * grid
+    elif prefix and square(rows) and square(rows - prefix):
+        raise ValueError(f"its position table of {rows} rows reads both as a grid alone and "
+                         f"as a grid with the rows of its {prefix} class and register tokens; "
+                         f"give the image size it was trained at")
+    else:
+        patches_only = prefix > 0 and square(rows)
+    if patches_only:
         # timm's ``no_embed_class``: the table covers the patches only and the class and
         # register tokens join after it is added; zero rows for them compute the same.
         pos = out["pos_embed"]

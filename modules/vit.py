@@ -111,7 +111,7 @@ class VisionTransformer(nn.Module):
         if pool == "token" and not class_token:
             raise ValueError("pool='token' needs the class token (class_token=True)")
         self.img_size, self.pool, self.num_classes = img_size, pool, num_classes
-        if registers < 0:
+        if not isinstance(registers, int) or isinstance(registers, bool) or registers < 0:
             raise ValueError(f"registers={registers}; expected a count of tokens >= 0")
         self.num_prefix = int(class_token) + registers
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size,

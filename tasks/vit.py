@@ -150,7 +150,7 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         require_tensor_dict(obj, f"init_from {src}", "the tensors of a timm VisionTransformer")
         try:
             depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
-            state = vit_state_dict_from_timm(obj, depth)
+            state = vit_state_dict_from_timm(obj, depth, grid=module.model.patch_embed.grid)
             want = timm_settings(obj, depth)
             if want["layer_scale"] and module.model_cfg.get("layer_scale"):
                 want["layer_scale"] = module.model_cfg["layer_scale"]  # loaded: any start
@@ -191,7 +191,7 @@ def timm_settings(state: dict, depth: int) -> dict:
     its tensors tell (no convolutional stem, a learned position table; mean pooling where it
     has an ``fc_norm`` (timm's default with it) or no class token, else class-token
     pooling; a layer scale, whose starting value is not stored, from DeiT III's 1e-6; its
-    register tokens and ``norm_pre``); the head count and image size are not stored."""
+    register tokens and ``norm_pre``, with CLIP's LayerNorm epsilon); the head count and image size are not stored."""
     w = state["patch_embed.proj.weight"]
     fc_norm = "fc_norm.weight" in state
     return {"in_chans": w.shape[1], "patch_size": w.shape[-1], "embed_dim": w.shape[0],
@@ -204,7 +204,9 @@ def timm_settings(state: dict, depth: int) -> dict:
             "qkv_bias": "blocks.0.attn.qkv.bias" in state,
             "layer_scale": 1e-6 if "blocks.0.ls1.gamma" in state else None,
             "registers": state["reg_token"].shape[1] if "reg_token" in state else 0,
-            "pre_norm": "norm_pre.weight" in state}
+            # norm_pre is CLIP's layout, whose LayerNorms take epsilon 1e-5
+            "pre_norm": "norm_pre.weight" in state,
+            "norm_eps": 1e-5 if "norm_pre.weight" in state else 1e-6}
 
 
 def make_loaders(cfg: DictConfig, out: Path):

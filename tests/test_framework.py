@@ -310,6 +310,7 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["model.attn_drop=1.5"], "attn_drop=1.5; expected a probability in [0, 1)"),
     ("vit", ["model.drop_path_rate=2"], "expected a probability in [0, 1)"),
     ("vit", ["model.registers=-1"], "registers=-1; expected a count of tokens >= 0"),
+    ("vit", ["model.registers=null"], "registers=None; expected a count of tokens >= 0"),
     ("lm", ["model.rope_theta=0"], "rope_theta=0; expected a positive base"),
     ("lm", ["mode=generate", f"ckpt={ROOT / 'conf'}"], "is a folder; expected a checkpoint"),
     ("lm", ["mode=generate", f"ckpt={ROOT / 'README.md'}"],

@@ -2,6 +2,7 @@
 task end to end on a small image folder (training, plots, prediction, init-from, errors)."""
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,8 +36,9 @@ TIMM_POOLS = {"token": dict(global_pool="token"), "avg_fc_norm": dict(global_poo
               # DINOv2 with registers: both, layer scale from 1e-5
               "dinov2_reg4": dict(global_pool="token", reg_tokens=4, no_embed_class=True,
                                   init_values=1e-5),
-              # a LayerNorm before the blocks (CLIP's ln_pre)
-              "pre_norm": dict(global_pool="token", pre_norm=True)}
+              # CLIP's image tower: a LayerNorm before the blocks (ln_pre), epsilon 1e-5
+              "clip": dict(global_pool="token", pre_norm=True,
+                           norm_layer=partial(torch.nn.LayerNorm, eps=1e-5))}
 
 
 def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
@@ -62,7 +64,7 @@ def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
     ("reg4", dict(pool="token", registers=4)),
     ("reg4_gap", dict(pool="mean", registers=4)),
     ("dinov2_reg4", dict(pool="token", registers=4, layer_scale=1e-5)),
-    ("pre_norm", dict(pool="token", pre_norm=True))])
+    ("clip", dict(pool="token", pre_norm=True, norm_eps=1e-5))])
 def test_matches_timm_logits_on_the_same_weights(tmp_path, pool, ours_pool):
     ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, **TIMM_POOLS[pool])
     ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
@@ -73,6 +75,28 @@ def test_matches_timm_logits_on_the_same_weights(tmp_path, pool, ours_pool):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_position_table_that_reads_two_ways_is_told_apart_by_the_grid(tmp_path):
+    """A class token and four registers with a table for a 3x3 grid alone (9 rows) read
+    also as a 2x2 grid with their rows (4 + 5): the model's grid decides, giving timm's
+    logits; with no grid to go by (a table to be resized) it is an error, not a guess."""
+    timm = pytest.importorskip("timm")
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=21, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
+        num_heads=4, mlp_ratio=2.0, reg_tokens=4, no_embed_class=True).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours = VisionTransformer(img_size=21, patch_size=7, in_chans=1, num_classes=10,
+                             embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0, pool="token",
+                             registers=4).eval()
+    ours.load_state_dict(vit_state_dict_from_timm(ref.state_dict(), 2, grid=3))
+    x = torch.randn(3, 1, 21, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="9 rows reads both as a grid alone and as a grid"):
+        vit_state_dict_from_timm(ref.state_dict(), 2, grid=4)
 
 
 def test_class_token_gradients_match_timm(tmp_path):
@@ -116,6 +140,26 @@ def test_sincos_table_shape_and_distinct_rows():
     t = sincos_2d(4, 4, 16)
     assert t.shape == (16, 16)
     assert torch.cdist(t, t).fill_diagonal_(1).min() > 0.1
+
+
+def test_register_tokens_take_no_position_and_no_part_in_the_mean():
+    """Registers sit after the class token with zero rows in the sin-cos table, attend with
+    the patches, and mean pooling reads the patch tokens alone."""
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=16, patch_size=4, in_chans=1, num_classes=3, embed_dim=16,
+                          depth=1, num_heads=2, pool="mean", class_token=True, registers=2,
+                          pos_embed="sincos").eval()
+    assert m.num_prefix == 3 and m.pos_embed.shape == (1, 3 + 16, 16)
+    torch.testing.assert_close(m.pos_embed[0, :3], torch.zeros(3, 16))
+    torch.testing.assert_close(m.pos_embed[0, 3:], sincos_2d(4, 4, 16))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        tokens = m.features(x)
+        assert tokens.shape == (2, 3 + 16, 16)
+        torch.testing.assert_close(m(x), m.head(tokens[:, 3:].mean(1)))
+        before = m(x)
+        m.reg_token.add_(torch.randn_like(m.reg_token))  # attended to: the logits move
+        assert not torch.allclose(m(x), before)
 
 
 
@@ -405,7 +449,7 @@ def test_timm_state_dict_as_init_from(tmp_path, image_folder):
     ("reg4", ["model.pool=token", "model.registers=4"]),
     ("reg4_gap", ["model.registers=4"]),
     ("dinov2_reg4", ["model.pool=token", "model.layer_scale=1e-06", "model.registers=4"]),
-    ("pre_norm", ["model.pool=token", "model.pre_norm=true"])])
+    ("clip", ["model.pool=token", "model.pre_norm=true", "model.norm_eps=1e-05"])])
 def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path, pool,
                                                                          pool_overrides):
     """``init_from`` a timm ViT under the default model's settings (a convolutional stem,
