@@ -324,6 +324,15 @@ _OPEN_CLIP_BLOCK = {"ln_1": "norm1", "attn.in_proj": "attn.qkv_proj",
                     "mlp.c_proj": "mlp.fc2"}
 
 
+# The starting value of a tower's layer scale is not stored; the loaded gammas replace it.
+OPEN_CLIP_LAYER_SCALE = 1e-5
+
+
+def _open_clip_layer_scale(state: Mapping[str, Tensor], prefix: str) -> float | None:
+    return (OPEN_CLIP_LAYER_SCALE if f"{prefix}transformer.resblocks.0.ls_1.gamma" in state
+            else None)
+
+
 def _open_clip_depth(state: Mapping[str, Tensor], prefix: str) -> int:
     head = prefix + "transformer.resblocks."
     return len({k[len(head):].split(".")[0] for k in state if k.startswith(head)})
@@ -402,13 +411,15 @@ def clip_kwargs_from_open_clip(state: Mapping[str, Tensor], *, vision_heads: int
                   num_heads=_open_clip_heads(vision_heads, width, "vision_heads"),
                   mlp_ratio=_open_clip_mlp_ratio(state, "visual.", width), pool="token",
                   pos_embed="learned", pre_norm="visual.ln_pre.weight" in state,
-                  qkv_bias=True, norm_eps=1e-5)
+                  qkv_bias=True, norm_eps=1e-5,
+                  layer_scale=_open_clip_layer_scale(state, "visual."))
     text = dict(vocab_size=state["token_embedding.weight"].shape[0], embed_dim=text_width,
                 depth=_open_clip_depth(state, ""),
                 num_heads=_open_clip_heads(text_heads, text_width, "text_heads"),
                 mlp_ratio=_open_clip_mlp_ratio(state, "", text_width),
                 max_len=state["positional_embedding"].shape[0], pos_embed="learned",
-                causal=True, pool="last", norm_eps=1e-5, qkv_bias=True)
+                causal=True, pool="last", norm_eps=1e-5, qkv_bias=True,
+                layer_scale=_open_clip_layer_scale(state, ""))
     return dict(vision=vision, text=text, embed_dim=state["visual.proj"].shape[1],
                 fusion_depth=0, proj_bias=False,
                 loss="siglip" if "logit_bias" in state else "clip")
@@ -423,6 +434,10 @@ def _open_clip_tower(sd: dict[str, Tensor], src: str, dst: str, depth: int) -> d
             sep = "_" if theirs == "attn.in_proj" else "."
             for p in ("weight", "bias"):
                 out[f"{b}.{p}"] = sd.pop(f"{a}{sep}{p}")
+        for theirs, ours in (("ls_1", "ls1"), ("ls_2", "ls2")):  # layer scale
+            key = f"{src}transformer.resblocks.{i}.{theirs}.gamma"
+            if key in sd:
+                out[f"{dst}encoder.blocks.{i}.{ours}.gamma"] = sd.pop(key)
     return out
 
 
@@ -443,7 +458,7 @@ def clip_state_dict_from_open_clip(state: Mapping[str, Tensor], **kwargs
 
     Raises:
         ValueError: what ``clip_kwargs_from_open_clip`` refuses, and any key left over
-            (LayerScale, an attentional pooler, a projection bias, qk-norm, ...).
+            (an attentional pooler, a projection bias, qk-norm, ...).
     """
     arch = clip_kwargs_from_open_clip(state, **kwargs)
     sd = dict(state)
@@ -470,7 +485,7 @@ def clip_state_dict_from_open_clip(state: Mapping[str, Tensor], **kwargs
     if sd:
         raise ValueError(f"the OpenCLIP state dict has {sorted(sd)[0]} (and {len(sd) - 1} more "
                          f"keys) that TextImageModel cannot express; expected a plain ViT "
-                         f"CLIP (no LayerScale, attentional pooler, projection bias, qk-norm)")
+                         f"CLIP (no attentional pooler, projection bias, qk-norm)")
     return out
 
 

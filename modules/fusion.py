@@ -46,14 +46,16 @@ class TextEncoder(nn.Module):
         causal: causal self-attention (OpenCLIP's text tower) instead of bidirectional.
         pool: ``"mean"`` (over the real tokens), ``"first"`` or ``"last"`` (the last real
             token: OpenCLIP's end-of-text pooling).
-        norm_eps, qkv_bias, drop, attn_drop, drop_path_rate, backend: as in ``Transformer``.
+        norm_eps, qkv_bias, drop, attn_drop, drop_path_rate, layer_scale, backend: as in
+            ``Transformer``.
     """
 
     def __init__(self, *, vocab_size: int, embed_dim: int = 128, depth: int = 3,
                  num_heads: int = 4, mlp_ratio: float = 4.0, max_len: int = 32,
                  pos_embed: str = "learned", causal: bool = False, pool: str = "mean",
                  norm_eps: float = 1e-5, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path_rate: float = 0.0, backend: str = "auto"):
+                 attn_drop: float = 0.0, drop_path_rate: float = 0.0,
+                 layer_scale: float | None = None, backend: str = "auto"):
         super().__init__()
         if pos_embed not in ("learned", "rope"):
             raise ValueError(f"text pos_embed must be 'learned' or 'rope', got {pos_embed!r}")
@@ -70,7 +72,7 @@ class TextEncoder(nn.Module):
             norm_eps=norm_eps, causal=causal,
             rope_theta=10000.0 if pos_embed == "rope" else None, max_seq_len=max_len,
             qkv_bias=qkv_bias, proj_bias=True, mlp_bias=True, attn_drop=attn_drop, drop=drop,
-            drop_path_rate=drop_path_rate, backend=backend)
+            drop_path_rate=drop_path_rate, layer_scale=layer_scale, backend=backend)
         nn.init.normal_(self.token_embed.weight, std=0.02)
 
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -74,6 +74,34 @@ def test_matches_open_clip(open_clip_state):
         assert (wrong.eval().encode_image(images)[0] - ref_img).abs().max() > 1e-3
 
 
+def test_matches_open_clip_with_layer_scale():
+    """OpenCLIP towers with LayerScale (``ls_init_value``): the gammas load into both
+    towers' ``ls1``/``ls2`` and the embeddings equal ``open_clip``'s."""
+    torch.manual_seed(0)
+    peer = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8,
+                                           image_size=32, ls_init_value=0.1),
+        text_cfg=open_clip.CLIPTextCfg(context_length=CONTEXT, vocab_size=VOCAB, width=48,
+                                       heads=4, layers=2, ls_init_value=0.1),
+        quick_gelu=False).eval()
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            if name.endswith("gamma"):  # each channel its own scale
+                p.copy_(torch.rand_like(p) + 0.5)
+    state = peer.state_dict()
+    kwargs = clip_kwargs_from_open_clip(state, **HEADS)
+    assert kwargs["vision"]["layer_scale"] and kwargs["text"]["layer_scale"]
+    ours = TextImageModel(**kwargs).eval()
+    ours.load_state_dict(clip_state_dict_from_open_clip(state, **HEADS), strict=True)
+    images, ids = torch.randn(2, 3, 32, 32), padded_ids([16, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images)[0],
+                                   peer.encode_image(images, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.encode_text(ids, open_clip_text_mask(ids))[0],
+                                   peer.encode_text(ids, normalize=True), atol=1e-5, rtol=0)
+
+
 def test_open_clip_with_fusion_encoder(open_clip_state):
     _, state = open_clip_state
     kwargs = clip_kwargs_from_open_clip(state, **HEADS) | dict(fusion_depth=1)

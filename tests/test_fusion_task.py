@@ -339,10 +339,13 @@ def test_open_clip_weights_as_init_from(tmp_path, pairs_dir):
     assert safe_load(tmp_path / "clip.pt", "x")  # the file itself is untouched
 
 
-def test_open_clip_weights_with_the_settings_the_error_names_give_its_embeddings(tmp_path):
+@pytest.mark.parametrize("layer_scale", [None, 0.1])
+def test_open_clip_weights_with_the_settings_the_error_names_give_its_embeddings(tmp_path,
+                                                                                 layer_scale):
     """``init_from`` an OpenCLIP model under other settings names every override it needs;
     with them, the task's model embeds images and texts as ``open_clip`` does (position
-    table, pre-norm, LayerNorm epsilon, causal text pooled at the end-of-text token)."""
+    table, pre-norm, LayerNorm epsilon, causal text pooled at the end-of-text token, and
+    with ``ls_init_value`` the towers' layer scale)."""
     import re
     from types import SimpleNamespace
 
@@ -353,9 +356,10 @@ def test_open_clip_weights_with_the_settings_the_error_names_give_its_embeddings
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
     ref = open_clip.CLIP(embed_dim=32, vision_cfg=open_clip.CLIPVisionCfg(
-        layers=1, width=32, head_width=16, patch_size=8, image_size=16, mlp_ratio=2.0),
+        layers=1, width=32, head_width=16, patch_size=8, image_size=16, mlp_ratio=2.0,
+        ls_init_value=layer_scale),
         text_cfg=open_clip.CLIPTextCfg(context_length=32, vocab_size=300, width=32, heads=2,
-                                       layers=1, mlp_ratio=2.0)).eval()
+                                       layers=1, mlp_ratio=2.0, ls_init_value=layer_scale)).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():  # every LayerNorm and bias away from 1 and 0
             p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
@@ -375,7 +379,9 @@ def test_open_clip_weights_with_the_settings_the_error_names_give_its_embeddings
     assert sorted(overrides) == sorted([
         "model.vision.pool=token", "model.vision.pos_embed=learned",
         "model.vision.pre_norm=true", "model.vision.norm_eps=1e-05",
-        "model.text.causal=true", "model.text.pool=last", "model.proj_bias=false"])
+        "model.text.causal=true", "model.text.pool=last", "model.proj_bias=false",
+        *(["model.vision.layer_scale=1e-05", "model.text.layer_scale=1e-05"] if layer_scale
+          else [])])
     module, cfg = module_for(*overrides)
     fusion_task.apply_init_from(module, cfg)
     images = torch.randn(2, 3, 16, 16)
