@@ -256,9 +256,12 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int,
     if grid is not None and rows in (grid * grid, grid * grid + prefix):
         patches_only = prefix > 0 and rows == grid * grid
     elif prefix and square(rows) and square(rows - prefix):
+        patch = w.shape[-1]
         raise ValueError(f"its position table of {rows} rows reads both as a grid alone and "
                          f"as a grid with the rows of its {prefix} class and register tokens; "
-                         f"give the image size it was trained at")
+                         f"expected the image size it was trained at, "
+                         f"{math.isqrt(rows) * patch} or {math.isqrt(rows - prefix) * patch} "
+                         f"px, which tells them apart")
     else:
         patches_only = prefix > 0 and square(rows)
     if patches_only:

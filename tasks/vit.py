@@ -150,9 +150,11 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
         require_tensor_dict(obj, f"init_from {src}", "the tensors of a timm VisionTransformer")
         try:
             depth = 1 + max(int(k.split(".")[1]) for k in obj if k.startswith("blocks."))
-            state = vit_state_dict_from_timm(obj, depth, grid=module.model.patch_embed.grid)
+            # the patch grid of this image size under the checkpoint's own patch size
+            grid = module.model.img_size // obj["patch_embed.proj.weight"].shape[-1]
+            state = vit_state_dict_from_timm(obj, depth, grid=grid)
             want = timm_settings(obj, depth)
-            if want["layer_scale"] and module.model_cfg.get("layer_scale"):
+            if want["layer_scale"] and module.model_cfg.get("layer_scale") is not None:
                 want["layer_scale"] = module.model_cfg["layer_scale"]  # loaded: any start
         except (KeyError, ValueError, IndexError) as exc:
             raise UserError(f"init_from {src} is not a timm VisionTransformer state dict "

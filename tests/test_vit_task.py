@@ -95,7 +95,8 @@ def test_a_position_table_that_reads_two_ways_is_told_apart_by_the_grid(tmp_path
     x = torch.randn(3, 1, 21, 21)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="9 rows reads both as a grid alone and as a grid"):
+    with pytest.raises(ValueError, match="9 rows reads both as a grid alone and as a grid "
+                                         ".*trained at, 21 or 14 px"):
         vit_state_dict_from_timm(ref.state_dict(), 2, grid=4)
 
 
@@ -474,9 +475,47 @@ def test_timm_weights_with_the_settings_the_error_names_give_its_logits(tmp_path
     assert sorted(overrides) == sorted([
         "model.patch_size=7", "model.embed_dim=48", "model.depth=2", "model.stem_channels=[]",
         "model.pos_embed=learned", "model.mlp_ratio=3.0", *pool_overrides])
-    module, cfg = module_for(*overrides)
+    # the layer scale's starting value is not stored: any other is taken too
+    module, cfg = module_for(*[o.replace("layer_scale=1e-06", "layer_scale=0.5")
+                               for o in overrides])
     vit_task.apply_init_from(module, cfg)
     x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_two_way_table_through_the_task_names_the_overrides_then_gives_timms_logits(
+        tmp_path):
+    """The task reads the grid under the checkpoint's own patch size: a 3x3 table without
+    the rows of a class token and four registers (21 px, 7 px patches) under the default
+    model's 4 px patches still gets the list of overrides, and with them timm's logits."""
+    import re
+
+    from hydra.utils import instantiate
+    timm = pytest.importorskip("timm")
+    ref = timm.models.vision_transformer.VisionTransformer(
+        img_size=21, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
+        num_heads=4, mlp_ratio=2.0, reg_tokens=4, no_embed_class=True).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(ref.state_dict(), tmp_path / "timm_vit.pth")
+
+    def module_for(*overrides):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("vit", overrides=[f"init_from={tmp_path}/timm_vit.pth",
+                                            "data.img_size=21", "model.num_heads=4",
+                                            *overrides])
+        m = vit_task.model_config(cfg, 10)
+        return SimpleNamespace(model=instantiate(m, _convert_="all").eval(), model_cfg=m), cfg
+
+    with pytest.raises(UserError) as err:
+        vit_task.apply_init_from(*module_for("model.patch_size=3"))
+    overrides = re.search(r"add (.*) \(the head count", str(err.value)).group(1).split()
+    assert "model.patch_size=7" in overrides and "model.registers=4" in overrides
+    module, cfg = module_for(*overrides)
+    vit_task.apply_init_from(module, cfg)
+    x = torch.randn(3, 1, 21, 21)
     with torch.no_grad():
         torch.testing.assert_close(module.model(x), ref(x), rtol=1e-4, atol=1e-5)
 
