@@ -41,13 +41,13 @@ TIMM_POOLS = {"token": dict(global_pool="token"), "avg_fc_norm": dict(global_poo
                            norm_layer=partial(torch.nn.LayerNorm, eps=1e-5))}
 
 
-def saved_timm_vit(path: Path, mlp_ratio: float, **pool):
-    """A timm ViT (28 px, 7 px patches, d48 x 2, 4 heads, by default with class-token
-    pooling: ``pool`` gives other ``TIMM_POOLS``) with non-trivial norms, biases and class
-    token, its state dict saved at ``path``."""
+def saved_timm_vit(path: Path, mlp_ratio: float, img_size: int = 28, **pool):
+    """A timm ViT (28 px by default, 7 px patches, d48 x 2, 4 heads, by default with
+    class-token pooling: ``pool`` gives other ``TIMM_POOLS``) with non-trivial norms, biases
+    and class token, its state dict saved at ``path``."""
     timm = pytest.importorskip("timm")
     ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
+        img_size=img_size, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
         num_heads=4, mlp_ratio=mlp_ratio, qkv_bias=True, **(pool or TIMM_POOLS["token"])).eval()
     with torch.no_grad():
         for p in ref.parameters():
@@ -81,13 +81,8 @@ def test_a_position_table_that_reads_two_ways_is_told_apart_by_the_grid(tmp_path
     """A class token and four registers with a table for a 3x3 grid alone (9 rows) read
     also as a 2x2 grid with their rows (4 + 5): the model's grid decides, giving timm's
     logits; with no grid to go by (a table to be resized) it is an error, not a guess."""
-    timm = pytest.importorskip("timm")
-    ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=21, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
-        num_heads=4, mlp_ratio=2.0, reg_tokens=4, no_embed_class=True).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, img_size=21, reg_tokens=4,
+                         no_embed_class=True)
     ours = VisionTransformer(img_size=21, patch_size=7, in_chans=1, num_classes=10,
                              embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0, pool="token",
                              registers=4).eval()
@@ -492,14 +487,8 @@ def test_a_two_way_table_through_the_task_names_the_overrides_then_gives_timms_l
     import re
 
     from hydra.utils import instantiate
-    timm = pytest.importorskip("timm")
-    ref = timm.models.vision_transformer.VisionTransformer(
-        img_size=21, patch_size=7, in_chans=1, num_classes=10, embed_dim=48, depth=2,
-        num_heads=4, mlp_ratio=2.0, reg_tokens=4, no_embed_class=True).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    torch.save(ref.state_dict(), tmp_path / "timm_vit.pth")
+    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, img_size=21, reg_tokens=4,
+                         no_embed_class=True)
 
     def module_for(*overrides):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
