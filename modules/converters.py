@@ -228,13 +228,13 @@ def vit_state_dict_from_timm(sd: dict[str, Tensor], depth: int,
     timm's fused ``qkv`` is laid out (q, k, v) like our ``qkv_proj``; its final ``norm``
     maps to the encoder's, its ``fc_norm`` (after mean pooling, in place of ``norm``) to
     ours (``fc_norm=True``). Its layer scale (``ls1``/``ls2``), register tokens
-    (``reg_token``) and ``norm_pre`` (ours with ``pre_norm=True``) keep their keys. A position table without rows for the class and
-    register tokens (timm's ``no_embed_class``, as DeiT III and DINOv2) gets zero rows for
-    them. ``grid``, the patch grid of the model it goes into, tells the two layouts apart
-    when the table is of that grid; otherwise (a table to be resized) the table is read as
-    a square grid alone or a square grid plus those tokens' rows, and one that reads both
-    ways (a 3x3 grid without the rows of a class token and four registers, or a 2x2 grid
-    with them) is an error.
+    (``reg_token``) and ``norm_pre`` (ours with ``pre_norm=True``) keep their keys. A
+    position table without rows for the class and register tokens (timm's
+    ``no_embed_class``, as DeiT III and DINOv2) gets zero rows for them. ``grid``, the
+    patch grid of the model it goes into, tells the two layouts apart when the table is of
+    that grid; otherwise (a table to be resized) it is read as a square grid alone or a
+    square grid plus those tokens' rows, and one that reads both ways (a 3x3 grid without
+    the rows of a class token and four registers, or a 2x2 grid with them) is an error.
     """
     sd = dict(sd)
     w = sd.pop("patch_embed.proj.weight")

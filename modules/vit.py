@@ -171,8 +171,8 @@ class VisionTransformer(nn.Module):
         return self.head(self.pooled(self.features(x, keep=1 if self.pool == "token" else None)))
 
     def pooled(self, tokens: Tensor) -> Tensor:
-        """Encoded tokens ``(B, prefix + N, E)`` (or the class token's alone) -> the features the
-        head reads ``(B, E)``."""
+        """Encoded tokens ``(B, prefix + N, E)`` (or the class token's alone) -> the
+        features the head reads ``(B, E)``."""
         x = tokens[:, 0] if self.pool == "token" else tokens[:, self.num_prefix:].mean(1)
         return self.fc_norm(x) if self.fc_norm is not None else x
 

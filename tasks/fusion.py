@@ -678,12 +678,8 @@ def open_clip_overrides(model_cfg: dict, want: dict) -> list[str]:
     from modules.fusion import TextEncoder, TextImageModel
     from modules.vit import VisionTransformer
     top = {k: v for k, v in want.items() if k not in ("vision", "text", "fusion_depth")}
-    vision = dict(want["vision"])
     text = {k: v for k, v in want["text"].items() if k != "vocab_size"}
-    for tower, have in ((vision, model_cfg["vision"]), (text, model_cfg["text"])):
-        if tower.get("layer_scale") and have.get("layer_scale") is not None:
-            tower["layer_scale"] = have["layer_scale"]  # any start: the gammas are loaded
-    return (overrides_to_match(model_cfg["vision"], vision, VisionTransformer,
+    return (overrides_to_match(model_cfg["vision"], want["vision"], VisionTransformer,
                                "model.vision.", {"img_size": "data.img_size"})
             + overrides_to_match(model_cfg["text"], text, TextEncoder, "model.text.",
                                  {"max_len": "data.max_text_len"})

@@ -154,8 +154,6 @@ def apply_init_from(module: ViTModule, cfg: DictConfig) -> dict | None:
             grid = module.model.img_size // obj["patch_embed.proj.weight"].shape[-1]
             state = vit_state_dict_from_timm(obj, depth, grid=grid)
             want = timm_settings(obj, depth)
-            if want["layer_scale"] and module.model_cfg.get("layer_scale") is not None:
-                want["layer_scale"] = module.model_cfg["layer_scale"]  # loaded: any start
         except (KeyError, ValueError, IndexError) as exc:
             raise UserError(f"init_from {src} is not a timm VisionTransformer state dict "
                             f"this model can take ({type(exc).__name__}: {exc}); expected the "
@@ -193,7 +191,8 @@ def timm_settings(state: dict, depth: int) -> dict:
     its tensors tell (no convolutional stem, a learned position table; mean pooling where it
     has an ``fc_norm`` (timm's default with it) or no class token, else class-token
     pooling; a layer scale, whose starting value is not stored, from DeiT III's 1e-6; its
-    register tokens and ``norm_pre``, with CLIP's LayerNorm epsilon); the head count and image size are not stored."""
+    register tokens and ``norm_pre``, with CLIP's LayerNorm epsilon); the head count and
+    image size are not stored."""
     w = state["patch_embed.proj.weight"]
     fc_norm = "fc_norm.weight" in state
     return {"in_chans": w.shape[1], "patch_size": w.shape[-1], "embed_dim": w.shape[0],

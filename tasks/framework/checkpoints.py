@@ -268,12 +268,15 @@ def overrides_to_match(have: dict, want: dict, cls, prefix: str = "model.",
     """Command-line overrides that turn the model config ``have`` (arguments of ``cls``, its
     defaults where absent) into ``want``: the settings another toolkit's weights were
     trained under. ``via``: keys set through a data setting (``img_size`` ->
-    ``data.img_size``); a key neither config nor ``via`` names is added with ``+``."""
+    ``data.img_size``); a key neither config nor ``via`` names is added with ``+``.
+    ``layer_scale`` is a starting value the loaded weights replace: any set value matches
+    a set one."""
     via = via or {}
     defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
     out = []
     for key, value in want.items():
-        if have.get(key, defaults.get(key)) == value:
+        current = have.get(key, defaults.get(key))
+        if current == value or (key == "layer_scale" and None not in (current, value)):
             continue
         name = via.get(key, prefix + key)
         plus = "" if key in have or key in via else "+"
