@@ -144,6 +144,13 @@ class VisionTransformer(nn.Module):
             if token is not None:
                 nn.init.normal_(token, std=1e-6)
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters the optimizer leaves undecayed beside norms and biases: the class
+        and register tokens and a learned position table (timm's list, which its training
+        recipes and checkpoints assume)."""
+        return {name for name in ("cls_token", "reg_token", "pos_embed")
+                if isinstance(getattr(self, name), nn.Parameter)}
+
     @staticmethod
     def _init(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):

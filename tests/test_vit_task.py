@@ -16,6 +16,7 @@ from modules.converters import vit_state_dict_from_timm
 from modules.vit import VisionTransformer, resize_pos_embed, sincos_2d
 from tasks import vit as vit_task
 from tasks.framework.errors import UserError
+from tasks.framework.optim import decay_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,25 +57,54 @@ def saved_timm_vit(path: Path, mlp_ratio: float, img_size: int = 28, **pool):
     return ref
 
 
-@pytest.mark.parametrize("pool, ours_pool", [
-    ("token", dict(pool="token")),
-    ("avg_fc_norm", dict(pool="mean", class_token=True, fc_norm=True)),
-    ("avg_no_class_token", dict(pool="mean")),
-    ("deit3", dict(pool="token", layer_scale=1e-6)),
-    ("reg4", dict(pool="token", registers=4)),
-    ("reg4_gap", dict(pool="mean", registers=4)),
-    ("dinov2_reg4", dict(pool="token", registers=4, layer_scale=1e-5)),
-    ("clip", dict(pool="token", pre_norm=True, norm_eps=1e-5))])
+# each of TIMM_POOLS and the settings of ours that compute the same
+OUR_POOLS = [("token", dict(pool="token")),
+             ("avg_fc_norm", dict(pool="mean", class_token=True, fc_norm=True)),
+             ("avg_no_class_token", dict(pool="mean")),
+             ("deit3", dict(pool="token", layer_scale=1e-6)),
+             ("reg4", dict(pool="token", registers=4)),
+             ("reg4_gap", dict(pool="mean", registers=4)),
+             ("dinov2_reg4", dict(pool="token", registers=4, layer_scale=1e-5)),
+             ("clip", dict(pool="token", pre_norm=True, norm_eps=1e-5))]
+
+
+def our_twin(ours_pool: dict) -> VisionTransformer:
+    """Ours in the shape of ``saved_timm_vit``'s model."""
+    return VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                             embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0, **ours_pool)
+
+
+@pytest.mark.parametrize("pool, ours_pool", OUR_POOLS)
 def test_matches_timm_logits_on_the_same_weights(tmp_path, pool, ours_pool):
     ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, **TIMM_POOLS[pool])
-    ours = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                             embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0,
-                             **ours_pool).eval()
+    ours = our_twin(ours_pool).eval()
     sd = torch.load(tmp_path / "timm_vit.pth")
     ours.load_state_dict(vit_state_dict_from_timm(sd, depth=2))
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool, ours_pool", OUR_POOLS)
+def test_weight_decay_falls_where_timm_puts_it(tmp_path, pool, ours_pool):
+    """The tensors the optimizer decays are those timm's ``param_groups_weight_decay``
+    decays with the model's ``no_weight_decay()`` (class token, registers, learned
+    positions, besides norms and biases): each timm tensor, filled with 1 where timm
+    decays it and 0 where not, goes through the converter onto our parameter."""
+    from timm.optim import param_groups_weight_decay
+    ref = saved_timm_vit(tmp_path / "timm_vit.pth", 2.0, **TIMM_POOLS[pool])
+    decayed = {id(p) for g in param_groups_weight_decay(ref, 0.05,
+                                                        no_weight_decay_list=ref.no_weight_decay())
+               if g["weight_decay"] for p in g["params"]}
+    flags = vit_state_dict_from_timm(
+        {k: torch.full_like(p, float(id(p) in decayed)) for k, p in ref.named_parameters()}, 2)
+    ours = our_twin(ours_pool)
+    groups = decay_groups(ours, 0.05)
+    ours_decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(ours.parameters()))
+    for name, p in ours.named_parameters():
+        assert torch.all(flags[name] == float(id(p) in ours_decayed)), name
+    assert ours.pos_embed.dim() == 3 and id(ours.pos_embed) not in ours_decayed
 
 
 def test_a_position_table_that_reads_two_ways_is_told_apart_by_the_grid(tmp_path):

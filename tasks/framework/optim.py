@@ -32,7 +32,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_
 def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | None = None,
                  embedding_lr_scale: float = 1.0,
                  embedding_weight_decay: float | None = None) -> list[dict]:
-    """Weight decay on matrices only; norms and biases are not decayed.
+    """Weight decay on matrices only; norms and biases are not decayed, nor the
+    parameters a submodule names in its ``no_weight_decay()`` (timm's convention: a ViT's
+    class token, registers and learned positions).
 
     The tables of ``nn.Embedding`` layers form a group of their own when
     ``embedding_lr_scale`` is not 1 (their learning rate is ``lr * embedding_lr_scale``) or
@@ -42,10 +44,13 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | No
     own = embedding_lr_scale != 1.0 or embedding_weight_decay is not None
     tables = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)} \
         if own else set()
+    exempt = {id(m.get_parameter(name)) for m in module.modules()
+              if callable(getattr(m, "no_weight_decay", None)) for name in m.no_weight_decay()}
     decay, keep, embed = [], [], []
     for p in module.parameters():
         if p.requires_grad:
-            (embed if id(p) in tables else decay if p.dim() >= 2 else keep).append(p)
+            (embed if id(p) in tables else
+             decay if p.dim() >= 2 and id(p) not in exempt else keep).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": keep, "weight_decay": 0.0}]
     if own and not embed:
