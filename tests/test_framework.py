@@ -287,6 +287,12 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["label_smoothing=2"], "label_smoothing=2 is not valid: expected a number in [0, 1)"),
     ("vit", ["top_k=-1"], "top_k=-1 is not valid: expected a count >= 1"),
     ("lm", ["trainer.val_check_interval=0"], "trainer.val_check_interval=0 is not valid"),
+    ("lm", ["trainer.val_check_interval=0.5"],
+     "trainer.val_check_interval=0.5 is not valid: expected a whole number of steps (a "
+     "fraction of an epoch needs trainer.check_val_every_n_epoch=N"),
+    ("lm", ["trainer.val_check_interval=1.5", "trainer.check_val_every_n_epoch=1"],
+     "trainer.val_check_interval=1.5 is not valid: expected a whole number of steps or a "
+     "fraction of an epoch in (0, 1]"),
     ("lm", ["mode=generate", "ckpt=x.ckpt", "generate.top_p=2"], "generate.top_p=2 is not valid"),
     ("lm", ["model.depth=-1"], "depth=-1; expected >= 0"),
     ("lm", ["model.embed_dim=30", "model.num_heads=4", "model.num_kv_heads=2"],

@@ -199,7 +199,8 @@ SHARED_RANGES = (
     ("data.batch_size", lambda v: v >= 1, "a positive batch size"),
     ("data.num_workers", lambda v: v >= 0, "a count of loader processes >= 0"),
     ("trainer.val_check_interval", lambda v: v > 0,
-     "a positive number of steps, or a fraction of an epoch"),
+     "a positive number of steps (or, with trainer.check_val_every_n_epoch set, a fraction "
+     "of an epoch in (0, 1])"),
     ("trainer.limit_val_batches", lambda v: v > 0,
      "a number of batches or a fraction > 0 (null: all); the best checkpoint is chosen on "
      "validation"),
@@ -265,6 +266,14 @@ def check_shared_ranges(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in choices:
             raise UserError(f"{key}={value!r} is not valid: expected one of {list(choices)}")
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch", default=None)
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval", default=None)
+    if isinstance(interval, float) and (every is None or interval > 1):
+        why = (" (a fraction of an epoch needs trainer.check_val_every_n_epoch=N, here null: "
+               "the runs count steps, not epochs)" if every is None
+               else " or a fraction of an epoch in (0, 1]")
+        raise UserError(f"trainer.val_check_interval={interval!r} is not valid: expected a "
+                        f"whole number of steps{why}")
 
 
 def select_mode(cfg: DictConfig, task: str, modes: dict[str, Callable]) -> Callable:
