@@ -360,7 +360,8 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, task, args, expect):
     ("lm", ["optimizer.fused=null"]),  # null: torch's choice for the device
     ("lm", ["-m", "hydra/launcher=slurm", "experiment=lm_gpu", "trainer=fsdp",
             "trainer.num_nodes=2", "trainer.devices=8"]),
-    ("lm", ["trainer=ddp", "trainer.devices=auto"]), ("lm", ["trainer.val_check_interval=0.5"]),
+    ("lm", ["trainer=ddp", "trainer.devices=auto"]),
+    ("lm", ["trainer.val_check_interval=0.5", "trainer.check_val_every_n_epoch=1"]),
     ("vit", ["trainer=gpu", "trainer.devices=[0,1]", "trainer.precision=16"])])
 def test_overrides_of_interpolated_and_list_defaults_are_accepted(task, args):
     check_command_line(task, args)  # raises a UserError if refused
