@@ -544,12 +544,16 @@ def test_the_bf16_kernel_check_follows_the_cpu_flags():
         assert not runtime.cpu_has_bf16_kernels()
 
 
-@pytest.mark.parametrize("precision, kernels, warned", [
-    ("bf16-mixed", False, True), ("bf16-true", False, True), ("bf16-mixed", True, False),
-    ("32-true", False, False)])
+@pytest.mark.parametrize("precision, kernels, rank, warned", [
+    ("bf16-mixed", False, 0, True), ("bf16-true", False, 0, True),
+    ("bf16-mixed", True, 0, False), ("32-true", False, 0, False),
+    ("bf16-mixed", False, 1, False)])
 def test_bf16_on_a_cpu_without_bf16_kernels_is_named_once(tmp_path, monkeypatch, caplog,
-                                                          precision, kernels, warned):
+                                                          precision, kernels, rank, warned):
+    """Named once per run: by rank zero alone, not by every DDP process."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
     monkeypatch.setattr(runtime, "cpu_has_bf16_kernels", lambda: kernels)
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
     cfg = make_cfg(tmp_path, f"trainer.precision={precision}")
     with caplog.at_level(logging.WARNING, logger="attnkit"):
         runtime.build_trainer(cfg, tmp_path, monitor="val/loss")

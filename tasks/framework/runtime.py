@@ -326,12 +326,13 @@ def cpu_has_bf16_kernels() -> bool:
 
 
 def warn_of_emulated_bf16(trainer: L.Trainer) -> None:
-    """A bf16 precision on a CPU without bf16 kernels runs, but slower than fp32 by a
-    factor of tens: say so once, naming the setting (the defaults are fp32 on CPU)."""
+    """A bf16 precision on a CPU without bf16 kernels runs, but ten to a hundred times
+    slower than fp32: say so once (by rank zero alone under DDP), naming the setting (the
+    defaults are fp32 on CPU)."""
     from lightning.pytorch.accelerators import CPUAccelerator
     precision = str(trainer.precision)
     if ("bf16" in precision and isinstance(trainer.accelerator, CPUAccelerator)
-            and not cpu_has_bf16_kernels()):
+            and is_rank_zero() and not cpu_has_bf16_kernels()):
         log.warning("trainer.precision=%s: this CPU has no bf16 matrix kernels (AVX2 only), "
                     "so bf16 is emulated and runs many times slower than fp32; "
                     "trainer.precision=32-true is the fast setting here", precision)
