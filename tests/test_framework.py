@@ -19,6 +19,7 @@ from tasks import lm as lm_task
 from tasks.framework import checkpoints, runtime
 from tasks.framework.config import check_command_line
 from tasks.framework.errors import UserError
+from tests.taskrun import run_task
 from tests.test_lm_task import CORPUS, ROOT, data_cache, make_cfg  # noqa: F401 (fixture)
 
 
@@ -46,8 +47,7 @@ def cli(tmp_path, task, *args, base=None):
         base = ["model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
                 "trainer.max_steps=2"] if task == "lm" else []
     base = [*base, f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    return subprocess.run([sys.executable, "-m", f"tasks.{task}", *base, *args], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run_task(f"tasks.{task}", [*base, *args], env=env, timeout=300)
 
 
 def one_line_error(proc, expect: str) -> None:

@@ -19,6 +19,7 @@ from data.text import Tokenizer
 from tasks import lm as lm_task
 from tasks.framework import runtime
 from tasks.framework.errors import UserError
+from tests.taskrun import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests" / "fixtures" / "sonnets.txt"
@@ -262,8 +263,7 @@ def cli(tmp_path, *args):
     base = ["model=lm_tiny", "data=tiny_text", f"data.train_files={CORPUS}",
             "trainer.max_steps=2", f"run_dir={tmp_path / 'run'}",
             f"hydra.run.dir={tmp_path / 'hydra'}"]
-    return subprocess.run([sys.executable, "-m", "tasks.lm", *base, *args], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run_task("tasks.lm", [*base, *args], env=env, timeout=300)
 
 
 @pytest.mark.parametrize("args,expect", [

@@ -18,6 +18,7 @@ from data.speech import write_wav
 from data.text import Tokenizer
 from tasks import speech as speech_task
 from tasks.framework.errors import UserError
+from tests.taskrun import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["yes", "no", "up", "down"]
@@ -235,8 +236,7 @@ def cli(tmp_path, corpus, *args):
     base = ["model=speech_tiny", f"data.train={corpus}/train.jsonl",
             f"data.val={corpus}/val.jsonl", "trainer.max_steps=2",
             f"run_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    return subprocess.run([sys.executable, "-m", "tasks.speech", *base, *args], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=300)
+    return run_task("tasks.speech", [*base, *args], env=env, timeout=300)
 
 
 @pytest.mark.parametrize("args,expect", [
