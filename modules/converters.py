@@ -127,12 +127,14 @@ def llama_state_dict_from_hf(hf: dict[str, Tensor], depth: int,
     return sd
 
 
-def _hf_dir(path: str | Path) -> tuple[dict, list[Path]]:
-    """config.json (parsed) and the safetensors files of a Hugging Face model directory."""
+def _hf_dir(path: str | Path, kind: str = "a Hugging Face Llama directory"
+            ) -> tuple[dict, list[Path]]:
+    """config.json (parsed) and the safetensors files of a Hugging Face model directory
+    (``kind`` names what was expected, for the error)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json; expected a Hugging Face Llama "
-                         f"directory with config.json and *.safetensors weights")
+        raise ValueError(f"{path} has no config.json; expected {kind} with config.json and "
+                         f"*.safetensors weights")
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickled = sorted(f.name for f in path.glob("*.bin"))
