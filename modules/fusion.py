@@ -8,6 +8,9 @@
   tokens cross-attend to the image's patch tokens. Its pooled output scores image-text
   matching (a re-ranker of the contrastive top-k) and answers questions about the image
   (classification over the answer vocabulary).
+- Sentence head (optional): vectors of a frozen sentence encoder (``modules.sentence``) for
+  the same texts, with a projection and a temperature of their own; retrieval adds their
+  cosine to the text encoder's, so words the captions never taught still carry meaning.
 
 Every attention here is the shared core's ``MultiHeadAttention`` (``modules.transformer``).
 
@@ -155,6 +158,14 @@ class TextImageModel(nn.Module):
         init_logit_scale, init_logit_bias: the learned temperature (log of the scale) and
             the sigmoid loss's bias.
         proj_bias: bias on the projections into the joint space.
+        sentence_dim: width of vectors from a frozen sentence encoder
+            (``modules.sentence``; 0: none). They get a projection of their own into the
+            joint space, trained with its own contrastive loss and temperature against the
+            same image embeddings; for retrieval a text's embedding is then its own plus
+            ``sentence_weight`` x the projected sentence vector, so a pair's score is the sum
+            of the two cosines. Words no training caption has are read by the sentence
+            encoder, which has met them.
+        sentence_weight: that weight (0: the sentence head is trained but not used).
     """
 
     def __init__(self, *, vision: dict, text: dict, embed_dim: int = 128,
@@ -162,7 +173,8 @@ class TextImageModel(nn.Module):
                  fusion_mlp_ratio: float = 4.0, fusion_image_pos: bool = False,
                  num_answers: int = 0, loss: str = "clip",
                  init_logit_scale: float = math.log(1 / 0.07), init_logit_bias: float = -10.0,
-                 proj_bias: bool = True, backend: str = "auto"):
+                 proj_bias: bool = True, sentence_dim: int = 0,
+                 sentence_weight: float = 1.0, backend: str = "auto"):
         super().__init__()
         if loss not in ("clip", "siglip"):
             raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}")
@@ -193,6 +205,14 @@ class TextImageModel(nn.Module):
         if num_answers and self.fusion is None:
             raise ValueError("num_answers needs the fusion encoder (fusion_depth > 0)")
         self.answer_head = nn.Linear(text_dim, num_answers) if num_answers else None
+        if sentence_dim < 0:
+            raise ValueError(f"sentence_dim={sentence_dim}; expected 0 (no sentence head) or "
+                             f"the width of the sentence encoder's vectors")
+        self.sentence_proj = (nn.Linear(sentence_dim, embed_dim, bias=proj_bias)
+                              if sentence_dim else None)
+        self.sentence_logit_scale = (nn.Parameter(torch.tensor(float(init_logit_scale)))
+                                     if sentence_dim else None)
+        self.sentence_weight = float(sentence_weight)
 
     # -- encoders ------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -205,10 +225,34 @@ class TextImageModel(nn.Module):
         tokens = self.text(ids, mask)
         return F.normalize(self.text_proj(self.text.pooled(tokens, mask)), dim=-1), tokens
 
+    def encode_sentences(self, vectors: Tensor) -> Tensor:
+        """Sentence-encoder vectors ``(B, sentence_dim)`` -> unit embeddings ``(B, D)``."""
+        if self.sentence_proj is None:
+            raise ValueError("this model has no sentence head (sentence_dim=0)")
+        return F.normalize(self.sentence_proj(vectors), dim=-1)
+
+    def retrieval_text(self, text_emb: Tensor, vectors: Tensor | None) -> Tensor:
+        """The text side of retrieval and zero-shot scores: ``text_emb`` (from
+        ``encode_text``) plus ``sentence_weight`` x the sentence head's embedding of the same
+        texts' sentence-encoder ``vectors`` (no sentence head: ``text_emb``). Not of unit
+        length: ``similarity`` then sums the cosines."""
+        if self.sentence_proj is None:
+            return text_emb
+        if vectors is None:
+            raise ValueError("this model has a sentence head: give the texts' sentence "
+                             "vectors")
+        return text_emb + self.sentence_weight * self.encode_sentences(vectors)
+
     # -- heads ---------------------------------------------------------------------------
     def similarity(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
         """Logits ``(B_img, B_txt)``: scaled cosine similarity (+ bias for SigLIP)."""
         logits = self.logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def sentence_similarity(self, image_emb: Tensor, sentence_emb: Tensor) -> Tensor:
+        """Logits ``(B_img, B_txt)`` of the sentence head's loss: its own temperature (and,
+        for SigLIP, the shared bias)."""
+        logits = self.sentence_logit_scale.exp().clamp(max=100) * image_emb @ sentence_emb.T
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def fuse(self, text_tokens: Tensor, text_mask: Tensor, image_tokens: Tensor,

@@ -1,5 +1,6 @@
 """Text-image fusion: ``python -m tasks.fusion`` trains a contrastive dual encoder and a
-cross-attention fusion encoder on emoji image-caption pairs and evaluates retrieval
+cross-attention fusion encoder on emoji image-caption pairs (beside a frozen sentence
+encoder's head, ``data.sentence_encoder``) and evaluates retrieval
 (contrastive, then re-ranked by the fusion encoder), zero-shot classification and an
 unseen artwork; ``data=shapes`` trains the fusion encoder to answer questions about
 procedurally drawn scenes.
@@ -14,6 +15,7 @@ procedurally drawn scenes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -41,8 +43,10 @@ from data.fusion import (
 from data.images import split_indices
 from data.lexicon import Lexicon, LexiconTokenizer, check_spec, load_lexicon
 from data.sampling import ResumableLoader, SeededBatchSampler
+from data.sentence import MINILM, sentence_encoder_dir
 from data.text import Tokenizer, read_each, tokenizer_for_run, train_or_load_tokenizer
 from modules.fusion import contrastive_loss, hard_negatives
+from modules.sentence import SentenceEncoder
 
 from .framework import entry, training
 from .framework.checkpoints import (
@@ -79,6 +83,55 @@ def fill(template: str, caption: str, labels: dict[str, str]) -> str:
     a space (``face-smiling`` -> ``face smiling``)."""
     return template.format(caption=caption,
                            **{k: v.replace("-", " ") for k, v in labels.items()})
+
+
+# ------------------------------------------------------------------------------- sentences
+def _file_sha256(path: Path) -> str:
+    st = path.stat()  # computed again when the file changes
+    return _sha256_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sentence_spec(name: str | None) -> dict | None:
+    """``data.sentence_encoder`` (``all-MiniLM-L6-v2``, prepared once, or a directory) as
+    the checkpoint keeps it: its name and the SHA-256 of its weights; None when off."""
+    if not name:
+        return None
+    folder = sentence_encoder_dir(str(name))
+    weights = sorted(folder.glob("*.safetensors"))
+    name = str(name) if str(name) == MINILM else str(folder.resolve())
+    return {"name": name, "sha256": _file_sha256(weights[0]) if weights else None}
+
+
+@functools.lru_cache(maxsize=2)
+def _sentence_encoder(folder: str) -> SentenceEncoder:
+    return SentenceEncoder(folder)
+
+
+def load_sentence_encoder(spec: dict | None) -> SentenceEncoder | None:
+    """The frozen sentence encoder ``spec`` (``sentence_spec``) names, one per process
+    (its vectors are kept per text), refused when its weights are not the ones the model
+    was trained with."""
+    if spec is None:
+        return None
+    folder = sentence_encoder_dir(spec["name"])
+    weights = sorted(folder.glob("*.safetensors"))
+    if spec.get("sha256") and weights and _file_sha256(weights[0]) != spec["sha256"]:
+        raise UserError(f"sentence encoder {spec['name']}: {weights[0].name} has changed "
+                        f"(SHA-256 {_file_sha256(weights[0])[:12]}...); expected the weights "
+                        f"the model was trained with ({spec['sha256'][:12]}...)")
+    try:
+        return _sentence_encoder(str(folder))
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise UserError(f"data.sentence_encoder={spec['name']}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------- data
@@ -175,12 +228,14 @@ class PairDataset(torch.utils.data.Dataset):
 
 class Collate:
     """Items -> a batch dict: normalised (and, in training, randomly shifted) images,
-    caption ids/mask, question ids/mask, answer ids, and keys of the texts and image files
-    (which pairs belong together, see ``same_pair``)."""
+    caption ids/mask, question ids/mask, answer ids, keys of the texts and image files
+    (which pairs belong together, see ``same_pair``) and, with a ``sentences`` encoder, the
+    captions' sentence vectors."""
 
     def __init__(self, pairs: PairSet, tok: Tokenizer, max_len: int, mean, std,
-                 shift: int = 0):
+                 shift: int = 0, sentences: SentenceEncoder | None = None):
         self.pairs, self.tok, self.max_len, self.shift = pairs, tok, max_len, shift
+        self.sentences = sentences
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
@@ -200,11 +255,14 @@ class Collate:
         flat = [(row, q, a) for row, qa in enumerate(qas) for q, a in qa] or [(0, "", -1)]
         rows, questions, answers = zip(*flat)
         q_ids, q_mask = encode_texts(self.tok, list(questions), self.max_len)
-        return {"images": self.images(list(idx)), "ids": ids, "mask": mask,
-                "q_ids": q_ids, "q_mask": q_mask, "answers": torch.tensor(answers),
-                "q_image": torch.tensor(rows),
-                "text_key": text_keys(captions),
-                "image_key": text_keys([self.pairs.files[i] for i in idx])}
+        batch = {"images": self.images(list(idx)), "ids": ids, "mask": mask,
+                 "q_ids": q_ids, "q_mask": q_mask, "answers": torch.tensor(answers),
+                 "q_image": torch.tensor(rows),
+                 "text_key": text_keys(captions),
+                 "image_key": text_keys([self.pairs.files[i] for i in idx])}
+        if self.sentences is not None:
+            batch["sentences"] = self.sentences(list(captions))
+        return batch
 
 
 def text_keys(texts) -> torch.Tensor:
@@ -228,7 +286,8 @@ class FusionModule(TaskModule):
     ``meta``: ``tokenizer`` (sentencepiece model), ``lexicon`` (``data.lexicon`` and the
     training words: a text is read with the WordNet kinds of its other words; or None),
     ``max_text_len``, ``mean``/``std`` (per channel), ``answers`` (the answer vocabulary),
-    ``label_classes`` ({label: names}), ``zero_shot_template``.
+    ``label_classes`` ({label: names}), ``zero_shot_template``, ``sentence_encoder``
+    (``sentence_spec``: the frozen encoder whose vectors the sentence head reads, or None).
     """
 
     task = "fusion"
@@ -244,7 +303,8 @@ class FusionModule(TaskModule):
         # fusion encoder without either.
         m, unused = self.model, []
         if "contrastive" not in self.objectives:
-            unused += [m.text_proj, m.visual.head, m.logit_scale, m.logit_bias]
+            unused += [m.text_proj, m.visual.head, m.logit_scale, m.logit_bias,
+                       m.sentence_proj, m.sentence_logit_scale]
         if "match" not in self.objectives:
             unused.append(m.match_head)
         if "answer" not in self.objectives:
@@ -259,6 +319,14 @@ class FusionModule(TaskModule):
         lexicon = load_lexicon(self.meta.get("lexicon"))
         if lexicon is not None:  # every text is encoded with its WordNet kinds
             self.tok = LexiconTokenizer(self.tok, lexicon)
+        self.sentences = load_sentence_encoder(self.meta.get("sentence_encoder"))
+        if (self.sentences is None) != (m.sentence_proj is None) or (
+                self.sentences is not None
+                and self.sentences.dim != m.sentence_proj.in_features):
+            raise UserError(f"the sentence encoder {self.meta.get('sentence_encoder')} does "
+                            f"not fit the model's sentence head (model.sentence_dim="
+                            f"{self.model_cfg.get('sentence_dim', 0)}); expected both or "
+                            f"neither, of one width")
         self.val_outputs: list[dict] = []
 
     # training --------------------------------------------------------------------------
@@ -275,10 +343,16 @@ class FusionModule(TaskModule):
             all_img, all_txt = self._gather(img_emb), self._gather(txt_emb)
             b = img_emb.shape[0]
             rows = torch.arange(b, device=img_emb.device) + self.global_rank * b
-            c = contrastive_loss(m.similarity(all_img, all_txt), m.loss_kind,
-                                 rows if all_img.shape[0] > b else None,
-                                 same_pair(batch, lambda k: self._gather(k, grads=False)))
+            rows = rows if all_img.shape[0] > b else None
+            same = same_pair(batch, lambda k: self._gather(k, grads=False))
+            c = contrastive_loss(m.similarity(all_img, all_txt), m.loss_kind, rows, same)
             self.log("train/contrastive", c, prog_bar=True)
+            if m.sentence_proj is not None:  # the sentence head: same images, own temperature
+                all_sen = self._gather(m.encode_sentences(batch["sentences"]))
+                s = contrastive_loss(m.sentence_similarity(all_img, all_sen), m.loss_kind,
+                                     rows, same)
+                self.log("train/sentence", s, prog_bar=True)
+                c = c + s
             loss = loss + w["contrastive"] * c
         if "match" in w:
             loss = loss + w["match"] * self._match_loss(batch, img_emb, img_tok, txt_emb,
@@ -325,7 +399,8 @@ class FusionModule(TaskModule):
         img_emb, img_tok = m.encode_image(batch["images"])
         out = {"img": img_emb.float()}
         if "contrastive" in self.objectives or "match" in self.objectives:
-            out["txt"] = m.encode_text(batch["ids"], batch["mask"])[0].float()
+            out["txt"] = m.retrieval_text(m.encode_text(batch["ids"], batch["mask"])[0],
+                                          batch.get("sentences")).float()
         if "answer" in self.objectives:
             q_tok = m.text(batch["q_ids"], batch["q_mask"])
             logits = m.answer_logits(q_tok, batch["q_mask"], img_tok, batch["q_image"])
@@ -373,7 +448,9 @@ def embed_texts(module: FusionModule, texts: list[str], batch: int = 256):
     for s in range(0, len(texts), batch):
         ids, mask = encode_texts(module.tok, texts[s:s + batch], L)
         e, t = module.model.encode_text(ids, mask)
-        embs.append(e)
+        vectors = (module.sentences(texts[s:s + batch]).to(e.device)
+                   if module.sentences else None)
+        embs.append(module.model.retrieval_text(e, vectors))
         toks.append(F.pad(t, (0, 0, 0, L - t.shape[1])))
         masks.append(F.pad(mask, (0, L - mask.shape[1])))
     return torch.cat(embs), torch.cat(toks), torch.cat(masks)
@@ -638,6 +715,11 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
     fresh: tuple[str, ...] = ()
     if isinstance(obj, dict) and CKPT_KEY in obj:
         state = model_state(src, FusionModule.task, module, FusionTask.named_rows)
+        theirs = obj[CKPT_KEY].get("sentence_encoder") if isinstance(obj[CKPT_KEY],
+                                                                     dict) else None
+        ours = module.meta.get("sentence_encoder")
+        if theirs and ours and theirs.get("sha256") != ours.get("sha256"):
+            fresh = ("sentence_",)  # a head trained on another encoder's vectors
     elif isinstance(obj, dict) and "visual.conv1.weight" in obj:
         m = module.model_cfg
         heads = dict(vision_heads=m["vision"]["num_heads"], text_heads=m["text"]["num_heads"])
@@ -659,11 +741,13 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
             raise UserError(f"init_from {src} is an OpenCLIP CLIP that these model settings "
                             f"do not compute; add {' '.join(overrides)} (or init_strict=false "
                             f"to load its weights into these settings anyway)")
-        fresh = ("fusion.", "match_head.", "answer_head.")
+        fresh = ("fusion.", "match_head.", "answer_head.", "sentence_")
     else:
         raise UserError(f"init_from {src} is neither an attnkit fusion checkpoint nor an "
                         f"OpenCLIP CLIP state dict (no visual.conv1.weight)")
     own = module.model.state_dict()
+    if not any(k.startswith("sentence_") for k in state):  # a sentence head starts fresh
+        fresh += ("sentence_",)
     fresh += tuple(k for k in ("text.token_embed.weight",)  # the answers moved by name
                    if k in state and k in own and state[k].shape != own[k].shape)
     return init_weights_from(module.model, state, strict=cfg.init_strict, source=str(src),
@@ -702,8 +786,8 @@ class FusionTask(training.Task):
     name, module_class = "fusion", FusionModule
     named_rows = {"answer_head": "answers"}
     monitor, monitor_mode = "val/score", "max"
-    curves = [(["train/loss", "train/contrastive", "train/match", "train/answer"],
-               "loss_curves.png", "fusion: training losses"),
+    curves = [(["train/loss", "train/contrastive", "train/sentence", "train/match",
+                "train/answer"], "loss_curves.png", "fusion: training losses"),
               (["val/r1_t2i", "val/r1_i2t", "val/answer_acc"], "val_curves.png",
                "validation")]
 
@@ -750,6 +834,9 @@ class FusionTask(training.Task):
                          for k in d.zero_shot_labels if k in train.labels}
         model_cfg = training.model_config(cfg, num_answers=len(answers))
         model_cfg["text"]["vocab_size"] = tok.vocab_size
+        sentence = sentence_spec(d.get("sentence_encoder"))
+        sentences = load_sentence_encoder(sentence)
+        model_cfg["sentence_dim"] = sentences.dim if sentences else 0
         loaders = {}
         index = {a: i for i, a in enumerate(answers)}
         for name, pairs in sets.items():
@@ -762,7 +849,7 @@ class FusionTask(training.Task):
             loaders[name] = ResumableLoader(
                 ds, sampler, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
                 collate_fn=Collate(pairs, tok, d.max_text_len, mean, std,
-                                   d.shift if is_train else 0))
+                                   d.shift if is_train else 0, sentences))
         siblings = (near_siblings(train.captions, sets["test"].captions)
                     if d.name == "emoji" else [])
         unseen = (unseen_words(train.captions, sets["test"].captions)
@@ -773,7 +860,7 @@ class FusionTask(training.Task):
                   "max_text_len": d.max_text_len, "mean": mean,
                   "std": std, "answers": answers, "label_classes": label_classes,
                   "zero_shot_template": d.zero_shot_template,
-                  "objectives": list(d.objectives)},
+                  "objectives": list(d.objectives), "sentence_encoder": sentence},
             options={"objectives": {k: cfg.loss[k] for k in d.objectives}},
             info={"data": source, "train_items": len(train.captions),
                   "val_items": len(sets["val"].captions),

@@ -328,6 +328,7 @@ def _image_folder(root: Path) -> Path:
     ("vit", ["data.augment.mix_prob=1.5"], "data.augment.mix_prob=1.5 is not valid"),
     ("translation", ["decode.max_len_a=-1"], "decode.max_len_a=-1 is not valid"),
     ("fusion", ["eval.rerank_alpha=-1"], "eval.rerank_alpha=-1 is not valid"),
+    ("fusion", ["model.sentence_weight=-1"], "model.sentence_weight=-1 is not valid"),
     ("speech", ["model.freq_width=-3"], "model.freq_width=-3 is not valid"),
     ("lm", ["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] is not valid: expected two"),
     ("lm", ["optimizer.betas=[0.9,abc]"], "optimizer.betas=[0.9, 'abc'] is not valid"),

@@ -18,6 +18,7 @@ from PIL import Image
 from tasks import fusion as fusion_task
 from tasks.framework.checkpoints import model_state
 from tasks.framework.errors import UserError
+from tests.test_sentence import save_sentence_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
@@ -56,6 +57,7 @@ def make_cfg(run_dir, *overrides):
             "data.templates=['{caption}','{color} {shape}: {caption}']",
             "data.zero_shot_labels=[color,shape]", "trainer.max_steps=40",
             "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
+            "data.sentence_encoder=null",
             "scheduler.warmup_steps=3", "optimizer.lr=3e-3",
             f"run_dir={run_dir}", *overrides])
 
@@ -280,10 +282,14 @@ def test_zero_shot_majority_rate_counts_labelled_images_only():
         def encode_text(ids, mask):  # class a -> (1, 0), class b -> (0, 1)
             return F.one_hot(ids[:, 0] - 2, 2).float(), torch.zeros(len(ids), 2, 4)
 
+        @staticmethod
+        def retrieval_text(emb, vectors):  # no sentence head
+            return emb
+
     class Stub:
         meta = {"label_classes": {"g": ["a", "b"]}, "zero_shot_template": "{label}",
                 "max_text_len": 4}
-        tok, model = Tok(), Model()
+        tok, model, sentences = Tok(), Model(), None
 
     img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     out = fusion_task.zero_shot(Stub, img, {"g": ["a", "a", "b", ""]})["g"]
@@ -432,15 +438,117 @@ def test_checkpoint_with_a_nested_target_is_refused(tmp_path, pairs_dir):
     assert not victim.exists()
 
 
+SENTENCE_WORDS = [*COLORS, "square", "disc", "a", "number", *map(str, range(10))]
+
+
+def test_a_sentence_encoder_head_is_trained_and_adds_its_cosine_to_the_scores(
+        tmp_path, pairs_dir):
+    """With data.sentence_encoder the training loss is the text tower's contrastive loss plus
+    the sentence head's (own temperature), and every retrieval and zero-shot score is the
+    text tower's cosine plus sentence_weight x the sentence head's; the checkpoint names the
+    encoder and its weights, and a changed or missing encoder is refused by the modes."""
+    enc_dir = tmp_path / "sentence"
+    enc_dir.mkdir()
+    save_sentence_dir(enc_dir, SENTENCE_WORDS)
+    out = tmp_path / "run"
+    res = fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl",
+                                   f"data.sentence_encoder={enc_dir}",
+                                   "model.sentence_weight=0.5"))
+    ckpt = out / "checkpoints" / "best.ckpt"
+    module = fusion_task.FusionModule.from_checkpoint(ckpt)
+    m = module.model
+    assert module.meta["sentence_encoder"]["name"] == str(enc_dir.resolve())
+    assert m.sentence_proj.in_features == 32 and m.sentence_weight == 0.5
+
+    # the loss of one batch against a direct computation (unique captions: plain CLIP)
+    from modules.sentence import SentenceEncoder
+    fresh = SentenceEncoder(enc_dir)  # another instance: its own vectors
+    captions = [f"a {c} square number {i}" for i, c in enumerate(COLORS)]
+    collate = fusion_task.Collate(
+        fusion_task._subset(fusion_task.read_pairs(pairs_dir / "pairs.jsonl", img_size=16),
+                            list(range(6))), module.tok, 32, module.meta["mean"],
+        module.meta["std"], sentences=module.sentences)
+    batch = collate([(i, captions[i], []) for i in range(6)])
+    module.objectives = {"contrastive": 1.0}
+    module.log = lambda *a, **k: None
+    module._gather = lambda x, grads=True: x
+    with torch.no_grad():
+        loss = module.training_step(batch, 0)
+        img = m.encode_image(batch["images"])[0]
+        own = m.encode_text(batch["ids"], batch["mask"])[0]
+        sen = F.normalize(m.sentence_proj(fresh(captions)), dim=-1)
+
+        def clip(scale, a, b):
+            logits = scale.exp() * a @ b.T
+            target = torch.arange(len(a))
+            return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        expected = clip(m.logit_scale, img, own) + clip(m.sentence_logit_scale, img, sen)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert abs(float(clip(m.logit_scale, img, own)) - float(loss)) > 1e-3  # the head counts
+
+    # the test figures from scores recomputed here: own cosine + 0.5 x the head's
+    test_ids = json.loads((out / "split.json").read_text())["test"]
+    pairs = fusion_task.read_pairs(pairs_dir / "pairs.jsonl", img_size=16)
+    test = fusion_task._subset(pairs, [pairs.ids.index(i) for i in test_ids])
+    collate = fusion_task.Collate(test, module.tok, 32, module.meta["mean"],
+                                  module.meta["std"])
+    with torch.no_grad():
+        img = fusion_task.embed_images(module, collate, len(test.captions))[0]
+        ids, mask = fusion_task.encode_texts(module.tok, test.captions, 32)
+        own = m.encode_text(ids, mask)[0]
+        sen = F.normalize(m.sentence_proj(fresh(test.captions)), dim=-1)
+        emb = fusion_task.embed_texts(module, test.captions)[0]
+    torch.testing.assert_close(emb, own + 0.5 * sen)
+    assert (emb - own).norm(dim=-1).min() > 0.4  # half a unit vector: the head is in it
+    positive = torch.eye(len(test.captions), dtype=torch.bool)
+    assert fusion_task.recall_at((own + 0.5 * sen) @ img.T, positive) == pytest.approx(
+        res["test"]["retrieval"]["contrastive"]["t2i"], abs=1e-6)
+
+    # fine-tuning keeps the head when the encoder is the same, starts it afresh otherwise
+    other = tmp_path / "sentence2"
+    other.mkdir()
+    save_sentence_dir(other, SENTENCE_WORDS, num_hidden_layers=1)  # other weights, width 32
+    for folder, fresh in ((enc_dir, []), (other, ["sentence_logit_scale",
+                                                   "sentence_proj.bias",
+                                                   "sentence_proj.weight"])):
+        tuned = fusion_task.run(make_cfg(
+            tmp_path / f"ft_{folder.name}", f"data.manifest={pairs_dir}/pairs.jsonl",
+            f"data.sentence_encoder={folder}", f"init_from={ckpt}", "trainer.max_steps=1"))
+        assert sorted(tuned["init_from"]["missing"]) == fresh
+
+    # the modes rebuild the encoder; changed weights or a missing folder are refused
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red square\na blue disc\n")
+    got = fusion_task.run(make_cfg(tmp_path / "m", "mode=retrieve", f"ckpt={ckpt}",
+                                   f"images={pairs_dir}/img/1*.png", f"texts={texts}"))
+    assert len(got["text_to_image"]) == 2
+    weights = enc_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(UserError, match="model.safetensors has changed .*; expected the "
+                                        "weights the model was trained with"):
+        fusion_task.run(make_cfg(tmp_path / "m2", "mode=classify", f"ckpt={ckpt}",
+                                 f"images={pairs_dir}/img/1.png", "classes=[red]"))
+    enc_dir.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=f"data.sentence_encoder={enc_dir.resolve()} is "
+                                        f"neither"):
+        fusion_task.run(make_cfg(tmp_path / "m3", "mode=classify", f"ckpt={ckpt}",
+                                 f"images={pairs_dir}/img/1.png", "classes=[red]"))
+    assert not list(tmp_path.glob("m[23]/*.json"))  # nothing written by a refused mode
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_at_the_same_global_batch(tmp_path, pairs_dir):
-    """The contrastive loss gathers features across ranks with gradients: two processes at
-    batch 8 train the same weights as one process at batch 16."""
+    """The contrastive losses (the text tower's and the sentence head's) gather features
+    across ranks with gradients: two processes at batch 8 train the same weights as one
+    process at batch 16."""
     common = ["model=fusion_tiny", f"data.manifest={pairs_dir}/pairs.jsonl", "data.img_size=16",
               "data.vocab_size=300", "data.objectives=[contrastive]", "data.templates=['{caption}']",
               "data.shift=0", "model.vision.drop_path_rate=0", "trainer.max_steps=6",
               "trainer.val_check_interval=3", "scheduler.warmup_steps=2", "optimizer.lr=3e-3",
               "data.zero_shot_labels=[color]"]
+    (tmp_path / "sentence").mkdir()
+    save_sentence_dir(tmp_path / "sentence", SENTENCE_WORDS)  # its head's loss gathers too
+    common.append(f"data.sentence_encoder={tmp_path / 'sentence'}")
     env = dict(os.environ, ATTNKIT_DATA=str(tmp_path / "cache"))
     weights = {}
     for name, extra in (("ddp", ["trainer=ddp", "data.batch_size=8"]),

@@ -237,6 +237,8 @@ SHARED_RANGES = (
     ("loss.contrastive", _finite_nonnegative, "a finite weight >= 0"),
     ("loss.match", _finite_nonnegative, "a finite weight >= 0"),
     ("loss.answer", _finite_nonnegative, "a finite weight >= 0"),
+    ("model.sentence_weight", _finite_nonnegative,
+     "a finite weight >= 0 of the sentence head's cosine beside the text encoder's"),
     ("eval.rerank_alpha", _finite_nonnegative,
      "a finite weight >= 0 of the contrastive logit beside the match logit"),
     ("decode.length_penalty", math.isfinite,
