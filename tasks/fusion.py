@@ -441,6 +441,14 @@ def embed_images(module: FusionModule, collate: Collate, n: int, batch: int = 25
     return torch.cat(embs), torch.cat(toks)
 
 
+def _as_read(module: FusionModule, texts: list[str]) -> list[str]:
+    """Texts as training gave them to the sentence encoder: with ``data.lexicon``, followed
+    by the WordNet kinds of their unseen words (``PairDataset``)."""
+    if isinstance(module.tok, LexiconTokenizer):
+        return [module.tok.lexicon(t) for t in texts]
+    return texts
+
+
 @torch.no_grad()
 def embed_texts(module: FusionModule, texts: list[str], batch: int = 256):
     embs, toks, masks = [], [], []
@@ -448,7 +456,7 @@ def embed_texts(module: FusionModule, texts: list[str], batch: int = 256):
     for s in range(0, len(texts), batch):
         ids, mask = encode_texts(module.tok, texts[s:s + batch], L)
         e, t = module.model.encode_text(ids, mask)
-        vectors = (module.sentences(texts[s:s + batch]).to(e.device)
+        vectors = (module.sentences(_as_read(module, texts[s:s + batch])).to(e.device)
                    if module.sentences else None)
         embs.append(module.model.retrieval_text(e, vectors))
         toks.append(F.pad(t, (0, 0, 0, L - t.shape[1])))

@@ -593,8 +593,10 @@ def test_wordnet_kinds_reach_training_evaluation_and_the_modes(tmp_path, pairs_d
             row["caption"] += f" and a {NOUNS[i // 3]}"
     manifest = pairs_dir / "nouns.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sentence").mkdir()
+    save_sentence_dir(tmp_path / "sentence", SENTENCE_WORDS)
     common = [f"data.manifest={manifest}", "data.lexicon.name=wordnet",
-              "data.lexicon.kinds_only=0.5"]
+              "data.lexicon.kinds_only=0.5", f"data.sentence_encoder={tmp_path / 'sentence'}"]
     out = tmp_path / "run"
     fusion_task.run(make_cfg(out, *common, "trainer.max_steps=2"))
     module = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / "last.ckpt")
@@ -617,6 +619,16 @@ def test_wordnet_kinds_reach_training_evaluation_and_the_modes(tmp_path, pairs_d
                                    f"ckpt={out}/checkpoints/last.ckpt",
                                    f"images={pairs_dir}/img/*.png", f"texts={texts}"))
     assert len(got["text_to_image"][f"a red {held_out[0]}"]) == 5
+    # the sentence encoder reads a text as training gave it: with its kinds
+    from modules.sentence import SentenceEncoder
+    enc, text = SentenceEncoder(tmp_path / "sentence"), f"a red {held_out[0]}"
+    with torch.no_grad():
+        ids, mask = fusion_task.encode_texts(module.tok, [text], 32)
+        own = module.model.encode_text(ids, mask)[0]
+        want = own + module.model.encode_sentences(enc([lexicon(text)]))
+        torch.testing.assert_close(fusion_task.embed_texts(module, [text])[0], want)
+        bare = own + module.model.encode_sentences(enc([text]))
+    assert (want - bare).abs().max() > 1e-3
 
     (tmp_path / "prep").mkdir()
     prep = fusion_task.FusionTask().prepare(make_cfg(out, *common), tmp_path / "prep")
