@@ -86,9 +86,14 @@ def fill(template: str, caption: str, labels: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------------------------- sentences
-def _file_sha256(path: Path) -> str:
-    st = path.stat()  # computed again when the file changes
-    return _sha256_of(path, st.st_size, st.st_mtime_ns)
+def _weights_sha256(folder: Path) -> tuple[str, str] | None:
+    """(file name, SHA-256) of a sentence encoder folder's weights, or None without any;
+    computed again only when the file changes."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return None
+    st = weights[0].stat()
+    return weights[0].name, _sha256_of(weights[0], st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)
@@ -106,9 +111,9 @@ def sentence_spec(name: str | None) -> dict | None:
     if not name:
         return None
     folder = sentence_encoder_dir(str(name))
-    weights = sorted(folder.glob("*.safetensors"))
-    name = str(name) if str(name) == MINILM else str(folder.resolve())
-    return {"name": name, "sha256": _file_sha256(weights[0]) if weights else None}
+    weights = _weights_sha256(folder)
+    return {"name": str(name) if str(name) == MINILM else str(folder.resolve()),
+            "sha256": weights[1] if weights else None}
 
 
 @functools.lru_cache(maxsize=2)
@@ -123,11 +128,11 @@ def load_sentence_encoder(spec: dict | None) -> SentenceEncoder | None:
     if spec is None:
         return None
     folder = sentence_encoder_dir(spec["name"])
-    weights = sorted(folder.glob("*.safetensors"))
-    if spec.get("sha256") and weights and _file_sha256(weights[0]) != spec["sha256"]:
-        raise UserError(f"sentence encoder {spec['name']}: {weights[0].name} has changed "
-                        f"(SHA-256 {_file_sha256(weights[0])[:12]}...); expected the weights "
-                        f"the model was trained with ({spec['sha256'][:12]}...)")
+    weights = _weights_sha256(folder)
+    if spec.get("sha256") and weights and weights[1] != spec["sha256"]:
+        raise UserError(f"sentence encoder {spec['name']}: {weights[0]} has changed "
+                        f"(SHA-256 {weights[1][:12]}...); expected the weights the model "
+                        f"was trained with ({spec['sha256'][:12]}...)")
     try:
         return _sentence_encoder(str(folder))
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
@@ -749,7 +754,7 @@ def apply_init_from(module: FusionModule, cfg: DictConfig) -> dict:
             raise UserError(f"init_from {src} is an OpenCLIP CLIP that these model settings "
                             f"do not compute; add {' '.join(overrides)} (or init_strict=false "
                             f"to load its weights into these settings anyway)")
-        fresh = ("fusion.", "match_head.", "answer_head.", "sentence_")
+        fresh = ("fusion.", "match_head.", "answer_head.")
     else:
         raise UserError(f"init_from {src} is neither an attnkit fusion checkpoint nor an "
                         f"OpenCLIP CLIP state dict (no visual.conv1.weight)")
