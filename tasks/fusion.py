@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from data.cache import cache_dir
@@ -45,7 +46,7 @@ from data.lexicon import Lexicon, LexiconTokenizer, check_spec, load_lexicon
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.sentence import MINILM, sentence_encoder_dir
 from data.text import Tokenizer, read_each, tokenizer_for_run, train_or_load_tokenizer
-from modules.fusion import contrastive_loss, hard_negatives
+from modules.fusion import PairMemory, contrastive_loss, hard_negatives
 from modules.sentence import SentenceEncoder
 
 from .framework import entry, training
@@ -284,6 +285,9 @@ def same_pair(batch: dict, gather=lambda x: x) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- module
+MEMORY_KEY = "attnkit_pair_memory"  # the pair memory's tensors inside a checkpoint
+
+
 class FusionModule(TaskModule):
     """Contrastive loss (gathered over DDP ranks with gradients), image-text matching on
     hard negatives, and answer classification, weighted by ``objectives``.
@@ -293,14 +297,22 @@ class FusionModule(TaskModule):
     ``max_text_len``, ``mean``/``std`` (per channel), ``answers`` (the answer vocabulary),
     ``label_classes`` ({label: names}), ``zero_shot_template``, ``sentence_encoder``
     (``sentence_spec``: the frozen encoder whose vectors the sentence head reads, or None).
+
+    ``memory_source``: a ``Collate`` over training pairs (training only). Every checkpoint
+    then holds their embeddings under the current weights (``MEMORY_KEY``), the pair memory
+    that retrieval scores through (``modules.fusion.memory_scores``); ``self.memory`` is
+    the memory read from a checkpoint or last built.
     """
 
     task = "fusion"
     meta_types = {"tokenizer": bytes, "max_text_len": int, "mean": list, "std": list,
                   "answers": list, "zero_shot_template": str}
 
-    def __init__(self, *, objectives: dict | None = None, **kwargs):
+    def __init__(self, *, objectives: dict | None = None,
+                 memory_source: Collate | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.memory_source, self.memory = memory_source, None
+        self._memory_step: int | None = None
         self.objectives = {k: float(v) for k, v in (objectives or {}).items() if v}
         # Parts no objective trains stay fixed (DDP requires every trained parameter to get
         # a gradient): the joint-space projections and temperature without the contrastive
@@ -333,6 +345,41 @@ class FusionModule(TaskModule):
                             f"{self.model_cfg.get('sentence_dim', 0)}); expected both or "
                             f"neither, of one width")
         self.val_outputs: list[dict] = []
+
+    # the pair memory ---------------------------------------------------------------------
+    @torch.no_grad()
+    def build_memory(self) -> PairMemory | None:
+        """The embeddings of ``memory_source``'s pairs under the current weights (None
+        without a source or a sentence encoder)."""
+        if self.memory_source is None or self.sentences is None:
+            return None
+        was_training = self.training
+        self.eval()
+        try:
+            captions = self.memory_source.pairs.captions
+            images = embed_images(self, self.memory_source, len(captions))[0]
+            texts = embed_texts(self, captions)[0]
+            return PairMemory(images.float(), texts.float(), text_vectors(self, captions))
+        finally:
+            self.train(was_training)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.memory_source is None or self.sentences is None or isinstance(
+                self.trainer.strategy, FSDPStrategy):  # sharded weights: no single forward
+            return
+        if self._memory_step != self.global_step:  # best and last at one step: built once
+            self.memory, self._memory_step = self.build_memory(), self.global_step
+        checkpoint[MEMORY_KEY] = self.memory.state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(MEMORY_KEY)
+        m = self.model
+        if state is None or m.sentence_proj is None:
+            self.memory = None
+            return
+        self.memory = PairMemory.from_state(state, m.text_proj.out_features,
+                                            m.sentence_proj.in_features)
 
     # training --------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -469,6 +516,32 @@ def embed_texts(module: FusionModule, texts: list[str], batch: int = 256):
     return torch.cat(embs), torch.cat(toks), torch.cat(masks)
 
 
+def text_vectors(module: FusionModule, texts: list[str]) -> torch.Tensor:
+    """The texts' unit sentence vectors, read as training read them (``_as_read``)."""
+    return module.sentences(_as_read(module, texts)).float()
+
+
+def memory_settings(cfg: DictConfig) -> dict | None:
+    """``eval.memory`` as ``memory_scores`` keywords, or None when it is off."""
+    m = cfg.eval.memory
+    if not m.enabled:
+        return None
+    return {k: m[k] for k in ("neighbours", "temperature", "text_weight", "image_weight",
+                              "hubness")}
+
+
+def first_stage(module: FusionModule, cfg: DictConfig, img_emb: torch.Tensor,
+                txt_emb: torch.Tensor, texts: list[str]) -> tuple[torch.Tensor, bool]:
+    """Scores ``(images, texts)`` before re-ranking: through the module's pair memory when
+    it has one and ``eval.memory`` is on, else the contrastive similarity; and whether the
+    memory was used."""
+    settings = memory_settings(cfg)
+    if module.memory is None or settings is None:
+        return module.model.similarity(img_emb, txt_emb), False
+    return module.model.memory_similarity(img_emb, txt_emb, text_vectors(module, texts),
+                                           module.memory, **settings), True
+
+
 def positive_rank(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """Per query (row of ``scores``): how many wrong candidates score at or above its best
     right one. A tie counts against the query, so pixel-identical images under different
@@ -520,7 +593,9 @@ def rerank(module: FusionModule, scores: torch.Tensor, query_is_text: bool, txt_
 @torch.no_grad()
 def retrieval_figures(module: FusionModule, pairs: PairSet, collate: Collate,
                       cfg: DictConfig) -> tuple[dict, torch.Tensor]:
-    """Recall@1/5/10 both ways over the whole set, contrastive and re-ranked."""
+    """Recall@1/5/10 both ways over the whole set: contrastive, through the pair memory
+    (when the module has one and ``eval.memory`` is on), and re-ranked (from the memory's
+    scores then); with the scores re-ranking starts from ``(images, texts)``."""
     img_emb, img_tok = embed_images(module, collate, len(pairs.captions))
     txt_emb, txt_tok, txt_mask = embed_texts(module, pairs.captions)
     sim = module.model.similarity(img_emb, txt_emb)  # (images, texts)
@@ -528,14 +603,17 @@ def retrieval_figures(module: FusionModule, pairs: PairSet, collate: Collate,
     fid = torch.tensor([file_id[f] for f in pairs.files])
     positive = fid[:, None] == fid[None, :]  # the same image file
     res = {"contrastive": {"t2i": recall_at(sim.T, positive), "i2t": recall_at(sim, positive)}}
+    first, used = first_stage(module, cfg, img_emb, txt_emb, pairs.captions)
+    if used:
+        res["memory"] = {"t2i": recall_at(first.T, positive), "i2t": recall_at(first, positive)}
     if reranks(module):
         e = cfg.eval
         res["reranked"] = {
-            "t2i": recall_at(rerank(module, sim.T, True, txt_tok, txt_mask, img_tok,
+            "t2i": recall_at(rerank(module, first.T, True, txt_tok, txt_mask, img_tok,
                                     e.rerank_k, e.rerank_alpha), positive),
-            "i2t": recall_at(rerank(module, sim, False, txt_tok, txt_mask, img_tok,
+            "i2t": recall_at(rerank(module, first, False, txt_tok, txt_mask, img_tok,
                                     e.rerank_k, e.rerank_alpha), positive)}
-    return res, sim
+    return res, first
 
 
 @torch.no_grad()
@@ -863,6 +941,15 @@ class FusionTask(training.Task):
                 ds, sampler, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
                 collate_fn=Collate(pairs, tok, d.max_text_len, mean, std,
                                    d.shift if is_train else 0, sentences))
+        memory_source = None
+        if memory_settings(cfg) is not None and sentences is not None and (
+                "contrastive" in d.objectives):
+            rows = list(range(len(train.captions)))
+            if len(rows) > cfg.eval.memory.max_pairs:  # a seeded choice, in their order
+                g = torch.Generator().manual_seed(cfg.seed)
+                rows = sorted(torch.randperm(len(rows), generator=g)[
+                    :cfg.eval.memory.max_pairs].tolist())
+            memory_source = Collate(_subset(train, rows), tok, d.max_text_len, mean, std)
         siblings = (near_siblings(train.captions, sets["test"].captions)
                     if d.name == "emoji" else [])
         unseen = (unseen_words(train.captions, sets["test"].captions)
@@ -874,7 +961,8 @@ class FusionTask(training.Task):
                   "std": std, "answers": answers, "label_classes": label_classes,
                   "zero_shot_template": d.zero_shot_template,
                   "objectives": list(d.objectives), "sentence_encoder": sentence},
-            options={"objectives": {k: cfg.loss[k] for k in d.objectives}},
+            options={"objectives": {k: cfg.loss[k] for k in d.objectives},
+                     "memory_source": memory_source},
             info={"data": source, "train_items": len(train.captions),
                   "val_items": len(sets["val"].captions),
                   "test_items": len(sets["test"].captions), "skipped_images": len(train.skipped),
@@ -898,6 +986,9 @@ class FusionTask(training.Task):
         mean, std = prep.data["mean"], prep.data["std"]
         figures: dict = {"best_val_score": float(trainer.checkpoint_callback.best_model_score
                                                  or float("nan"))}
+        module.memory = module.build_memory()  # under the best weights, as its checkpoint
+        if module.memory is not None:
+            figures["memory_pairs"] = len(module.memory.images)
         plots = []
         objectives = module.objectives
         for name, pairs in {"test": sets["test"], **extra}.items():
@@ -931,12 +1022,12 @@ def summary_line(name: str, res: dict) -> str:
     def recalls(r: dict) -> str:
         return "/".join(f"{r[k]:.3f}" for k in ("r1", "r5", "r10"))
     retrieval = res.get("retrieval", {})
-    shown = retrieval.get("reranked") or retrieval.get("contrastive")
+    stages = [k for k in ("reranked", "memory", "contrastive") if k in retrieval]
     for way, label in (("t2i", "text -> image"), ("i2t", "image -> text")):
-        if shown:
-            plain = (f" (contrastive {recalls(retrieval['contrastive'][way])})"
-                     if "reranked" in retrieval else "")
-            parts.append(f"{label} R@1/5/10 {recalls(shown[way])}{plain}")
+        if stages:
+            before = ", ".join(f"{k} {recalls(retrieval[k][way])}" for k in stages[1:])
+            parts.append(f"{label} R@1/5/10 {recalls(retrieval[stages[0]][way])}"
+                         + (f" ({before})" if before else ""))
     if res.get("zero_shot"):
         parts.append("zero-shot " + ", ".join(f"{k} {v['accuracy']:.3f}"
                                               for k, v in res["zero_shot"].items()))
@@ -947,10 +1038,11 @@ def summary_line(name: str, res: dict) -> str:
 
 
 def _sibling_split(sim: torch.Tensor, siblings: list[bool], unseen: list[list[str]]) -> dict:
-    """Contrastive text -> image R@1 and R@10 of the test captions with a near sibling in
-    training, without one, and of the latter those whose every word occurs in a training
-    caption and those with a word no training caption has. ``sim``: (images, texts), the
-    i-th text describing the i-th image."""
+    """Text -> image R@1 and R@10, before re-ranking (through the pair memory when it is
+    used), of the test captions with a near sibling in training, without one, and of the
+    latter those whose every word occurs in a training caption and those with a word no
+    training caption has. ``sim``: (images, texts), the i-th text describing the i-th
+    image."""
     if not siblings:
         return {}
     scores = sim.T  # texts x images
@@ -1039,7 +1131,7 @@ def run_retrieve(cfg: DictConfig) -> dict:
     with torch.no_grad():
         img_emb, img_tok = module.model.encode_image(x)
         txt_emb, txt_tok, txt_mask = embed_texts(module, texts)
-        sim = module.model.similarity(img_emb, txt_emb)  # (images, texts)
+        sim, memory = first_stage(module, cfg, img_emb, txt_emb, texts)  # (images, texts)
         t2i, i2t = sim.T, sim  # (order, score) pairs: one tensor for both without re-ranking
         t2i_score, i2t_score = t2i, i2t
         if rerank_on:  # as the closing evaluation ranks: the contrastive top k re-scored
@@ -1050,15 +1142,17 @@ def run_retrieve(cfg: DictConfig) -> dict:
             i2t = rerank(module, sim, False, txt_tok, txt_mask, img_tok, e.rerank_k,
                          e.rerank_alpha, rescored=i2t_score)
 
-    def ranked(order, score, names, k):  # the first rerank_k re-scored, the rest contrastive
+    def ranked(order, score, names, k):  # the first rerank_k re-scored, the rest as before
         top = order.topk(min(k, len(names))).indices
         return [{"item": names[i], "score": round(float(score[i]), 4),
                  **({"rescored": n < cfg.eval.rerank_k} if rerank_on else {})}
                 for n, i in enumerate(top.tolist())]
 
-    result = {"ranking": (f"the contrastive top {cfg.eval.rerank_k} re-scored by the fusion "
-                          f"encoder (match logit + {cfg.eval.rerank_alpha} x contrastive logit)"
-                          if rerank_on else "contrastive (scaled cosine similarity)"),
+    first = f"memory ({len(module.memory.images)} training pairs)" if memory else "contrastive"
+    result = {"ranking": (f"the {first} top {cfg.eval.rerank_k} re-scored by the fusion encoder "
+                          f"(match logit + {cfg.eval.rerank_alpha} x {first} logit)" if rerank_on
+                          else f"{first} (scaled cosine similarity"
+                               f"{' through the training pairs' if memory else ''})"),
               "text_to_image": {t: ranked(t2i[j], t2i_score[j], files, cfg.top_k)
                                 for j, t in enumerate(texts)},
               "image_to_text": {f: ranked(i2t[i], i2t_score[i], texts, cfg.top_k)
@@ -1070,6 +1164,7 @@ def run_retrieve(cfg: DictConfig) -> dict:
     result["picture"] = str(plot_ranked(texts, files, x, t2i, module.meta, out / "retrieve.png",
                                         t2i_score,
                                         "re-ranked score" if rerank_on else
+                                        "memory score" if memory else
                                         "scaled cosine similarity"))
     return result
 

@@ -13,7 +13,15 @@ from modules.converters import (
     clip_state_dict_from_open_clip,
     open_clip_text_mask,
 )
-from modules.fusion import TextEncoder, TextImageModel, contrastive_loss, hard_negatives
+from modules.fusion import (
+    PairMemory,
+    TextEncoder,
+    TextImageModel,
+    contrastive_loss,
+    hard_negatives,
+    memory_scores,
+    neighbour_mean,
+)
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -314,3 +322,84 @@ def test_fusion_encoder_sees_where_image_tokens_are(image_pos):
     else:
         torch.testing.assert_close(out, out_mirrored, atol=1e-5, rtol=0)
         torch.testing.assert_close(out, plain, atol=1e-5, rtol=0)
+
+
+# -- the pair memory, against loops written from its definition ----------------------------
+def unit(*shape, seed):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.float64), dim=-1)
+
+
+def loop_neighbour_mean(q, keys, values, k, tau, skip=None):
+    """One query: its k nearest keys by dot product (never row ``skip``), softmax weights."""
+    sims = sorted(((float(q @ keys[j]), j) for j in range(len(keys)) if j != skip),
+                  reverse=True)[:k]
+    top = torch.tensor([s for s, _ in sims], dtype=torch.float64) / tau
+    w = torch.exp(top - top.max())
+    w = w / w.sum()
+    mean = sum(wj * values[j] for wj, (_, j) in zip(w, sims))
+    return mean / mean.norm()
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_neighbour_mean_against_a_loop(exclude_self):
+    keys, values = unit(13, 6, seed=1), unit(13, 5, seed=2)
+    queries = keys if exclude_self else unit(7, 6, seed=3)
+    got = neighbour_mean(queries, keys, values, 4, 0.1, exclude_self=exclude_self, chunk=3)
+    want = torch.stack([loop_neighbour_mean(q, keys, values, 4, 0.1,
+                                            skip=i if exclude_self else None)
+                        for i, q in enumerate(queries)])
+    torch.testing.assert_close(got, want)
+    # more neighbours than keys: all of them (all but the query itself)
+    torch.testing.assert_close(
+        neighbour_mean(queries, keys, values, 99, 0.1, exclude_self=exclude_self),
+        torch.stack([loop_neighbour_mean(q, keys, values, 99, 0.1,
+                                         skip=i if exclude_self else None)
+                     for i, q in enumerate(queries)]))
+
+
+@pytest.mark.parametrize("hubness", [0, 3])
+def test_memory_scores_against_a_loop(hubness):
+    n, d, e = 11, 6, 5
+    mem = PairMemory(unit(n, d, seed=4), 2 * unit(n, d, seed=5), unit(n, e, seed=6))
+    img, txt, sen = unit(4, d, seed=7), 2 * unit(5, d, seed=8), unit(5, e, seed=9)
+    a, b, k, tau = 1.5, 0.5, 3, 0.07
+
+    def score(u, q, w, p, s):  # one image (u, its neighbours' mean sentence q) and one text
+        return float(u @ w + a * (u @ p) + b * (q @ s))
+
+    p = [loop_neighbour_mean(s, mem.sentences, mem.images, k, tau) for s in sen]
+    q = [loop_neighbour_mean(u, mem.images, mem.sentences, k, tau) for u in img]
+    want = torch.tensor([[score(img[i], q[i], txt[t], p[t], sen[t]) for t in range(5)]
+                         for i in range(4)], dtype=torch.float64)
+    if hubness:
+        p_mem = [loop_neighbour_mean(mem.sentences[j], mem.sentences, mem.images, k, tau, j)
+                 for j in range(n)]
+        q_mem = [loop_neighbour_mean(mem.images[j], mem.images, mem.sentences, k, tau, j)
+                 for j in range(n)]
+        r_text = [sum(sorted((score(mem.images[j], q_mem[j], txt[t], p[t], sen[t])
+                              for j in range(n)), reverse=True)[:hubness]) / hubness
+                  for t in range(5)]
+        r_image = [sum(sorted((score(img[i], q[i], mem.texts[j], p_mem[j], mem.sentences[j])
+                               for j in range(n)), reverse=True)[:hubness]) / hubness
+                   for i in range(4)]
+        want = want - (torch.tensor(r_text)[None, :] + torch.tensor(r_image)[:, None]) / 2
+    got = memory_scores(img, txt, sen, mem, neighbours=k, temperature=tau, text_weight=a,
+                        image_weight=b, hubness=hubness)
+    torch.testing.assert_close(got, want)
+
+
+def test_pair_memory_state_is_checked():
+    mem = PairMemory(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 2))
+    back = PairMemory.from_state(mem.state(), 4, 2)
+    assert all(torch.equal(x, y) for x, y in zip(back.state().values(),
+                                                  mem.state().values()))
+    with pytest.raises(ValueError, match=r"widths \{'images': 4, 'texts': 4, 'sentences': 2\}; "
+                                         r"expected one count of rows and widths "
+                                         r"\{'images': 8"):
+        PairMemory.from_state(mem.state(), 8, 2)
+    with pytest.raises(ValueError, match="rows \\[2, 3\\]"):
+        PairMemory.from_state({**mem.state(), "texts": torch.zeros(2, 4)}, 4, 2)
+    with pytest.raises(ValueError, match="is not \\['images', 'sentences', 'texts'\\] as "
+                                         "float matrices"):
+        PairMemory.from_state({**mem.state(), "texts": "import os"}, 4, 2)

@@ -97,7 +97,7 @@ def test_train_figures_pictures_and_modes(tmp_path, pairs_dir, saved_figures, ca
     assert "note: texts gives 1 item(s) more than once (such as 'a red square')" in printed
     assert len(got["text_to_image"]) == 3 and len(got["text_to_image"]["a red square"]) == 5
     assert len(got["image_to_text"]) == 72
-    assert got["ranking"].startswith("the contrastive top 16 re-scored by the fusion encoder")
+    assert got["ranking"].startswith("the contrastive top 10 re-scored by the fusion encoder")
     # ranked as the closing evaluation ranks: with alpha 0, by the match logit alone
     module = fusion_task.FusionModule.from_checkpoint(ckpt)
     top = got["text_to_image"]["a blue disc"]
@@ -534,6 +534,90 @@ def test_a_sentence_encoder_head_is_trained_and_adds_its_cosine_to_the_scores(
         fusion_task.run(make_cfg(tmp_path / "m3", "mode=classify", f"ckpt={ckpt}",
                                  f"images={pairs_dir}/img/1.png", "classes=[red]"))
     assert not list(tmp_path.glob("m[23]/*.json"))  # nothing written by a refused mode
+
+
+def test_retrieval_through_the_pair_memory(tmp_path, pairs_dir):
+    """With a sentence encoder, a checkpoint keeps the training pairs' embeddings under its
+    weights; the test figures 'memory' (and re-ranking) come from memory_scores over them,
+    recomputed here from the saved split with another encoder instance; mode=retrieve
+    scores alike; eval.memory.enabled=false gives the contrastive scores; a checkpoint whose
+    memory does not fit its model is refused in one line."""
+    from modules.fusion import PairMemory, memory_scores
+    from modules.sentence import SentenceEncoder
+    enc_dir = tmp_path / "sentence"
+    enc_dir.mkdir()
+    save_sentence_dir(enc_dir, SENTENCE_WORDS)
+    out = tmp_path / "run"
+    settings = dict(neighbours=3, temperature=0.1, text_weight=2.0, image_weight=0.5,
+                    hubness=2)
+    memory_cfg = [f"eval.memory.{k}={v}" for k, v in settings.items()]
+    res = fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl",
+                                   f"data.sentence_encoder={enc_dir}", *memory_cfg))
+    ckpt = out / "checkpoints" / "best.ckpt"
+    module = fusion_task.FusionModule.from_checkpoint(ckpt)
+    m, fresh = module.model, SentenceEncoder(enc_dir)
+    split = json.loads((out / "split.json").read_text())
+    pairs = fusion_task.read_pairs(pairs_dir / "pairs.jsonl", img_size=16)
+    train, test = (fusion_task._subset(pairs, [pairs.ids.index(i) for i in split[k]])
+                   for k in ("train", "test"))
+
+    def embedded(ps):
+        collate = fusion_task.Collate(ps, module.tok, 32, module.meta["mean"],
+                                      module.meta["std"])
+        with torch.no_grad():
+            img = fusion_task.embed_images(module, collate, len(ps.captions))[0]
+            ids, mask = fusion_task.encode_texts(module.tok, ps.captions, 32)
+            sen = fresh(ps.captions)
+            txt = m.encode_text(ids, mask)[0] + F.normalize(m.sentence_proj(sen), dim=-1)
+        return img, txt, sen
+    memory = PairMemory(*embedded(train))
+    assert res["memory_pairs"] == len(train.captions) == len(module.memory.images)
+    for got, want in zip(module.memory.state().values(), memory.state().values()):
+        torch.testing.assert_close(got, want)
+    img, txt, sen = embedded(test)
+    scores = memory_scores(img, txt, sen, memory, **settings)
+    positive = torch.eye(len(test.captions), dtype=torch.bool)
+    figures = res["test"]["retrieval"]["memory"]
+    assert fusion_task.recall_at(scores.T, positive) == pytest.approx(figures["t2i"], abs=1e-6)
+    assert fusion_task.recall_at(scores, positive) == pytest.approx(figures["i2t"], abs=1e-6)
+
+    # mode=retrieve: below the re-scored top 1, each score is the scaled memory score
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(c + "\n" for c in test.captions))
+    images = tmp_path / "test_images"
+    images.mkdir()
+    for f in test.files:
+        (images / Path(f).name).write_bytes((pairs_dir / f).read_bytes())
+    got = fusion_task.run(make_cfg(tmp_path / "m", "mode=retrieve", f"ckpt={ckpt}",
+                                   f"images={images}/*.png", f"texts={texts}",
+                                   "eval.rerank_k=1", *memory_cfg))
+    assert got["ranking"].startswith(f"the memory ({len(train.captions)} training pairs) top 1")
+    column = {Path(f).name: i for i, f in enumerate(test.files)}
+    logits = m.logit_scale.exp() * scores
+    checked = 0
+    for t, (caption, ranked) in enumerate(got["text_to_image"].items()):
+        assert caption == test.captions[t]
+        for item in ranked[1:]:
+            assert not item["rescored"]
+            assert item["score"] == pytest.approx(float(logits[column[Path(item["item"]).name],
+                                                              t]), abs=2e-4)
+            checked += 1
+    assert checked >= 4 * len(test.captions)
+    off = fusion_task.run(make_cfg(tmp_path / "m2", "mode=retrieve", f"ckpt={ckpt}",
+                                   f"images={images}/*.png", f"texts={texts}",
+                                   "eval.memory.enabled=false"))
+    assert off["ranking"].startswith("the contrastive top 10")
+
+    # a memory that does not fit the model's widths is named, and nothing is written
+    state = torch.load(ckpt, weights_only=True)
+    state[fusion_task.MEMORY_KEY]["texts"] = torch.zeros(len(train.captions), 7)
+    bad = tmp_path / "bad.ckpt"
+    torch.save(state, bad)
+    with pytest.raises(UserError, match=f"checkpoint {bad}: its pair memory has rows "
+                                        f"\\[{len(train.captions)}\\] and widths"):
+        fusion_task.run(make_cfg(tmp_path / "m3", "mode=retrieve", f"ckpt={bad}",
+                                 f"images={images}/*.png", f"texts={texts}"))
+    assert not (tmp_path / "m3" / "retrieve.json").exists()
 
 
 @pytest.mark.slow

@@ -94,4 +94,9 @@ class TaskModule(L.LightningModule):
                       f"{wrong[0]}" if wrong else str(exc).splitlines()[-1].strip()[:160])
             raise UserError(f"checkpoint {path}: its weights do not fit its own model config "
                             f"({detail})") from None
+        try:  # what the task keeps beside the weights, as a resumed fit reads it
+            module.on_load_checkpoint(ckpt)
+        except ValueError as exc:
+            raise UserError(f"checkpoint {path}: {exc}; expected a {cls.task} checkpoint as "
+                            f"attnkit writes it") from None
         return module.eval()
