@@ -730,14 +730,15 @@ def plot_retrieval(pairs: PairSet, scores: torch.Tensor, path: Path, rows: int =
     return path
 
 
-def plot_similarity(sim: torch.Tensor, captions: list[str], path: Path, n: int = 24) -> Path:
+def plot_similarity(sim: torch.Tensor, captions: list[str], path: Path, n: int = 24,
+                    score_name: str = "cosine similarity x scale") -> Path:
     plt = _plt()
     n = min(n, sim.shape[0])
     fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
     im = ax.imshow(sim[:n, :n].T.numpy(), cmap="viridis")
     ax.set_yticks(range(n), [c[:28] for c in captions[:n]], fontsize=6)
     ax.set_xlabel("test images (same order as the captions)")
-    ax.set_title("cosine similarity x scale: captions (rows) against images")
+    ax.set_title(f"{score_name}: captions (rows) against images")
     fig.colorbar(im)
     fig.tight_layout()
     fig.savefig(path)
@@ -1000,7 +1001,10 @@ class FusionTask(training.Task):
                 res["zero_shot"] = zero_shot(module, img_emb, pairs.labels)
                 if name == "test":
                     plots += [plot_retrieval(pairs, sim.T, out / "retrieval_grid.png"),
-                              plot_similarity(sim, pairs.captions, out / "similarity.png")]
+                              plot_similarity(sim, pairs.captions, out / "similarity.png",
+                                              score_name="score through the pair memory"
+                                              if "memory" in res["retrieval"] else
+                                              "cosine similarity x scale")]
                     res.update(_sibling_split(sim, prep.data["siblings"],
                                               prep.data["unseen_words"]))
             if "answer" in objectives:
