@@ -312,7 +312,7 @@ class FusionModule(TaskModule):
                  memory_source: Collate | None = None, **kwargs):
         super().__init__(**kwargs)
         self.memory_source, self.memory = memory_source, None
-        self._memory_step: int | None = None
+        self._memory_step: tuple | None = None
         self.objectives = {k: float(v) for k, v in (objectives or {}).items() if v}
         # Parts no objective trains stay fixed (DDP requires every trained parameter to get
         # a gradient): the joint-space projections and temperature without the contrastive
@@ -359,17 +359,33 @@ class FusionModule(TaskModule):
             captions = self.memory_source.pairs.captions
             images = embed_images(self, self.memory_source, len(captions))[0]
             texts = embed_texts(self, captions)[0]
-            return PairMemory(images.float(), texts.float(), text_vectors(self, captions))
+            return PairMemory(images.float().cpu(), texts.float().cpu(),
+                              text_vectors(self, captions).cpu())
         finally:
             self.train(was_training)
 
+    def keeps_memory(self) -> bool:
+        """Whether checkpoints (and so the closing evaluation) get a pair memory: a memory
+        source and a sentence encoder, and weights not sharded (FSDP: no single forward)."""
+        return (self.memory_source is not None and self.sentences is not None
+                and not isinstance(self.trainer.strategy, FSDPStrategy))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self.memory_source is None or self.sentences is None or isinstance(
-                self.trainer.strategy, FSDPStrategy):  # sharded weights: no single forward
+        if not self.keeps_memory():
             return
-        if self._memory_step != self.global_step:  # best and last at one step: built once
-            self.memory, self._memory_step = self.build_memory(), self.global_step
+        saved = checkpoint["state_dict"]
+        key = (self.global_step, all(torch.equal(v, saved[k])
+                                     for k, v in self.state_dict().items() if k in saved))
+        if self._memory_step != key:  # best and last at one step: built once
+            # Under the weights this checkpoint holds (trainer.ema_decay: their average).
+            live = {k: v.detach().clone() for k, v in self.state_dict().items()}
+            self.load_state_dict(saved)
+            try:
+                self.memory = self.build_memory()
+            finally:
+                self.load_state_dict(live)
+            self._memory_step = key
         checkpoint[MEMORY_KEY] = self.memory.state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -378,8 +394,15 @@ class FusionModule(TaskModule):
         if state is None or m.sentence_proj is None:
             self.memory = None
             return
-        self.memory = PairMemory.from_state(state, m.text_proj.out_features,
-                                            m.sentence_proj.in_features)
+        try:
+            self.memory = PairMemory.from_state(state, m.text_proj.out_features,
+                                                m.sentence_proj.in_features)
+        except ValueError as exc:
+            path = getattr(self._trainer, "ckpt_path", None)
+            if path is None:  # from_checkpoint names the file
+                raise
+            raise UserError(f"checkpoint {path}: {exc}; expected a fusion checkpoint as "
+                            f"attnkit writes it") from None
 
     # training --------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -487,7 +510,8 @@ class FusionModule(TaskModule):
 def embed_images(module: FusionModule, collate: Collate, n: int, batch: int = 256):
     embs, toks = [], []
     for s in range(0, n, batch):
-        e, t = module.model.encode_image(collate.images(list(range(s, min(n, s + batch)))))
+        x = collate.images(list(range(s, min(n, s + batch)))).to(module.device)
+        e, t = module.model.encode_image(x)
         embs.append(e)
         toks.append(t)
     return torch.cat(embs), torch.cat(toks)
@@ -506,7 +530,7 @@ def embed_texts(module: FusionModule, texts: list[str], batch: int = 256):
     embs, toks, masks = [], [], []
     L = module.meta["max_text_len"]
     for s in range(0, len(texts), batch):
-        ids, mask = encode_texts(module.tok, texts[s:s + batch], L)
+        ids, mask = (x.to(module.device) for x in encode_texts(module.tok, texts[s:s + batch], L))
         e, t = module.model.encode_text(ids, mask)
         vectors = (module.sentences(_as_read(module, texts[s:s + batch])).to(e.device)
                    if module.sentences else None)
@@ -568,10 +592,11 @@ def reranks(module: FusionModule) -> bool:
 def rerank(module: FusionModule, scores: torch.Tensor, query_is_text: bool, txt_tok, txt_mask,
            img_tok, k: int, alpha: float, batch: int = 512,
            rescored: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores with each query's contrastive top ``k`` re-scored by the fusion encoder:
-    match logit + ``alpha`` x contrastive logit, kept above every candidate outside the top
-    k (whose order is unchanged). ``rescored``: a tensor shaped as ``scores`` that gets the
-    re-scored values themselves at the top k (the contrastive ones elsewhere)."""
+    """Scores with each query's top ``k`` by ``scores`` (contrastive, or through the pair
+    memory) re-scored by the fusion encoder: match logit + ``alpha`` x that score, kept
+    above every candidate outside the top k (whose order is unchanged). ``rescored``: a
+    tensor shaped as ``scores`` that gets the re-scored values themselves at the top k (the
+    given ones elsewhere)."""
     k = min(k, scores.shape[1])
     top = scores.topk(k, dim=1)
     q = torch.arange(scores.shape[0]).repeat_interleave(k)
@@ -950,7 +975,8 @@ class FusionTask(training.Task):
                 g = torch.Generator().manual_seed(cfg.seed)
                 rows = sorted(torch.randperm(len(rows), generator=g)[
                     :cfg.eval.memory.max_pairs].tolist())
-            memory_source = Collate(_subset(train, rows), tok, d.max_text_len, mean, std)
+            memory_source = Collate(train if len(rows) == len(train.captions) else
+                                    _subset(train, rows), tok, d.max_text_len, mean, std)
         siblings = (near_siblings(train.captions, sets["test"].captions)
                     if d.name == "emoji" else [])
         unseen = (unseen_words(train.captions, sets["test"].captions)
@@ -987,7 +1013,8 @@ class FusionTask(training.Task):
         mean, std = prep.data["mean"], prep.data["std"]
         figures: dict = {"best_val_score": float(trainer.checkpoint_callback.best_model_score
                                                  or float("nan"))}
-        module.memory = module.build_memory()  # under the best weights, as its checkpoint
+        # under the best weights, as its checkpoint
+        module.memory = module.build_memory() if module.keeps_memory() else None
         if module.memory is not None:
             figures["memory_pairs"] = len(module.memory.images)
         plots = []

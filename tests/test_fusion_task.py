@@ -289,7 +289,7 @@ def test_zero_shot_majority_rate_counts_labelled_images_only():
     class Stub:
         meta = {"label_classes": {"g": ["a", "b"]}, "zero_shot_template": "{label}",
                 "max_text_len": 4}
-        tok, model, sentences = Tok(), Model(), None
+        tok, model, sentences, device = Tok(), Model(), None, torch.device("cpu")
 
     img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     out = fusion_task.zero_shot(Stub, img, {"g": ["a", "a", "b", ""]})["g"]
@@ -618,6 +618,55 @@ def test_retrieval_through_the_pair_memory(tmp_path, pairs_dir):
         fusion_task.run(make_cfg(tmp_path / "m3", "mode=retrieve", f"ckpt={bad}",
                                  f"images={images}/*.png", f"texts={texts}"))
     assert not (tmp_path / "m3" / "retrieve.json").exists()
+
+    # the settings search reads the run's validation split and prints the grid's best
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_fusion_memory.py"),
+                           str(ckpt), "--manifest", str(pairs_dir / "pairs.jsonl"),
+                           "--top", "3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith(f"324 settings on {len(split['val'])} validation pairs, "
+                               f"memory of {len(train.captions)} training pairs")
+    assert len(lines) == 5 and lines[-1].endswith("no memory")
+
+
+def test_a_checkpoint_keeps_the_memory_of_the_weights_it_holds(tmp_path, pairs_dir):
+    """With weight averaging (trainer.ema_decay) a checkpoint holds the averaged weights, and
+    its pair memory is built under those, not the live ones; eval.memory.max_pairs keeps a
+    seeded choice of the training pairs."""
+    enc_dir = tmp_path / "sentence"
+    enc_dir.mkdir()
+    save_sentence_dir(enc_dir, SENTENCE_WORDS)
+    out = tmp_path / "run"
+    res = fusion_task.run(make_cfg(out, f"data.manifest={pairs_dir}/pairs.jsonl",
+                                   f"data.sentence_encoder={enc_dir}", "trainer.ema_decay=0.5",
+                                   "eval.memory.max_pairs=20"))
+    assert res["memory_pairs"] == 20
+    split = json.loads((out / "split.json").read_text())
+    pairs = fusion_task.read_pairs(pairs_dir / "pairs.jsonl", img_size=16)
+    train = fusion_task._subset(pairs, [pairs.ids.index(i) for i in split["train"]])
+    g = torch.Generator().manual_seed(1337)
+    rows = sorted(torch.randperm(len(train.captions), generator=g)[:20].tolist())
+    for name in ("best.ckpt", "last.ckpt"):
+        module = fusion_task.FusionModule.from_checkpoint(out / "checkpoints" / name)
+        kept = module.memory
+        module.memory_source = fusion_task.Collate(
+            fusion_task._subset(train, rows), module.tok, 32, module.meta["mean"],
+            module.meta["std"])
+        rebuilt = module.build_memory()  # under the weights the file holds
+        for got, want in zip(kept.state().values(), rebuilt.state().values()):
+            torch.testing.assert_close(got, want)
+
+    # resuming from a file whose memory does not fit is one line naming the file
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    state[fusion_task.MEMORY_KEY]["images"] = torch.zeros(20, 3)
+    bad = tmp_path / "bad.ckpt"
+    torch.save(state, bad)
+    with pytest.raises(UserError, match=f"checkpoint {bad}: its pair memory has rows"):
+        fusion_task.run(make_cfg(tmp_path / "resumed", f"data.manifest={pairs_dir}/pairs.jsonl",
+                                 f"data.sentence_encoder={enc_dir}", "trainer.ema_decay=0.5",
+                                 "eval.memory.max_pairs=20", f"resume={bad}",
+                                 "trainer.max_steps=60"))
 
 
 @pytest.mark.slow
