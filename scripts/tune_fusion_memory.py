@@ -31,7 +31,8 @@ GRID = {"neighbours": [5, 10, 20], "temperature": [0.02, 0.05, 0.1],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("--manifest", type=Path, default=None,
                     help="the run's data.manifest (default: the emoji)")
