@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from data.fusion import prepare_emoji, read_pairs  # noqa: E402
-from modules.fusion import memory_scores  # noqa: E402
+from modules.memory import memory_scores  # noqa: E402
 from tasks import fusion as fusion_task  # noqa: E402
 
 GRID = {"neighbours": [5, 10, 20], "temperature": [0.02, 0.05, 0.1],

@@ -46,7 +46,8 @@ from data.lexicon import Lexicon, LexiconTokenizer, check_spec, load_lexicon
 from data.sampling import ResumableLoader, SeededBatchSampler
 from data.sentence import MINILM, sentence_encoder_dir
 from data.text import Tokenizer, read_each, tokenizer_for_run, train_or_load_tokenizer
-from modules.fusion import PairMemory, contrastive_loss, hard_negatives
+from modules.fusion import contrastive_loss, hard_negatives
+from modules.memory import PairMemory
 from modules.sentence import SentenceEncoder
 
 from .framework import entry, training
@@ -300,7 +301,7 @@ class FusionModule(TaskModule):
 
     ``memory_source``: a ``Collate`` over training pairs (training only). Every checkpoint
     then holds their embeddings under the current weights (``MEMORY_KEY``), the pair memory
-    that retrieval scores through (``modules.fusion.memory_scores``); ``self.memory`` is
+    that retrieval scores through (``modules.memory.memory_scores``); ``self.memory`` is
     the memory read from a checkpoint or last built.
     """
 
@@ -312,7 +313,7 @@ class FusionModule(TaskModule):
                  memory_source: Collate | None = None, **kwargs):
         super().__init__(**kwargs)
         self.memory_source, self.memory = memory_source, None
-        self._memory_step: tuple | None = None
+        self._memory_step: int | None = None
         self.objectives = {k: float(v) for k, v in (objectives or {}).items() if v}
         # Parts no objective trains stay fixed (DDP requires every trained parameter to get
         # a gradient): the joint-space projections and temperature without the contrastive
@@ -374,18 +375,15 @@ class FusionModule(TaskModule):
         super().on_save_checkpoint(checkpoint)
         if not self.keeps_memory():
             return
-        saved = checkpoint["state_dict"]
-        key = (self.global_step, all(torch.equal(v, saved[k])
-                                     for k, v in self.state_dict().items() if k in saved))
-        if self._memory_step != key:  # best and last at one step: built once
+        if self._memory_step != self.global_step:  # best and last at one step: built once
             # Under the weights this checkpoint holds (trainer.ema_decay: their average).
             live = {k: v.detach().clone() for k, v in self.state_dict().items()}
-            self.load_state_dict(saved)
+            self.load_state_dict(checkpoint["state_dict"])
             try:
                 self.memory = self.build_memory()
             finally:
                 self.load_state_dict(live)
-            self._memory_step = key
+            self._memory_step = self.global_step
         checkpoint[MEMORY_KEY] = self.memory.state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -813,6 +811,19 @@ def build_tokenizer(d: DictConfig, lines: list[str], lexicon: Lexicon | None,
     return tokenizer_for_run(d.tokenizer, start, train)
 
 
+def memory_pairs(cfg: DictConfig, train: PairSet, tok: Tokenizer, mean, std
+                 ) -> Collate | None:
+    """The training pairs a pair memory keeps (all, or a seeded choice of
+    ``eval.memory.max_pairs`` in their order), or None when ``eval.memory`` is off."""
+    if memory_settings(cfg) is None:
+        return None
+    n, cap = len(train.captions), cfg.eval.memory.max_pairs
+    if n > cap:
+        g = torch.Generator().manual_seed(cfg.seed)
+        train = _subset(train, sorted(torch.randperm(n, generator=g)[:cap].tolist()))
+    return Collate(train, tok, cfg.data.max_text_len, mean, std)
+
+
 def lexicon_spec(d: DictConfig) -> dict | None:
     """``data.lexicon`` as a checked dict, or None when it is off."""
     spec = d.get("lexicon")
@@ -967,16 +978,8 @@ class FusionTask(training.Task):
                 ds, sampler, num_workers=d.num_workers, persistent_workers=d.num_workers > 0,
                 collate_fn=Collate(pairs, tok, d.max_text_len, mean, std,
                                    d.shift if is_train else 0, sentences))
-        memory_source = None
-        if memory_settings(cfg) is not None and sentences is not None and (
-                "contrastive" in d.objectives):
-            rows = list(range(len(train.captions)))
-            if len(rows) > cfg.eval.memory.max_pairs:  # a seeded choice, in their order
-                g = torch.Generator().manual_seed(cfg.seed)
-                rows = sorted(torch.randperm(len(rows), generator=g)[
-                    :cfg.eval.memory.max_pairs].tolist())
-            memory_source = Collate(train if len(rows) == len(train.captions) else
-                                    _subset(train, rows), tok, d.max_text_len, mean, std)
+        memory_source = (memory_pairs(cfg, train, tok, mean, std)
+                         if sentences is not None and "contrastive" in d.objectives else None)
         siblings = (near_siblings(train.captions, sets["test"].captions)
                     if d.name == "emoji" else [])
         unseen = (unseen_words(train.captions, sets["test"].captions)

@@ -13,15 +13,8 @@ from modules.converters import (
     clip_state_dict_from_open_clip,
     open_clip_text_mask,
 )
-from modules.fusion import (
-    PairMemory,
-    TextEncoder,
-    TextImageModel,
-    contrastive_loss,
-    hard_negatives,
-    memory_scores,
-    neighbour_mean,
-)
+from modules.fusion import TextEncoder, TextImageModel, contrastive_loss, hard_negatives
+from modules.memory import PairMemory, memory_scores, neighbour_mean
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -542,7 +542,7 @@ def test_retrieval_through_the_pair_memory(tmp_path, pairs_dir):
     recomputed here from the saved split with another encoder instance; mode=retrieve
     scores alike; eval.memory.enabled=false gives the contrastive scores; a checkpoint whose
     memory does not fit its model is refused in one line."""
-    from modules.fusion import PairMemory, memory_scores
+    from modules.memory import PairMemory, memory_scores
     from modules.sentence import SentenceEncoder
     enc_dir = tmp_path / "sentence"
     enc_dir.mkdir()
