@@ -13,6 +13,7 @@ A user's data is a TSV (``source<TAB>target`` per line) or two line-aligned text
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import shutil
@@ -79,6 +80,10 @@ def _write_bible(root: Path, tsv: Path) -> None:
     texts = {}
     for name in ("engKJV2006eb", "spaRV1909eb"):
         bible = mods.get_bible_from_module(name)
+        # pysword decompresses a verse's whole compressed block (a chapter or more) for
+        # every verse it reads; verses are read in order, so keeping the last few blocks
+        # takes preparation from about a minute to seconds.
+        bible._decompressed_text = functools.lru_cache(maxsize=4)(bible._decompressed_text)
         books = bible.get_structure().get_books()
         verses = {}
         for testament in ("ot", "nt"):

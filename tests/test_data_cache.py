@@ -107,3 +107,21 @@ def test_atomic_dir_replaces_on_success_and_keeps_the_old_folder_on_error(tmp_pa
             raise RuntimeError("interrupted")
     assert (out / "a.txt").read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+@pytest.mark.slow
+def test_the_bible_pairs_read_each_compressed_block_once(tmp_path, monkeypatch):
+    """The KJV / RV 1909 pairs from the Debian packages: every verse aligned, and each
+    compressed block of the modules inflated once (per verse, it took about a minute)."""
+    import zlib
+
+    from data import parallel
+    calls = []
+    inflate = zlib.decompress
+    monkeypatch.setattr(zlib, "decompress", lambda data, *a: calls.append(1) or inflate(data, *a))
+    lines = parallel.prepare_bible(tmp_path).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 31_084
+    assert lines[0] == ("In the beginning God created the heaven and the earth.\t"
+                        "En el principio crió Dios los cielos y la tierra.")
+    assert all(line.count("\t") == 1 for line in lines)
+    assert 0 < len(calls) < 2_000, len(calls)  # one per block read: 62,204 verses
