@@ -26,6 +26,8 @@ class Seq2SeqTransformer(nn.Module):
         embed_dim, encoder_depth, decoder_depth, num_heads, num_kv_heads, mlp_hidden_dim.
         norm, mlp: block variants (``rmsnorm``/``layernorm``, ``swiglu``/``gelu``).
         tie_embeddings: the output projection shares the embedding matrix.
+        qk_norm: RMSNorm on each head's queries and keys, in self- and cross-attention
+            (see ``MultiHeadAttention``).
         max_seq_len, rope_theta, drop, attn_drop, backend: as in ``Transformer``.
         pad_id, bos_id, eos_id: special tokens.
     """
@@ -33,7 +35,7 @@ class Seq2SeqTransformer(nn.Module):
     def __init__(self, *, vocab_size: int, embed_dim: int = 256, encoder_depth: int = 3,
                  decoder_depth: int = 3, num_heads: int = 4, num_kv_heads: int | None = None,
                  mlp_hidden_dim: int = 1024, norm: str = "rmsnorm", mlp: str = "swiglu",
-                 tie_embeddings: bool = True, max_seq_len: int = 512,
+                 tie_embeddings: bool = True, qk_norm: bool = False, max_seq_len: int = 512,
                  rope_theta: float = 10000.0, drop: float = 0.1, attn_drop: float = 0.0,
                  backend: str = "auto", pad_id: int = 0, bos_id: int = 2, eos_id: int = 3):
         super().__init__()
@@ -41,8 +43,8 @@ class Seq2SeqTransformer(nn.Module):
         self.max_seq_len = max_seq_len
         shared = dict(embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
                       mlp_hidden_dim=mlp_hidden_dim, norm=norm, mlp=mlp,
-                      rope_theta=rope_theta, max_seq_len=max_seq_len, drop=drop,
-                      attn_drop=attn_drop, backend=backend)
+                      rope_theta=rope_theta, max_seq_len=max_seq_len, qk_norm=qk_norm,
+                      drop=drop, attn_drop=attn_drop, backend=backend)
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.encoder = Transformer(depth=encoder_depth, **shared)
         self.decoder = Transformer(depth=decoder_depth, causal=True, context_dim=embed_dim,

@@ -69,6 +69,33 @@ def test_padded_source_content_changes_nothing():
     torch.testing.assert_close(mem2[mask], mem[mask])
 
 
+def scale_queries_and_keys(m, factor):
+    """Multiply every attention's query and key projections (self and cross) by factor."""
+    for module in m.modules():
+        if getattr(module, "is_cross", None) is None:
+            continue
+        q_dim, kv_dim = module.num_heads * module.head_dim, module.num_kv_heads * module.head_dim
+        if module.is_cross:
+            module.q_proj.weight.mul_(factor)
+            module.kv_proj.weight[:kv_dim].mul_(factor)
+        else:
+            module.qkv_proj.weight[:q_dim + kv_dim].mul_(factor)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_query_key_norms_reach_self_and_cross_attention(qk_norm):
+    """With RMSNorm on each head's queries and keys, the scale of their projections cannot
+    matter; without it, it sharpens every attention."""
+    m, src = tiny_model(qk_norm=qk_norm), sources()
+    tgt = torch.randint(4, 50, (5, 7))
+    with torch.no_grad():
+        before = m(src, tgt)
+        scale_queries_and_keys(m, 5.0)
+        after = m(src, tgt)
+    assert (torch.allclose(after, before, atol=1e-4)) is qk_norm
+    assert (m.decoder.blocks[0].cross_attn.k_norm is not None) is qk_norm
+
+
 def test_beam_search_scores_at_least_greedy():
     m, src = tiny_model(), sources()
     with torch.no_grad():
