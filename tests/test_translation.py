@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 
 from data.batching import length_batches
 from data.parallel import read_pairs
+from modules.mha import MultiHeadAttention
 from modules.seq2seq import Seq2SeqTransformer
 from tasks import translation as tr_task
 from tasks.framework.errors import UserError
@@ -72,7 +73,7 @@ def test_padded_source_content_changes_nothing():
 def scale_queries_and_keys(m, factor):
     """Multiply every attention's query and key projections (self and cross) by factor."""
     for module in m.modules():
-        if getattr(module, "is_cross", None) is None:
+        if not isinstance(module, MultiHeadAttention):
             continue
         q_dim, kv_dim = module.num_heads * module.head_dim, module.num_kv_heads * module.head_dim
         if module.is_cross:
