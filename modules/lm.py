@@ -95,7 +95,7 @@ class CausalLM(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, tokens: Tensor, *, mask: Tensor | None = None, caches: list | None = None,
-                positions: int | Tensor | None = None) -> Tensor:
+                positions: int | Tensor | None = None, head: bool = True) -> Tensor:
         """tokens ``(B, L)`` -> logits ``(B, L, V)``.
 
         Args:
@@ -105,6 +105,8 @@ class CausalLM(nn.Module):
             positions: RoPE positions (int offset or ``(B, L)``), default cache length.
                 Position 0 starts a sequence: the bigram table sees no previous token
                 there (left-padded prompts decode as they do alone).
+            head: False returns the features before the output layer ``(B, L, E)``
+                (for ``modules.losses.head_cross_entropy``).
         """
         x = self.embed(tokens)
         if self.bigram is not None:
@@ -114,7 +116,7 @@ class CausalLM(nn.Module):
             values = [table(tokens) for table in self.value_embeds]
             values += [None] * (len(self.decoder.blocks) - len(values))
         x = self.decoder(x, mask=mask, caches=caches, positions=positions, values=values)
-        return self.lm_head(x)
+        return self.lm_head(x) if head else x
 
     def _bigram_rows(self, tokens: Tensor, caches: LMCaches | None,
                      positions: int | Tensor | None) -> Tensor:

@@ -61,18 +61,20 @@ class Seq2SeqTransformer(nn.Module):
         return self.encoder(self.embed(src) * self.scale, mask=mask), mask
 
     def decode(self, tgt: Tensor, memory: Tensor | None, src_mask: Tensor, *,
-               caches: list | None = None, positions: int | None = None) -> Tensor:
-        """tgt ``(B, T)`` (teacher forcing, or the newest tokens with caches) -> logits."""
+               caches: list | None = None, positions: int | None = None,
+               head: bool = True) -> Tensor:
+        """tgt ``(B, T)`` (teacher forcing, or the newest tokens with caches) -> logits
+        (``head=False``: the features before the output layer)."""
         x = self.embed(tgt) * self.scale
         x = self.decoder(x, context=memory, context_mask=src_mask, caches=caches,
                          positions=positions)
-        return self.lm_head(x)
+        return self.lm_head(x) if head else x
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+    def forward(self, src: Tensor, tgt_in: Tensor, *, head: bool = True) -> Tensor:
         """Teacher-forced logits ``(B, T, V)``; target padding needs no mask: causal
         attention never lets a real token see a later pad, and pads are not scored."""
         memory, src_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_mask)
+        return self.decode(tgt_in, memory, src_mask, head=head)
 
     # ----------------------------------------------------------------------- decoding
     def _decode_limits(self, src_mask: Tensor, max_len_a: float, max_len_b: int) -> Tensor:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchmetrics
 from omegaconf import DictConfig
 
@@ -39,6 +38,7 @@ from data.text import (
     train_or_load_tokenizer,
 )
 from modules.generation import generate
+from modules.losses import head_cross_entropy
 
 from .framework import entry, training
 from .framework.checkpoints import init_weights_from, start_meta
@@ -156,9 +156,8 @@ class LMModule(TaskModule):
                            torch.compile(self._forward_loss) if compile else self._forward_loss)
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
-        logits = self.model(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-1,
-                               reduction=reduction)
+        return head_cross_entropy(self.model(x, head=False), self.model.lm_head, y,
+                                  ignore_index=-1, reduction=reduction)
 
     def _loss(self, batch: torch.Tensor, reduction: str = "mean"):
         x, y = batch[:, :-1].clamp(min=0), batch[:, 1:]

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch.nn.functional as F
 import torchmetrics
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,6 +22,7 @@ from data.cache import cache_dir
 from data.errors import read_lines, split_lines
 from data.parallel import pad, prepare_bible, prepare_ding, read_pairs, split_pairs, write_tsv
 from data.text import Tokenizer, tokenizer_for_run, train_or_load_tokenizer
+from modules.losses import head_cross_entropy
 
 from .framework import entry, training
 from .framework.checkpoints import start_meta
@@ -92,10 +92,10 @@ class TranslationModule(TaskModule):
 
     def _loss(self, batch, smoothing: float, reduction: str = "mean"):
         src, tgt = batch
-        logits = self.model(src, tgt[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten(),
-                               ignore_index=self.model.pad_id, label_smoothing=smoothing,
-                               reduction=reduction), (tgt[:, 1:] != self.model.pad_id).sum()
+        hidden = self.model(src, tgt[:, :-1], head=False)
+        return head_cross_entropy(hidden, self.model.lm_head, tgt[:, 1:],
+                                  ignore_index=self.model.pad_id, label_smoothing=smoothing,
+                                  reduction=reduction), (tgt[:, 1:] != self.model.pad_id).sum()
 
     def training_step(self, batch, batch_idx):
         loss, n = self._loss(batch, self.label_smoothing)
