@@ -12,7 +12,9 @@ value embeddings, which Llama has no counterpart for.
 
 Training: tokens/s and MFU (6N + 12 L H D T FLOPs per token, against the fp32/bf16 matmul
 peak measured in the same run), both models with the same fused AdamW (the tasks' default),
-steps interleaved; --compile adds both with forward + loss compiled.
+steps interleaved; --compile adds both with forward + loss compiled. "attnkit, task loss"
+is ours with the lm task's loss (``modules.losses.head_cross_entropy``: on the CPU the output
+layer and cross entropy in slices of at most 2M logits).
 Generation: new tokens/s with the KV cache at batch 1 and 8 vs ``generate()``: eager, and
 compiled on both sides (ours: ``generate(compile=True)``, a compiled step over a static
 cache; transformers: ``cache_implementation="static"`` with a compiled forward). First
@@ -36,6 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from modules.generation import generate  # noqa: E402
 from modules.lm import CausalLM  # noqa: E402
+from modules.losses import head_cross_entropy  # noqa: E402
 from scripts.bench_attention import matmul_peak  # noqa: E402
 from scripts.timing import interleaved  # noqa: E402
 
@@ -56,8 +59,11 @@ def build(args):
     return ours.to(args.device), hf.to(args.device), dt
 
 
-def train_step_fn(model, opt, x, y, is_hf, autocast_dtype, device, compile=False):
+def train_step_fn(model, opt, x, y, is_hf, autocast_dtype, device, compile=False,
+                  sliced=False):
     def forward_loss(x, y):
+        if sliced:  # the lm task's loss: the output layer and cross entropy in slices
+            return head_cross_entropy(model(x, head=False), model.lm_head, y)
         logits = model(x).logits if is_hf else model(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
@@ -79,18 +85,20 @@ def train_step_fn(model, opt, x, y, is_hf, autocast_dtype, device, compile=False
 def bench_train(args, ours, hf, dt):
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
     x, y = x[:, :-1], x[:, 1:]
-    variants = {"attnkit": (ours, False, False), "transformers": (hf, True, False)}
+    variants = {"attnkit": (ours, False, False, False),
+                "transformers": (hf, True, False, False),
+                "attnkit, task loss": (ours, False, False, True)}
     if args.compile:
-        variants["attnkit+compile"] = (ours, False, True)
-        variants["transformers+compile"] = (hf, True, True)
+        variants["attnkit+compile"] = (ours, False, True, False)
+        variants["transformers+compile"] = (hf, True, True, False)
     steps = {}
-    for name, (m, is_hf, compile) in variants.items():
-        if compile:  # its own copy of the weights and optimizer state
+    for name, (m, is_hf, compile, sliced) in variants.items():
+        if compile or sliced:  # its own copy of the weights and optimizer state
             m = copy.deepcopy(m)
         # The optimizer the tasks use (conf/optimizer/adamw.yaml), the same for both.
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1,
                                 fused=not args.no_fused)
-        steps[name] = train_step_fn(m, opt, x, y, is_hf, dt, args.device, compile)
+        steps[name] = train_step_fn(m, opt, x, y, is_hf, dt, args.device, compile, sliced)
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             steps[name]()
