@@ -30,11 +30,15 @@ def head_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor, *,
 
     Args:
         hidden: ``(..., E)`` features before the output layer.
-        head: the output layer, ``E -> V``.
+        head: the output layer, ``E -> V``. Only an ``nn.Linear`` is sliced; any other
+            module gets one call.
         targets: ``(...)`` class indices; ``ignore_index`` positions are not scored.
-        reduction: ``mean`` (over the scored positions), ``sum`` or ``none``.
+        reduction: ``mean`` (over the scored positions), ``sum`` or ``none`` (a loss of
+            the shape of ``targets``).
         max_logits: slice size in logits (default ``MAX_LOGITS`` on the CPU, no slicing
-            elsewhere).
+            elsewhere; 0: one call). A slice keeps at least ``E`` rows: with fewer, each
+            slice's ``V x E`` weight gradient would outweigh its logits (a vocabulary of
+            150,000 gets one call).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
@@ -42,10 +46,11 @@ def head_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor, *,
     if max_logits is None:
         max_logits = MAX_LOGITS if hidden.device.type == "cpu" else 0
     vocab = head.out_features if isinstance(head, nn.Linear) else None
-    rows = max(1, max_logits // vocab) if max_logits and vocab else x.shape[0]
-    if rows >= x.shape[0]:
-        return F.cross_entropy(_wide(head(x)), y, ignore_index=ignore_index,
+    rows = max_logits // vocab if max_logits and vocab else x.shape[0]
+    if rows >= x.shape[0] or rows < x.shape[1]:
+        loss = F.cross_entropy(_wide(head(x)), y, ignore_index=ignore_index,
                                label_smoothing=label_smoothing, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
     parts = [F.cross_entropy(_wide(head(xs)), ys, ignore_index=ignore_index,
                              label_smoothing=label_smoothing,
                              reduction="none" if reduction == "none" else "sum")

@@ -349,8 +349,11 @@ def test_ddp_two_processes_share_one_run_dir(tmp_path):
     assert "world_size=2" in proc.stdout + proc.stderr or "GLOBAL_RANK: 1" in proc.stdout + proc.stderr
 
 
-def test_compiled_forward_and_loss_match_eager(tmp_path):
-    """compile=true compiles forward + cross entropy as one graph: same loss and gradients."""
+def test_compiled_forward_and_loss_match_eager(tmp_path, monkeypatch):
+    """compile=true compiles forward + cross entropy as one graph: same loss and gradients,
+    with the output layer in slices (32 + 16 rows) as on the CPU."""
+    from modules import losses as losses_mod
+    monkeypatch.setattr(losses_mod, "MAX_LOGITS", 97 * 32)
     cfg = make_cfg(tmp_path)
     model_cfg = lm_task.model_config(cfg, 97)
     eager = lm_task.LMModule(model_cfg=model_cfg)
@@ -366,6 +369,10 @@ def test_compiled_forward_and_loss_match_eager(tmp_path):
         total, _ = m._loss(batch, reduction="sum")
         torch.testing.assert_close(total / count, loss.detach())
     torch.testing.assert_close(losses[1][0], losses[0][0])
+    ref = torch.nn.functional.cross_entropy(
+        eager.model(batch[:, :-1].clamp(min=0)).flatten(0, 1), batch[:, 1:].flatten(),
+        ignore_index=-1)
+    torch.testing.assert_close(losses[0][0], ref.detach())
     assert losses[1][1] == losses[0][1] == 3 * 16 - 4
     torch.testing.assert_close(losses[1][2], losses[0][2], rtol=1e-4, atol=1e-6)
 

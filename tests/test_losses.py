@@ -9,7 +9,7 @@ from modules import losses
 from modules.losses import head_cross_entropy
 
 
-def _case(ignore: int, vocab: int = 50, shape=(3, 7), dim: int = 16):
+def _case(ignore: int, vocab: int = 50, shape=(3, 7), dim: int = 4):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(*shape, dim, generator=g, dtype=torch.float64)
     targets = torch.randint(0, vocab, shape, generator=g)
@@ -47,14 +47,27 @@ def test_slices_give_the_loss_and_gradients_of_one_call(reduction, smoothing):
 
 
 def test_cpu_slices_at_the_default_budget_and_one_call_when_it_fits(monkeypatch):
-    monkeypatch.setattr(losses, "MAX_LOGITS", 100)
+    monkeypatch.setattr(losses, "MAX_LOGITS", 200)
     hidden, head, targets = _case(ignore=-100, vocab=50, shape=(2, 5))
     rows = _calls(head)
-    head_cross_entropy(hidden, head, targets)
-    assert rows == [2, 2, 2, 2, 2]          # 100 logits a slice: 2 rows of 50
+    sliced = head_cross_entropy(hidden, head, targets, reduction="none")
+    assert rows == [4, 4, 2]                # 200 logits a slice: 4 rows of 50
     rows.clear()
-    head_cross_entropy(hidden, head, targets, max_logits=0)  # 0: no slicing
+    whole = head_cross_entropy(hidden, head, targets, max_logits=0, reduction="none")
+    assert rows == [10]                     # 0: no slicing
+    assert sliced.shape == whole.shape == targets.shape
+    torch.testing.assert_close(sliced, whole)
+
+
+def test_no_slices_thinner_than_the_features():
+    """A slice of fewer rows than features would make each slice's weight gradient larger
+    than its logits (a vocabulary of 150,000): one call then."""
+    hidden, head, targets = _case(ignore=-100, vocab=50, shape=(2, 5), dim=8)
+    rows = _calls(head)
+    head_cross_entropy(hidden, head, targets, max_logits=4 * 50)  # 4 rows < 8 features
     assert rows == [10]
+    head_cross_entropy(hidden, head, targets, max_logits=8 * 50)
+    assert rows == [10, 8, 2]
 
 
 def test_the_language_model_and_translation_losses_go_through_the_slices(monkeypatch):
@@ -63,34 +76,34 @@ def test_the_language_model_and_translation_losses_go_through_the_slices(monkeyp
     from tasks.lm import LMModule
     from tasks.translation import TranslationModule
 
-    monkeypatch.setattr(losses, "MAX_LOGITS", 61 * 8)
+    monkeypatch.setattr(losses, "MAX_LOGITS", 61 * 32)  # 32 rows a slice
     torch.manual_seed(0)
     module = LMModule(model_cfg=dict(_target_="modules.lm.CausalLM", vocab_size=61,
                                      embed_dim=32, depth=1, num_heads=4, max_seq_len=32))
     lm = module.model.eval()
-    batch = torch.randint(0, 61, (3, 12))
+    batch = torch.randint(0, 61, (4, 18))
     batch[1, -4:] = -1
     rows = _calls(lm.lm_head)
     loss, count = module._loss(batch)
-    assert len(rows) > 1 and max(rows) <= 8
+    assert rows == [32, 32, 4]
     ref = F.cross_entropy(lm(batch[:, :-1].clamp(min=0)).flatten(0, 1), batch[:, 1:].flatten(),
                           ignore_index=-1)
     torch.testing.assert_close(loss, ref)
-    assert count == 33 - 4
+    assert count == 68 - 4
 
     module = TranslationModule(model_cfg=dict(
         _target_="modules.seq2seq.Seq2SeqTransformer", vocab_size=61, embed_dim=32,
         encoder_depth=1, decoder_depth=1, num_heads=4, max_seq_len=32))
     s2s = module.model.eval()  # no dropout: the two forward passes must agree
-    src, tgt = torch.randint(4, 61, (3, 9)), torch.randint(4, 61, (3, 10))
+    src, tgt = torch.randint(4, 61, (4, 9)), torch.randint(4, 61, (4, 18))
     tgt[2, -3:] = s2s.pad_id
     rows = _calls(s2s.lm_head)
     loss, count = module._loss((src, tgt), smoothing=0.1)
-    assert len(rows) > 1 and max(rows) <= 8
+    assert rows == [32, 32, 4]
     ref = F.cross_entropy(s2s(src, tgt[:, :-1]).flatten(0, 1), tgt[:, 1:].flatten(),
                           ignore_index=s2s.pad_id, label_smoothing=0.1)
     torch.testing.assert_close(loss, ref)
-    assert count == 27 - 3
+    assert count == 68 - 3
 
 
 def test_bad_reduction_is_named():
