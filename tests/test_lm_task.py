@@ -168,8 +168,8 @@ def _weights(path):
     return torch.load(path, weights_only=False)["state_dict"]
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.drop=0.2", "model.attn_drop=0.1"]],
-                         ids=["plain", "dropout"])
+@pytest.mark.parametrize("overrides", [[], ["model.drop=0.2", "model.attn_drop=0.1"],
+                                       ["optimizer=muon"]], ids=["plain", "dropout", "muon"])
 def test_resume_continues_exactly(tmp_path, monkeypatch, overrides):
     """Stopped at step 4 and resumed, a run ends with the same weights as an uninterrupted
     one: batch order and (with dropout) the random state travel in the checkpoint."""

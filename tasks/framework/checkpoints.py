@@ -480,8 +480,9 @@ def check_training_state(ckpt: dict, path: str, optimizer: torch.optim.Optimizer
     if theirs != ours:
         raise UserError(f"resume={path} was trained with optimizer parameter groups of "
                         f"{theirs} tensors, these settings make {ours}; expected the "
-                        f"settings of the run it came from (optimizer.embedding_lr_scale, "
-                        f"optimizer.embedding_weight_decay and the objectives trained)")
+                        f"settings of the run it came from (the optimizer group, "
+                        f"optimizer.embedding_lr_scale, optimizer.embedding_weight_decay and "
+                        f"the objectives trained)")
     # parameters are matched by position, whatever their ids (indices; names under FSDP)
     try:
         index = {pid: n for n, pid in enumerate(pid for g in groups for pid in g["params"])}

@@ -31,7 +31,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_
 
 def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | None = None,
                  embedding_lr_scale: float = 1.0,
-                 embedding_weight_decay: float | None = None) -> list[dict]:
+                 embedding_weight_decay: float | None = None,
+                 hidden_apart: bool = False) -> list[dict]:
     """Weight decay on matrices only; norms and biases are not decayed, nor the
     parameters a submodule names in its ``no_weight_decay()`` (timm's convention: a ViT's
     class token, registers and learned positions).
@@ -40,19 +41,29 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | No
     ``embedding_lr_scale`` is not 1 (their learning rate is ``lr * embedding_lr_scale``) or
     ``embedding_weight_decay`` is set: a token's row gets a gradient only in the steps
     that see the token, so at a small model's learning rate the table moves slowly.
+
+    ``hidden_apart``: the weight matrices of the hidden ``nn.Linear`` layers (all but those of
+    a module named ``head`` or ``*_head``, the output layers) form a first group of their own,
+    marked ``"hidden": True``, for an optimizer that treats them apart (``MuonAdamW``).
     """
     own = embedding_lr_scale != 1.0 or embedding_weight_decay is not None
     tables = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)} \
         if own else set()
     exempt = {id(m.get_parameter(name)) for m in module.modules()
               if callable(getattr(m, "no_weight_decay", None)) for name in m.no_weight_decay()}
-    decay, keep, embed = [], [], []
+    hidden_ids = {id(m.weight) for name, m in module.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not _is_head(name)} if hidden_apart \
+        else set()
+    hidden_ids -= tables | exempt
+    hidden, decay, keep, embed = [], [], [], []
     for p in module.parameters():
         if p.requires_grad:
-            (embed if id(p) in tables else
+            (embed if id(p) in tables else hidden if id(p) in hidden_ids else
              decay if p.dim() >= 2 and id(p) not in exempt else keep).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": keep, "weight_decay": 0.0}]
+    if hidden_apart:
+        groups.insert(0, {"params": hidden, "weight_decay": weight_decay, "hidden": True})
     if own and not embed:
         log.info("optimizer: embedding_lr_scale / embedding_weight_decay set, but the model "
                  "has no nn.Embedding table")
@@ -64,6 +75,125 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | No
                        "weight_decay": weight_decay if embedding_weight_decay is None
                        else embedding_weight_decay})
     return groups
+
+
+def _is_head(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last == "head" or last.endswith("_head")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the hidden layers' weight matrices, AdamW on the rest: the embedding tables,
+    the output layers, norms, biases and convolutions.
+
+    Muon steps each matrix along its momentum made semi-orthogonal (five Newton-Schulz
+    iterations), so every direction of the update moves at the same rate. The update is
+    ``torch.optim.Muon``'s (Nesterov momentum, decoupled weight decay, the same iteration and
+    learning-rate adjustment) with one difference: ``ns_dtype`` chooses the precision of the
+    iteration's products. ``torch.optim.Muon`` always uses bfloat16, which a CPU without
+    AVX512-BF16 or AMX emulates hundreds of times slower than float32; ``auto`` takes
+    bfloat16 on a GPU or such a CPU and float32 elsewhere.
+
+    ``adjust_lr_fn="match_rms_adamw"`` scales the update to AdamW's typical size, so
+    ``muon_lr_scale=1`` reuses AdamW's rate; ``"original"`` is Keller Jordan's scaling, for
+    rates near 0.02. The groups come from ``decay_groups(..., hidden_apart=True)``: those
+    marked ``hidden`` are Muon's, the others AdamW's.
+    """
+
+    takes_hidden_group = True
+
+    def __init__(self, params, lr: float = 1e-3, *, betas=(0.9, 0.95), eps: float = 1e-8,
+                 fused: bool | None = None, foreach: bool | None = None,
+                 muon_lr_scale: float = 1.0, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, ns_coefficients=(3.4445, -4.775, 2.0315),
+                 adjust_lr_fn: str = "match_rms_adamw", ns_dtype: str = "auto"):
+        groups = [dict(g) for g in params]
+        hidden = [g for g in groups if g.pop("hidden", False)]
+        rest = [g for g in groups if all(g is not h for h in hidden)]
+        if not any(p.dim() == 2 for g in hidden for p in g["params"]):
+            raise ValueError("MuonAdamW found no hidden weight matrix (an nn.Linear outside "
+                             "the output layers)")
+        if any(p.dim() != 2 for g in hidden for p in g["params"]):
+            raise ValueError("MuonAdamW: the hidden groups hold 2-D matrices only")
+        if not 0 <= momentum < 1 or not muon_lr_scale > 0 or ns_steps < 1:
+            raise ValueError(f"momentum={momentum}, muon_lr_scale={muon_lr_scale}, "
+                             f"ns_steps={ns_steps}: expected 0 <= momentum < 1, a scale > 0 "
+                             f"and ns_steps >= 1")
+        if adjust_lr_fn not in ("original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}: expected original or "
+                             f"match_rms_adamw")
+        if ns_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"ns_dtype={ns_dtype!r}: expected auto, float32 or bfloat16")
+        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=tuple(betas), eps=eps, fused=fused,
+                                       foreach=foreach)
+        muon = {"lr": lr * muon_lr_scale, "momentum": momentum, "nesterov": nesterov,
+                "ns_steps": ns_steps, "ns_coefficients": tuple(ns_coefficients),
+                "adjust_lr_fn": adjust_lr_fn, "ns_dtype": ns_dtype, "muon": True}
+        super().__init__(hidden, muon)
+        self._n_muon = len(self.param_groups)
+        self.param_groups = self.param_groups + self.adamw.param_groups
+        self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        self.adamw.param_groups = self.param_groups[self._n_muon:]
+        self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.adamw.step()
+        for group in self.param_groups[:self._n_muon]:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            same_shape: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                same_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
+            for (shape, device), pairs in same_shape.items():
+                # matrices of one shape in one batch: small products run faster together
+                updates = newton_schulz(torch.stack([u for _, u in pairs]),
+                                        group["ns_coefficients"], group["ns_steps"],
+                                        _ns_dtype(group["ns_dtype"], device))
+                a, b = shape
+                scale = max(1.0, a / b) ** 0.5 if group["adjust_lr_fn"] == "original" \
+                    else 0.2 * max(a, b) ** 0.5
+                for (p, _), update in zip(pairs, updates):
+                    p.mul_(1 - lr * wd)
+                    p.add_(update.to(p.dtype), alpha=-lr * scale)
+        return loss
+
+
+def newton_schulz(g: torch.Tensor, coefficients=(3.4445, -4.775, 2.0315), steps: int = 5,
+                  dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration on a matrix or a stack of matrices ``(k, m, n)``:
+    matrices with ``g``'s singular vectors and singular values near 1 (about 0.7 to 1.2),
+    in ``dtype``."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    mm = torch.addmm if x.dim() == 2 else torch.baddbmm
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def _ns_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        from .runtime import cpu_has_bf16_kernels
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_kernels())
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, name)
 
 
 def _embedding_settings(opt_cfg: dict) -> dict:
@@ -115,8 +245,10 @@ def configure_optimization(module: torch.nn.Module, optimizer_cfg, scheduler_cfg
     if opt_cfg.get("fused") is None:
         opt_cfg.pop("fused", None)
     try:
-        optimizer = instantiate(opt_cfg)(decay_groups(module, wd, lr=opt_cfg.get("lr"),
-                                                      **embedding))
+        optimizer = instantiate(opt_cfg)
+        hidden_apart = getattr(getattr(optimizer, "func", None), "takes_hidden_group", False)
+        optimizer = optimizer(decay_groups(module, wd, lr=opt_cfg.get("lr"),
+                                           hidden_apart=hidden_apart, **embedding))
         scheduler = instantiate(scheduler_cfg)(optimizer, total_steps=total_steps)
     except (ValueError, TypeError, InstantiationException) as exc:
         cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ \

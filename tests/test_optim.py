@@ -1,0 +1,128 @@
+"""MuonAdamW: Muon on the hidden matrices, AdamW on the rest."""
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from modules.lm import CausalLM
+from modules.vit import VisionTransformer
+from tasks.framework.errors import UserError
+from tasks.framework.optim import MuonAdamW, configure_optimization, decay_groups, newton_schulz
+
+SCHED = OmegaConf.create({"_target_": "tasks.framework.optim.warmup_cosine",
+                          "_partial_": True, "warmup_steps": 0, "min_lr_ratio": 0.1})
+
+
+def lm():
+    torch.manual_seed(0)
+    return CausalLM(vocab_size=60, embed_dim=32, depth=2, num_heads=4, num_kv_heads=2,
+                    mlp_hidden_dim=48, max_seq_len=16)
+
+
+def train(model, steps, n=3):
+    tokens = torch.randint(0, 60, (4, 13), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same dropout masks
+    for _ in range(n):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
+                                          tokens[:, 1:].flatten()).backward()
+        for s in steps:
+            s.step()
+
+
+def test_hidden_matrices_are_the_blocks_linear_weights():
+    """The embedding tables and the output layers stay with AdamW (ViT: the head and the
+    convolutional stem too); every block's projection goes to Muon."""
+    model = lm()
+    hidden = decay_groups(model, 0.1, hidden_apart=True)[0]
+    assert hidden["hidden"] is True
+    names = {n for n, p in model.named_parameters() if any(p is q for q in hidden["params"])}
+    expect = {n for n, p in model.named_parameters()
+              if ".blocks." in n and p.dim() == 2 and "norm" not in n}
+    assert names == expect and len(names) == 8
+    vit = VisionTransformer(img_size=28, in_chans=1, num_classes=10, patch_size=4,
+                            stem_channels=[8], embed_dim=32, depth=2, num_heads=2)
+    vit_hidden = decay_groups(vit, 0.05, hidden_apart=True)[0]["params"]
+    names = {n for n, p in vit.named_parameters() if any(p is q for q in vit_hidden)}
+    assert names and all("blocks." in n and n.endswith(".weight") for n in names)
+    assert not any(vit.head.weight is p for p in vit_hidden)
+
+
+def test_steps_as_torch_muon_beside_torch_adamw():
+    """With bfloat16 Newton-Schulz products (torch.optim.Muon's), three steps equal those of
+    torch.optim.Muon on the hidden matrices and torch.optim.AdamW on the rest."""
+    ours, ref = lm(), lm()
+    opt = MuonAdamW(decay_groups(ours, 0.1, hidden_apart=True), lr=3e-3, ns_dtype="bfloat16")
+    groups = decay_groups(ref, 0.1, hidden_apart=True)
+    groups[0].pop("hidden")
+    ref_steps = [torch.optim.Muon(groups[:1], lr=3e-3, weight_decay=0.1,
+                                  adjust_lr_fn="match_rms_adamw"),
+                 torch.optim.AdamW(groups[1:], lr=3e-3, betas=(0.9, 0.95))]
+    train(ours, [opt])
+    train(ref, ref_steps)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_newton_schulz_orthogonalises_in_float32():
+    """The result keeps the matrix's singular vectors, with singular values near 1 (the
+    quintic's range), against an SVD; float32 and bfloat16 agree to bfloat16's precision."""
+    g = torch.randn(48, 80, dtype=torch.float64) @ torch.diag(torch.logspace(-2, 1, 80,
+                                                                             dtype=torch.float64))
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (g, g.T):
+            out = newton_schulz(m.float(), dtype=dtype)
+            assert out.dtype == dtype and out.shape == m.shape
+        out = newton_schulz(g.float(), dtype=dtype).double()
+        core = u.T @ out @ vh.T  # diagonal where the singular vectors are kept
+        diag = core.diagonal()
+        assert (core - torch.diag(diag)).abs().max() < (0.05 if dtype == torch.bfloat16 else 1e-3)
+        assert diag[s > 0.05 * s[0]].min() > 0.6 and diag.max() < 1.25
+    torch.testing.assert_close(newton_schulz(g.float(), dtype=torch.float32),
+                               newton_schulz(g.float(), dtype=torch.bfloat16).float(),
+                               atol=0.03, rtol=0)
+
+
+def test_state_round_trip_continues_the_same_steps():
+    """A checkpointed optimizer (both halves' state in one state_dict) restored into a fresh
+    one steps exactly as the original."""
+    a = lm()
+    opt_a = MuonAdamW(decay_groups(a, 0.1, hidden_apart=True), lr=3e-3, ns_dtype="float32")
+    train(a, [opt_a], n=2)
+    b = copy.deepcopy(a)
+    opt_b = MuonAdamW(decay_groups(b, 0.1, hidden_apart=True), lr=3e-3, ns_dtype="float32")
+    state = copy.deepcopy(opt_a.state_dict())  # as read back from a file
+    assert len(state["state"]) == len(list(a.parameters()))
+    opt_b.load_state_dict(state)
+    train(a, [opt_a], n=2)
+    train(b, [opt_b], n=2)
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def test_the_config_group_builds_it_and_refuses_bad_values():
+    from hydra import compose, initialize_config_dir
+
+    from tasks.framework.config import CONF_DIR
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("lm", overrides=["optimizer=muon"])
+    out = configure_optimization(lm(), cfg.optimizer, SCHED, total_steps=10)
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, MuonAdamW)
+    assert opt.param_groups[0]["muon"] and opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    assert opt.param_groups[-1]["lr"] == pytest.approx(cfg.optimizer.lr * 10)  # the tables
+    for _ in range(5):
+        sched.step()  # one schedule moves both halves
+    assert opt.param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])
+    for key, value in (("adjust_lr_fn", "spectral"), ("ns_dtype", "float16"),
+                       ("momentum", 1.5)):
+        bad = cfg.optimizer.copy()
+        bad[key] = value
+        with pytest.raises(UserError, match=f"{key}="):
+            configure_optimization(lm(), bad, SCHED, total_steps=10)
+    with pytest.raises(UserError, match="no hidden weight matrix"):
+        configure_optimization(torch.nn.Sequential(torch.nn.Embedding(5, 4)), cfg.optimizer,
+                               SCHED, total_steps=10)
