@@ -112,7 +112,8 @@ def test_the_config_group_builds_it_and_refuses_bad_values():
     out = configure_optimization(lm(), cfg.optimizer, SCHED, total_steps=10)
     opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
     assert isinstance(opt, MuonAdamW)
-    assert opt.param_groups[0]["muon"] and opt.param_groups[0]["lr"] == cfg.optimizer.lr
+    assert opt.param_groups[0]["muon"]
+    assert opt.param_groups[0]["lr"] == cfg.optimizer.lr * cfg.optimizer.muon_lr_scale
     assert opt.param_groups[-1]["lr"] == pytest.approx(cfg.optimizer.lr * 10)  # the tables
     for _ in range(5):
         sched.step()  # one schedule moves both halves
@@ -123,6 +124,15 @@ def test_the_config_group_builds_it_and_refuses_bad_values():
         bad[key] = value
         with pytest.raises(UserError, match=f"{key}="):
             configure_optimization(lm(), bad, SCHED, total_steps=10)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        vit = compose("vit")  # Muon by default; optimizer=adamw leaves no Muon setting behind
+        adamw = compose("vit", overrides=["optimizer=adamw"])
+    assert vit.optimizer._target_.endswith("MuonAdamW")
+    assert adamw.optimizer._target_ == "torch.optim.AdamW" and "momentum" not in adamw.optimizer
+    model = VisionTransformer(img_size=28, in_chans=1, num_classes=10, patch_size=4,
+                              stem_channels=[8], embed_dim=32, depth=2, num_heads=2)
+    opt = configure_optimization(model, adamw.optimizer, SCHED, total_steps=10)["optimizer"]
+    assert type(opt) is torch.optim.AdamW
     with pytest.raises(UserError, match="no hidden weight matrix"):
         configure_optimization(torch.nn.Sequential(torch.nn.Embedding(5, 4)), cfg.optimizer,
                                SCHED, total_steps=10)
