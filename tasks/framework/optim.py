@@ -126,9 +126,10 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"ns_dtype={ns_dtype!r}: expected auto, float32 or bfloat16")
         self.adamw = torch.optim.AdamW(rest, lr=lr, betas=tuple(betas), eps=eps, fused=fused,
                                        foreach=foreach)
-        muon = {"lr": lr * muon_lr_scale, "momentum": momentum, "nesterov": nesterov,
-                "ns_steps": ns_steps, "ns_coefficients": tuple(ns_coefficients),
-                "adjust_lr_fn": adjust_lr_fn, "ns_dtype": ns_dtype, "muon": True}
+        muon = {"lr": lr * muon_lr_scale, "weight_decay": 0.0, "momentum": momentum,
+                "nesterov": nesterov, "ns_steps": ns_steps,
+                "ns_coefficients": tuple(ns_coefficients), "adjust_lr_fn": adjust_lr_fn,
+                "ns_dtype": ns_dtype, "muon": True}
         super().__init__(hidden, muon)
         self._n_muon = len(self.param_groups)
         self.param_groups = self.param_groups + self.adamw.param_groups
@@ -152,7 +153,10 @@ class MuonAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
                 update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
                 same_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
