@@ -226,6 +226,12 @@ class TextImageModel(nn.Module):
         tokens = self.visual.features(images)
         return F.normalize(self.visual.head(self.visual.pooled(tokens)), dim=-1), tokens
 
+    def no_muon(self) -> set[str]:
+        """Under ``optimizer=muon`` the projections into the shared space stay with AdamW,
+        as output layers, like the image tower's ``visual.head``."""
+        return {f"{name}.weight" for name in ("text_proj", "sentence_proj")
+                if getattr(self, name) is not None}
+
     def encode_text(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Ids and mask ``(B, L)`` -> (unit embeddings ``(B, D)``, tokens ``(B, L, Et)``)."""
         tokens = self.text(ids, mask)

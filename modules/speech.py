@@ -117,6 +117,11 @@ class ConvSubsampling(nn.Module):
         x = F.silu(self.conv2(x))  # (B, C, T/4, F/4)
         return self.proj(x.permute(0, 2, 1, 3).flatten(2))
 
+    def no_muon(self) -> set[str]:
+        """The input layer stays with AdamW under ``optimizer=muon``, as token tables and
+        patch stems do."""
+        return {"proj.weight"}
+
 
 def depthwise_conv1d(x_BLE: Tensor, conv: nn.Conv1d) -> Tensor:
     """``conv`` (depthwise, odd kernel K, 'same' padding) along L of ``(B, L, E)``.

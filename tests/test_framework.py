@@ -275,9 +275,13 @@ def _image_folder(root: Path) -> Path:
     ("lm", ["trainer.ema_decay=1.5"], "trainer.ema_decay=1.5; expected a number between"),
     ("lm", ["trainer.ema_decay=abc"], "trainer.ema_decay='abc'; expected a number between"),
     ("lm", ["optimizer=muon", "optimizer.adjust_lr_fn=spectral"],
-     "adjust_lr_fn='spectral': expected original or match_rms_adamw"),
+     "optimizer.adjust_lr_fn='spectral' is not valid: expected original or match_rms_adamw"),
+    ("lm", ["optimizer=muon", "optimizer.ns_steps=0"],
+     "optimizer.ns_steps=0 is not valid: expected a whole number"),
     ("vit", ["optimizer=muon", "trainer=fsdp", "trainer.accelerator=cpu"],
-     "optimizer=muon is not supported with FSDP"),
+     "optimizer=muon is not supported with trainer.strategy=fsdp"),
+    ("vit", ["trainer.strategy=deepspeed_stage_2", "trainer.accelerator=cpu"],
+     "optimizer=muon is not supported with trainer.strategy=deepspeed_stage_2"),
     ("speech", ["data.gnuspeech_utterances=-5"], "data.gnuspeech_utterances=-5 is not valid"),
     ("speech", ["data.kokoro_repeats=0"], "data.kokoro_repeats=0 is not valid"),
     ("speech", ["data.narrowband=1.5"], "data.narrowband=1.5 is not valid"),
@@ -472,6 +476,11 @@ def test_resume_needs_the_same_model(tmp_path):
     proc = cli(tmp_path, "lm", f"resume={last}", "optimizer.embedding_lr_scale=1",
                "optimizer.embedding_weight_decay=null", "trainer.max_steps=3")
     one_line_error(proc, "was trained with optimizer.embedding_lr_scale=10.0, this run has 1")
+    # another optimizer (the ViT and translation defaults moved from AdamW to Muon)
+    proc = cli(tmp_path, "lm", f"resume={last}", "optimizer=muon", "trainer.max_steps=3")
+    one_line_error(proc, "was trained with the optimizer torch.optim.AdamW, this run has "
+                   "tasks.framework.optim.MuonAdamW; expected the optimizer of the run it came "
+                   "from (optimizer=adamw)")
     # the same settings in two processes: each step would take twice the data, and the
     # saved position (steps taken) would skip past data never trained on
     proc = cli(tmp_path, "lm", f"resume={last}", "trainer=ddp", "trainer.max_steps=3")

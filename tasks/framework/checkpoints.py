@@ -393,6 +393,17 @@ def resume_settings(cfg: DictConfig) -> dict:
     return out
 
 
+def _optimizer_group(target) -> str | None:
+    """The ``conf/optimizer`` group whose ``_target_`` is ``target`` (``adamw``), if any."""
+    from omegaconf import OmegaConf
+
+    from .config import CONF_DIR
+    for path in sorted((CONF_DIR / "optimizer").glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return path.stem
+    return None
+
+
 def check_resume_fits(module: torch.nn.Module, path: str, task: str,
                       optimization: dict | None = None, names: Iterable[str] = (),
                       max_steps: int | None = None) -> None:
@@ -439,6 +450,12 @@ def check_resume_fits(module: torch.nn.Module, path: str, task: str,
                                 f"data position counts steps of data.batch_size from each, so "
                                 f"expected {theirs[key]} processes (init_from= starts a new run "
                                 f"from its weights)")
+            if key == "optimizer._target_" and theirs.get(key) != ours.get(key):
+                group = _optimizer_group(theirs.get(key))
+                raise UserError(f"resume={path} was trained with the optimizer "
+                                f"{theirs.get(key)}, this run has {ours.get(key)}; expected "
+                                f"the optimizer of the run it came from"
+                                + (f" (optimizer={group})" if group else ""))
             if key != "processes" and theirs.get(key) != ours.get(key):
                 raise UserError(f"resume={path} was trained with {key}={theirs.get(key)!r}, "
                                 f"this run has {ours.get(key)!r}; a resume continues the run as "

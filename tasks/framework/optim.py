@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -42,9 +43,11 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | No
     ``embedding_weight_decay`` is set: a token's row gets a gradient only in the steps
     that see the token, so at a small model's learning rate the table moves slowly.
 
-    ``hidden_apart``: the weight matrices of the hidden ``nn.Linear`` layers (all but those of
-    a module named ``head`` or ``*_head``, the output layers) form a first group of their own,
-    marked ``"hidden": True``, for an optimizer that treats them apart (``MuonAdamW``).
+    ``hidden_apart``: the weight matrices of the hidden ``nn.Linear`` layers form a first
+    group of their own, marked ``"hidden": True``, for an optimizer that treats them apart
+    (``MuonAdamW``). Not hidden: the output layers (modules named ``head`` or ``*_head``) and
+    the parameters a submodule names in its ``no_muon()`` (other input and output
+    projections, such as a speech model's input layer or a contrastive model's projections).
     """
     own = embedding_lr_scale != 1.0 or embedding_weight_decay is not None
     tables = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)} \
@@ -54,7 +57,9 @@ def decay_groups(module: torch.nn.Module, weight_decay: float, *, lr: float | No
     hidden_ids = {id(m.weight) for name, m in module.named_modules()
                   if isinstance(m, torch.nn.Linear) and not _is_head(name)} if hidden_apart \
         else set()
-    hidden_ids -= tables | exempt
+    outer = {id(m.get_parameter(name)) for m in module.modules()
+             if callable(getattr(m, "no_muon", None)) for name in m.no_muon()}
+    hidden_ids -= tables | exempt | outer
     hidden, decay, keep, embed = [], [], [], []
     for p in module.parameters():
         if p.requires_grad:
@@ -103,42 +108,72 @@ class MuonAdamW(torch.optim.Optimizer):
     takes_hidden_group = True
 
     def __init__(self, params, lr: float = 1e-3, *, betas=(0.9, 0.95), eps: float = 1e-8,
-                 fused: bool | None = None, foreach: bool | None = None,
-                 muon_lr_scale: float = 1.0, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, ns_coefficients=(3.4445, -4.775, 2.0315),
+                 weight_decay: float = 0.0, fused: bool | None = None,
+                 foreach: bool | None = None, muon_lr_scale: float = 1.0,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 ns_coefficients=(3.4445, -4.775, 2.0315),
                  adjust_lr_fn: str = "match_rms_adamw", ns_dtype: str = "auto"):
-        groups = [dict(g) for g in params]
+        groups = list(params)
+        if not groups or not all(isinstance(g, dict) for g in groups):
+            raise TypeError("MuonAdamW takes parameter groups, those of decay_groups(model, "
+                            "weight_decay, hidden_apart=True), not bare parameters")
+        groups = [dict(g) for g in groups]
         hidden = [g for g in groups if g.pop("hidden", False)]
         rest = [g for g in groups if all(g is not h for h in hidden)]
+        _check_muon_settings(momentum=momentum, muon_lr_scale=muon_lr_scale, nesterov=nesterov,
+                             ns_steps=ns_steps, ns_coefficients=ns_coefficients,
+                             adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
         if not any(p.dim() == 2 for g in hidden for p in g["params"]):
             raise ValueError("MuonAdamW found no hidden weight matrix (an nn.Linear outside "
                              "the output layers)")
         if any(p.dim() != 2 for g in hidden for p in g["params"]):
             raise ValueError("MuonAdamW: the hidden groups hold 2-D matrices only")
-        if not 0 <= momentum < 1 or not muon_lr_scale > 0 or ns_steps < 1:
-            raise ValueError(f"momentum={momentum}, muon_lr_scale={muon_lr_scale}, "
-                             f"ns_steps={ns_steps}: expected 0 <= momentum < 1, a scale > 0 "
-                             f"and ns_steps >= 1")
-        if adjust_lr_fn not in ("original", "match_rms_adamw"):
-            raise ValueError(f"adjust_lr_fn={adjust_lr_fn!r}: expected original or "
-                             f"match_rms_adamw")
-        if ns_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"ns_dtype={ns_dtype!r}: expected auto, float32 or bfloat16")
-        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=tuple(betas), eps=eps, fused=fused,
-                                       foreach=foreach)
-        muon = {"lr": lr * muon_lr_scale, "weight_decay": 0.0, "momentum": momentum,
+        muon_ids = {id(p) for g in hidden for p in g["params"]}
+        if any(id(p) in muon_ids for g in rest for p in g["params"]):
+            raise ValueError("MuonAdamW: a parameter is in a hidden group and in another one")
+        self.adamw = torch.optim.AdamW(rest, lr=lr, betas=tuple(betas), eps=eps,
+                                       weight_decay=weight_decay, fused=fused, foreach=foreach)
+        # the products' precision suits the machine, so it is not saved with the state: a run
+        # resumed elsewhere chooses again
+        self.ns_dtype = ns_dtype
+        muon = {"lr": lr * muon_lr_scale, "weight_decay": weight_decay, "momentum": momentum,
                 "nesterov": nesterov, "ns_steps": ns_steps,
                 "ns_coefficients": tuple(ns_coefficients), "adjust_lr_fn": adjust_lr_fn,
-                "ns_dtype": ns_dtype, "muon": True}
+                "muon": True}
         super().__init__(hidden, muon)
         self._n_muon = len(self.param_groups)
         self.param_groups = self.param_groups + self.adamw.param_groups
         self.adamw.state = self.state
 
+    def add_param_group(self, param_group: dict) -> None:
+        """A group added after construction (as Lightning's fine-tuning callbacks add one)
+        goes to Muon when marked ``hidden``, to AdamW otherwise."""
+        if "_n_muon" not in self.__dict__:  # the constructor's own groups
+            return super().add_param_group(param_group)
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if torch.is_tensor(params) else list(params)
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in known for p in params):
+            raise ValueError("some parameters appear in more than one parameter group")
+        muon = self.param_groups[:self._n_muon]
+        if group.pop("hidden", False):
+            if any(p.dim() != 2 for p in params):
+                raise ValueError("MuonAdamW: the hidden groups hold 2-D matrices only")
+            self.param_groups = muon
+            super().add_param_group(group)
+            muon = self.param_groups
+        else:
+            self.adamw.add_param_group(group)
+        self._n_muon = len(muon)
+        self.param_groups = muon + self.adamw.param_groups
+
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        self.adamw.param_groups = self.param_groups[self._n_muon:]
-        self.adamw.state = self.state
+        # AdamW's own reading of a file: the settings torch added since it was written filled
+        # in, a step stored as a number made a tensor
+        torch.optim.AdamW.__setstate__(self.adamw, {
+            "state": self.state, "param_groups": self.param_groups[self._n_muon:]})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -164,7 +199,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 # matrices of one shape in one batch: small products run faster together
                 updates = newton_schulz(torch.stack([u for _, u in pairs]),
                                         group["ns_coefficients"], group["ns_steps"],
-                                        _ns_dtype(group["ns_dtype"], device))
+                                        _ns_dtype(self.ns_dtype, device))
                 a, b = shape
                 scale = max(1.0, a / b) ** 0.5 if group["adjust_lr_fn"] == "original" \
                     else 0.2 * max(a, b) ** 0.5
@@ -190,6 +225,33 @@ def newton_schulz(g: torch.Tensor, coefficients=(3.4445, -4.775, 2.0315), steps:
         gram = x @ x.mT
         x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
+
+
+def _check_muon_settings(**settings) -> None:
+    """Muon's settings, each checked with its own message (``optimizer.ns_steps=2.5 is not
+    valid: ...``)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    m, co, steps = settings["momentum"], settings["ns_coefficients"], settings["ns_steps"]
+    checks = {
+        "momentum": (number(m) and 0 <= m < 1, "a number in [0, 1)"),
+        "muon_lr_scale": (number(settings["muon_lr_scale"]) and settings["muon_lr_scale"] > 0,
+                          "a number > 0, Muon's rate over optimizer.lr"),
+        "nesterov": (isinstance(settings["nesterov"], bool), "true or false"),
+        "ns_steps": (isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps < 100,
+                     "a whole number of Newton-Schulz iterations from 1 to 99"),
+        "ns_coefficients": (isinstance(co, Sequence) and not isinstance(co, str) and len(co) == 3
+                            and all(number(c) for c in co),
+                            "three numbers a, b, c (the iteration a x + b x^3 + c x^5)"),
+        "adjust_lr_fn": (settings["adjust_lr_fn"] in ("original", "match_rms_adamw"),
+                         "original or match_rms_adamw"),
+        "ns_dtype": (settings["ns_dtype"] in ("auto", "float32", "bfloat16"),
+                     "auto, float32 or bfloat16"),
+    }
+    for key, (ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"optimizer.{key}={settings[key]!r} is not valid: expected "
+                             f"{expected}")
 
 
 def _ns_dtype(name: str, device: torch.device) -> torch.dtype:

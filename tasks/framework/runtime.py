@@ -299,11 +299,13 @@ def build_trainer(cfg: DictConfig, out: Path, *, monitor: str, mode: str = "min"
             raise UserError("trainer.ema_decay is not supported with FSDP (the average would be "
                             "of one shard); use DDP or ema_decay=null")
         callbacks.append(EMAWeightAveraging(decay=ema_decay))
-    if "fsdp" in str(tcfg.get("strategy", "")) and str(
-            cfg.get("optimizer", {}).get("_target_", "")).endswith(".MuonAdamW"):
-        raise UserError("optimizer=muon is not supported with FSDP (Muon orthogonalises whole "
-                        "matrices, and FSDP gives each rank a shard); use DDP or "
-                        "optimizer=adamw")
+    sharded = next((kind for kind in ("fsdp", "deepspeed")
+                    if kind in str(tcfg.get("strategy", "")).lower()), None)
+    if sharded and str(cfg.get("optimizer", {}).get("_target_", "")).endswith(".MuonAdamW"):
+        raise UserError(f"optimizer=muon is not supported with trainer.strategy="
+                        f"{tcfg.get('strategy')} (Muon orthogonalises whole matrices, and "
+                        f"{'FSDP' if sharded == 'fsdp' else 'DeepSpeed'} gives each rank a "
+                        f"shard); use DDP or optimizer=adamw")
     if on_slurm:  # ranks from SLURM; SlurmRequeue, not Lightning, handles SIGUSR1
         from lightning.fabric.plugins.environments import SLURMEnvironment
         tcfg["plugins"] = [SLURMEnvironment(auto_requeue=False)]
