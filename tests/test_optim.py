@@ -218,6 +218,12 @@ def test_the_config_group_builds_it_and_refuses_bad_values():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         vit = compose("vit")  # Muon by default; optimizer=adamw leaves no Muon setting behind
         adamw = compose("vit", overrides=["optimizer=adamw"])
+        translation = compose("translation")  # Muon with three iterations
+        translation5 = compose("translation", overrides=["optimizer=muon"])
+    assert vit.optimizer.ns_steps == 5 and translation5.optimizer.ns_steps == 5
+    assert translation.optimizer.ns_steps == 3
+    assert {k: v for k, v in translation.optimizer.items() if k != "ns_steps"} == \
+        {k: v for k, v in translation5.optimizer.items() if k != "ns_steps"}
     assert vit.optimizer._target_.endswith("MuonAdamW")
     assert adamw.optimizer._target_ == "torch.optim.AdamW" and "momentum" not in adamw.optimizer
     model = VisionTransformer(img_size=28, in_chans=1, num_classes=10, patch_size=4,
